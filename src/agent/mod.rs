@@ -1,0 +1,194 @@
+//! The agent daemon: activation, then the tunnel with reconnects, with the status file telling
+//! the PBX page what is happening. `run` is what `pbx-remote-agent run` and the tests call.
+
+pub mod activation;
+pub mod portal;
+pub mod proxy;
+pub mod state;
+pub mod tunnel;
+
+use crate::backoff::Backoff;
+use crate::config::AgentConfig;
+use crate::protocol::Reason;
+use crate::status::{rfc3339, State, Status, StatusHandle};
+use activation::ActivationError;
+use anyhow::Result;
+use state::StateDir;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio_util::sync::CancellationToken;
+
+/// First reconnect delay ceiling.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// Largest reconnect delay.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// A connection up this long resets the backoff.
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// The status a freshly started agent reports for `config`.
+pub fn initial_status(config: &AgentConfig) -> Status {
+    Status {
+        state: if config.server.enabled {
+            State::NotActivated
+        } else {
+            State::Disabled
+        },
+        server: Some(config.server.address.authority()),
+        ha_role: config.ha.as_ref().map(|h| h.role.as_str().to_string()),
+        ..Status::default()
+    }
+}
+
+/// Runs the agent until `shutdown`; writes `stopped` on the way out.
+pub async fn run(
+    config: AgentConfig,
+    status: StatusHandle,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let result = run_inner(Arc::new(config), &status, &shutdown).await;
+    let message = match &result {
+        Ok(()) => "the agent stopped".to_string(),
+        Err(e) => format!("the agent stopped on an error: {e:#}"),
+    };
+    status.update(|s| {
+        s.state = State::Stopped;
+        s.reason = None;
+        s.message = Some(message);
+        s.since = None;
+        s.next_retry_at = None;
+        s.rtt_ms = None;
+        s.active_sessions.clear();
+    });
+    result
+}
+
+async fn run_inner(
+    config: Arc<AgentConfig>,
+    status: &StatusHandle,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    if !config.server.enabled {
+        status.set(
+            State::Disabled,
+            None,
+            Some("Remote Management is off (server.enabled = false)".into()),
+        );
+        tracing::info!("remote management disabled; waiting for stop");
+        shutdown.cancelled().await;
+        return Ok(());
+    }
+    let state_dir = StateDir::open(&config.paths.state_dir)?;
+    let trust = activation::server_trust(&config);
+    let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
+
+    let fingerprint = state::activation_fingerprint(&config);
+    let (credential, key) = loop {
+        if let Some(found) = state_dir.load(&fingerprint)? {
+            tracing::info!(device = %found.0.device_id, "using the stored device credential");
+            break found;
+        }
+        status.set(State::Activating, None, None);
+        match activation::activate(&config, &state_dir).await {
+            Ok(found) => {
+                tracing::info!(device = %found.0.device_id, "activated");
+                backoff.reset();
+                break found;
+            }
+            Err(ActivationError::Rejected { reason, message }) => {
+                tracing::error!(%reason, %message, "activation refused; waiting for a config change");
+                status.set(State::Failed, Some(reason), Some(message));
+                shutdown.cancelled().await;
+                return Ok(());
+            }
+            Err(ActivationError::Retry { reason, message }) => {
+                tracing::warn!(%reason, %message, "activation failed; will retry");
+                if !sleep_retry(
+                    status,
+                    &mut backoff,
+                    State::Reconnecting,
+                    reason,
+                    message,
+                    shutdown,
+                )
+                .await
+                {
+                    return Ok(());
+                }
+            }
+        }
+    };
+    status.update(|s| s.device_id = Some(credential.device_id.clone()));
+
+    let facts = activation::device_facts(&config)?;
+    let portal = portal::Portal::new(&config, config.paths.state_dir.clone())?;
+    let proxy = Arc::new(proxy::ProxyCtx { portal });
+    let tunnel = tunnel::Tunnel::new(
+        config.clone(),
+        credential,
+        &key,
+        &trust,
+        facts,
+        proxy,
+        status.clone(),
+    )?;
+    status.set(State::Connecting, None, None);
+    loop {
+        match tunnel.connect_and_serve(shutdown).await {
+            tunnel::End::Shutdown => return Ok(()),
+            tunnel::End::Lost {
+                reason,
+                message,
+                established,
+                uptime,
+            } => {
+                if reason == Reason::DeviceRemoved {
+                    tracing::error!(%message, "device removed from the CM; stopping until reconfigured");
+                    status.set(State::Failed, Some(reason), Some(message));
+                    shutdown.cancelled().await;
+                    return Ok(());
+                }
+                // A replaced connection keeps its backoff so two clones cannot flap faster.
+                if established && uptime >= STABLE_AFTER && reason != Reason::Replaced {
+                    backoff.reset();
+                }
+                if !sleep_retry(
+                    status,
+                    &mut backoff,
+                    State::Reconnecting,
+                    reason,
+                    message,
+                    shutdown,
+                )
+                .await
+                {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Reports `state`/`reason`, sleeps one backoff step; false if shutdown came first.
+async fn sleep_retry(
+    status: &StatusHandle,
+    backoff: &mut Backoff,
+    state: State,
+    reason: Reason,
+    message: String,
+    shutdown: &CancellationToken,
+) -> bool {
+    let delay = backoff.next_delay();
+    let at = rfc3339(SystemTime::now() + delay);
+    status.update(|s| {
+        s.state = state;
+        s.reason = Some(reason);
+        s.message = Some(message);
+        s.next_retry_at = Some(at);
+        s.since = None;
+        s.rtt_ms = None;
+    });
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}

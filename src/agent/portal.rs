@@ -1,0 +1,322 @@
+//! The client side towards the PBX web portal: the one upstream (`pbx.portal_url`), reached over
+//! http or https (trusted by `portal_ca_file`, the system roots, or — for a loopback portal — a
+//! key pinned on first use), with a small pool of keep-alive connections.
+
+use crate::config::AgentConfig;
+use crate::tls::{self, ct_eq, spki_sha256};
+use anyhow::{Context, Result};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Connect timeout towards the portal.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle keep-alive connections kept per agent.
+const POOL_SIZE: usize = 32;
+
+/// Why a portal request failed; decides 502 or 504.
+#[derive(Debug, thiserror::Error)]
+pub enum PortalError {
+    /// No connection or a broken one.
+    #[error("the PBX web portal is unreachable: {0}")]
+    Unreachable(String),
+    /// No response headers within `portal_timeout_secs`.
+    #[error("the PBX web portal did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// The portal upstream.
+pub struct Portal {
+    scheme_https: bool,
+    host: String,
+    port: u16,
+    authority: String,
+    origin: String,
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    source: Option<IpAddr>,
+    timeout: Duration,
+    pool: Mutex<Vec<SendRequest<Incoming>>>,
+}
+
+impl Portal {
+    /// Builds the upstream from the config; `state_dir` holds a first-use pin if one is needed.
+    pub fn new(config: &AgentConfig, state_dir: PathBuf) -> Result<Portal> {
+        let url = &config.pbx.portal_url;
+        let host = url
+            .host_str()
+            .context("pbx.portal_url has no host")?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let https = url.scheme() == "https";
+        let port = url
+            .port_or_known_default()
+            .unwrap_or(if https { 443 } else { 80 });
+        let authority = url[url::Position::BeforeHost..url::Position::AfterPort].to_string();
+        let origin = format!("{}://{}", url.scheme(), authority);
+        let tls = if https {
+            let name = ServerName::try_from(host.clone())
+                .context("pbx.portal_url host is not a valid TLS name")?;
+            let provider = tls::provider();
+            let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .context("TLS versions")?;
+            let builder = if let Some(ca) = &config.pbx.portal_ca_file {
+                builder.with_root_certificates(tls::load_roots(ca)?)
+            } else if host
+                .parse::<IpAddr>()
+                .map(|ip| ip.is_loopback())
+                .unwrap_or(host == "localhost")
+            {
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(FirstUsePin {
+                        file: state_dir.join("portal.pin"),
+                        provider,
+                    }))
+            } else {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in rustls_native_certs::load_native_certs().certs {
+                    let _ = roots.add(c);
+                }
+                builder.with_root_certificates(roots)
+            };
+            let mut cfg = builder.with_no_client_auth();
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Some((tokio_rustls::TlsConnector::from(Arc::new(cfg)), name))
+        } else {
+            None
+        };
+        Ok(Portal {
+            scheme_https: https,
+            host,
+            port,
+            authority,
+            origin,
+            tls,
+            source: config.pbx.portal_source_addr,
+            timeout: config.tunnel.portal_timeout,
+            pool: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// `host[:port]` as the portal expects it in `Host`.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// `scheme://authority` of the portal.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// True for an https portal.
+    pub fn is_https(&self) -> bool {
+        self.scheme_https
+    }
+
+    /// Sends a request (origin-form URI, headers already sanitised) and waits for the response
+    /// headers up to the portal timeout. Upgrades always get a fresh connection; a request that
+    /// a stale pooled connection did not take is retried once on a fresh one.
+    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, PortalError> {
+        let upgrade = req.headers().contains_key(hyper::header::UPGRADE);
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut req = req;
+        for attempt in 0..2 {
+            let pooled = if upgrade || attempt > 0 {
+                None
+            } else {
+                self.take_ready()
+            };
+            let mut sender = match pooled {
+                Some(s) => s,
+                None => self.connect(upgrade).await?,
+            };
+            let fut = sender.try_send_request(req);
+            if !upgrade {
+                self.put_back(sender);
+            }
+            match tokio::time::timeout_at(deadline, fut).await {
+                Err(_) => return Err(PortalError::Timeout(self.timeout)),
+                Ok(Ok(resp)) => return Ok(resp),
+                Ok(Err(mut e)) => match e.take_message() {
+                    Some(back) if attempt == 0 => req = back,
+                    _ => return Err(PortalError::Unreachable(e.into_error().to_string())),
+                },
+            }
+        }
+        Err(PortalError::Unreachable("connection closed".into()))
+    }
+
+    fn take_ready(&self) -> Option<SendRequest<Incoming>> {
+        // Invariant: the lock is never held across an await; poisoning would need a panic in
+        // the few lines below, and the pool content stays valid even then.
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.retain(|s| !s.is_closed());
+        let idx = pool.iter().position(|s| s.is_ready())?;
+        Some(pool.swap_remove(idx))
+    }
+
+    fn put_back(&self, sender: SendRequest<Incoming>) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < POOL_SIZE {
+            pool.push(sender);
+        }
+    }
+
+    async fn connect(&self, upgrade: bool) -> Result<SendRequest<Incoming>, PortalError> {
+        let unreachable = |e: String| PortalError::Unreachable(e);
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, self.connect_tcp())
+            .await
+            .map_err(|_| unreachable(format!("connect to {} timed out", self.authority)))?
+            .map_err(|e| unreachable(format!("{e:#}")))?;
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn Io> = match &self.tls {
+            None => Box::new(tcp),
+            Some((connector, name)) => Box::new(
+                tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), tcp))
+                    .await
+                    .map_err(|_| unreachable("TLS handshake with the portal timed out".into()))?
+                    .map_err(|e| unreachable(format!("TLS with the portal failed: {e}")))?,
+            ),
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        tokio::spawn(async move {
+            // Errors here surface on the request future; nothing to log twice.
+            let _ = if upgrade {
+                conn.with_upgrades().await
+            } else {
+                conn.await
+            };
+        });
+        sender
+            .ready()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        Ok(sender)
+    }
+
+    async fn connect_tcp(&self) -> Result<TcpStream> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await
+            .with_context(|| format!("cannot resolve {}", self.host))?
+            .collect();
+        let mut last = None;
+        for addr in addrs {
+            let result = match self.source {
+                None => TcpStream::connect(addr).await.map_err(anyhow::Error::from),
+                Some(src) => {
+                    async {
+                        let sock = if addr.is_ipv4() {
+                            TcpSocket::new_v4()?
+                        } else {
+                            TcpSocket::new_v6()?
+                        };
+                        sock.bind(SocketAddr::new(src, 0))
+                            .with_context(|| format!("cannot bind pbx.portal_source_addr {src}"))?;
+                        Ok(sock.connect(addr).await?)
+                    }
+                    .await
+                }
+            };
+            match result {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e.context(format!("connect to {addr}"))),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("{} resolved to no address", self.host)))
+    }
+}
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+/// Trust for a loopback https portal without a CA: the first key seen is pinned in the state
+/// directory and required from then on. Handshake signatures are always verified.
+#[derive(Debug)]
+struct FirstUsePin {
+    file: PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for FirstUsePin {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let bad = |_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding);
+        let got = spki_sha256(end_entity).map_err(bad)?;
+        match crate::fsutil::read_private(&self.file) {
+            Ok(Some(pinned)) => {
+                let pinned =
+                    hex::decode(String::from_utf8_lossy(&pinned).trim()).unwrap_or_default();
+                if ct_eq(&pinned, &got) {
+                    Ok(ServerCertVerified::assertion())
+                } else {
+                    tracing::error!(pin_file = %self.file.display(), "portal key differs from the key pinned on first use; delete the pin file if the portal certificate was replaced on purpose");
+                    Err(rustls::Error::InvalidCertificate(
+                        rustls::CertificateError::ApplicationVerificationFailure,
+                    ))
+                }
+            }
+            Ok(None) => {
+                crate::fsutil::write_private(&self.file, hex::encode(got).as_bytes()).map_err(
+                    |e| rustls::Error::General(format!("cannot store portal pin: {e:#}")),
+                )?;
+                tracing::info!(pin_file = %self.file.display(), "pinned the portal key on first use");
+                Ok(ServerCertVerified::assertion())
+            }
+            Err(e) => Err(rustls::Error::General(format!("portal pin: {e:#}"))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

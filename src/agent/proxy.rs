@@ -1,0 +1,508 @@
+//! Serves one tunnel stream: reads the front's stream header, runs hyper's HTTP/1.1 server on
+//! the rest, and forwards each request to the portal with hop-by-hop and identity-spoofing
+//! headers removed and the portal's own origin restored. WebSockets keep their stream.
+
+use crate::agent::portal::{Portal, PortalError};
+use crate::protocol::{read_frame, StreamHeader, HEADER_TIMEOUT};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest request head (line + headers) the agent reads from the tunnel.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Time allowed to send a whole request head.
+pub const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub use crate::web::Body;
+
+/// Cookie names the agent and front reserve; portal cookies with these names are dropped.
+pub const RESERVED_COOKIES: [&str; 4] = [
+    "__pbxra_sid",
+    "__Host-__pbxra_sid",
+    "__cm_visit",
+    "__Host-__cm_visit",
+];
+
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// What every stream handler shares.
+pub struct ProxyCtx {
+    /// The upstream.
+    pub portal: Portal,
+}
+
+/// Serves one request stream until the request (or WebSocket) ends.
+pub async fn serve_stream(
+    ctx: Arc<ProxyCtx>,
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let header: StreamHeader =
+        match tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut recv)).await {
+            Ok(Ok(Some(h))) => h,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "bad stream header; stream dropped");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!("no stream header within {HEADER_TIMEOUT:?}; stream dropped");
+                return;
+            }
+        };
+    let header = Arc::new(header);
+    let io = TokioIo::new(tokio::io::join(recv, send));
+    let svc = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        let header = header.clone();
+        async move { Ok::<_, Infallible>(handle(&ctx, &header, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(false)
+        .serve_connection(io, svc)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "tunnel stream ended with an error");
+    }
+}
+
+async fn handle(ctx: &ProxyCtx, h: &StreamHeader, mut req: Request<Incoming>) -> Response<Body> {
+    if req.method() == Method::CONNECT {
+        return page(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method not allowed",
+            "CONNECT is not forwarded.",
+        );
+    }
+    let Some(path) = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .filter(|p| p.starts_with('/'))
+    else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            "Only origin paths are forwarded.",
+        );
+    };
+    let websocket = is_websocket(&req);
+    if (websocket || !is_safe(req.method())) && !same_origin(req.headers(), &h.origin) {
+        return page(
+            StatusCode::FORBIDDEN,
+            "Cross-site request refused",
+            "This request did not come from the PBX page itself.",
+        );
+    }
+    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip_inbound(&mut parts.headers, websocket);
+    rewrite_inbound_origin(&mut parts.headers, &h.origin, ctx.portal.origin());
+    set_forwarded(&mut parts.headers, h);
+    parts.headers.insert(
+        header::HOST,
+        HeaderValue::from_str(ctx.portal.authority())
+            .unwrap_or(HeaderValue::from_static("localhost")),
+    );
+    // Invariant: `path` starts with '/' and came from a parsed URI, so it parses again.
+    parts.uri = path.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+    parts.version = http::Version::HTTP_11;
+    let upstream = Request::from_parts(parts, body);
+    let mut resp = match ctx.portal.send(upstream).await {
+        Ok(r) => r,
+        Err(e @ PortalError::Timeout(_)) => {
+            tracing::warn!(error = %e, "portal timeout");
+            return page(
+                StatusCode::GATEWAY_TIMEOUT,
+                "The PBX web portal is not answering",
+                &e.to_string(),
+            );
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "portal unreachable");
+            return page(
+                StatusCode::BAD_GATEWAY,
+                "The PBX web portal is unreachable",
+                &e.to_string(),
+            );
+        }
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            return page(
+                StatusCode::BAD_GATEWAY,
+                "Bad gateway",
+                "The portal switched protocols unasked.",
+            );
+        };
+        let portal_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, portal_upgrade) {
+                Ok((client, portal)) => {
+                    let mut client = TokioIo::new(client);
+                    let mut portal = TokioIo::new(portal);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut portal).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+            }
+        });
+        let (mut parts, _) = resp.into_parts();
+        rewrite_outbound(&mut parts.headers, ctx.portal.origin(), &h.origin, true);
+        return Response::from_parts(parts, crate::web::full(Bytes::new()));
+    }
+    let (mut parts, body) = resp.into_parts();
+    rewrite_outbound(&mut parts.headers, ctx.portal.origin(), &h.origin, false);
+    Response::from_parts(parts, body.boxed())
+}
+
+/// A plain page (shared helper).
+pub fn page(status: StatusCode, title: &str, detail: &str) -> Response<Body> {
+    crate::web::page(status, title, detail)
+}
+
+fn is_safe(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// A GET with `Upgrade: websocket` and `Connection: upgrade`.
+pub fn is_websocket<B>(req: &Request<B>) -> bool {
+    req.method() == Method::GET
+        && header_has_token(req.headers(), &header::UPGRADE, "websocket")
+        && header_has_token(req.headers(), &header::CONNECTION, "upgrade")
+}
+
+fn header_has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    h.get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// `Origin` (or, without it, `Sec-Fetch-Site`) says the request comes from `origin` itself.
+/// Requests carrying neither (non-browser clients) pass: browsers always send one of them.
+pub fn same_origin(h: &HeaderMap, origin: &str) -> bool {
+    if let Some(o) = h.get(header::ORIGIN) {
+        return o
+            .to_str()
+            .map(|o| o.eq_ignore_ascii_case(origin))
+            .unwrap_or(false);
+    }
+    match h.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        Some(site) => matches!(site, "same-origin" | "none"),
+        None => true,
+    }
+}
+
+/// Removes hop-by-hop headers (and those `Connection` names), identity and forwarding headers
+/// a visitor could forge, and the agent's and front's cookies. A validated WebSocket keeps its
+/// upgrade headers.
+pub fn strip_inbound(h: &mut HeaderMap, websocket: bool) {
+    let listed: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    for name in listed {
+        if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+            h.remove(n);
+        }
+    }
+    for name in HOP_BY_HOP {
+        h.remove(name);
+    }
+    let forged: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| {
+            let k = k.as_str();
+            k.starts_with("x-pbx-remote-")
+                || k.starts_with("x-forwarded-")
+                || k == "forwarded"
+                || k == "x-real-ip"
+        })
+        .cloned()
+        .collect();
+    for k in forged {
+        h.remove(k);
+    }
+    strip_reserved_cookies(h);
+    if websocket {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+}
+
+fn strip_reserved_cookies(h: &mut HeaderMap) {
+    let kept: Vec<String> = h
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .filter(|c| {
+            let name = c.split('=').next().unwrap_or("").trim();
+            !RESERVED_COOKIES.contains(&name)
+        })
+        .map(str::to_string)
+        .collect();
+    h.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            h.insert(header::COOKIE, v);
+        }
+    }
+}
+
+/// `Origin` and `Referer` from the visitor's origin are rewritten to the portal's, so a portal
+/// that checks Origin against Host keeps working.
+pub fn rewrite_inbound_origin(h: &mut HeaderMap, visitor: &str, portal: &str) {
+    if let Some(o) = h.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        if o.eq_ignore_ascii_case(visitor) {
+            if let Ok(v) = HeaderValue::from_str(portal) {
+                h.insert(header::ORIGIN, v);
+            }
+        }
+    }
+    if let Some(r) = h.get(header::REFERER).and_then(|v| v.to_str().ok()) {
+        let rewritten = replace_origin_prefix(r, visitor, portal);
+        match rewritten.and_then(|r| HeaderValue::from_str(&r).ok()) {
+            Some(v) => {
+                h.insert(header::REFERER, v);
+            }
+            None => {
+                h.remove(header::REFERER);
+            }
+        }
+    }
+}
+
+fn set_forwarded(h: &mut HeaderMap, sh: &StreamHeader) {
+    let visitor_host = sh.origin.split_once("://").map(|(_, a)| a).unwrap_or("");
+    for (name, value) in [
+        ("x-forwarded-for", sh.client_addr.as_str()),
+        ("x-forwarded-host", visitor_host),
+        ("x-forwarded-proto", sh.scheme.as_str()),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(name, v);
+        }
+    }
+}
+
+/// `url` with a leading `from` origin replaced by `to`; `None` if it is from elsewhere.
+fn replace_origin_prefix(url: &str, from: &str, to: &str) -> Option<String> {
+    let head = url.get(..from.len())?;
+    let rest = &url[from.len()..];
+    if head.eq_ignore_ascii_case(from) && (rest.is_empty() || rest.starts_with(['/', '?', '#'])) {
+        Some(format!("{to}{rest}"))
+    } else {
+        None
+    }
+}
+
+/// Response side: hop-by-hop headers go (except on a 101), `Location` to the portal's origin
+/// becomes the visitor's, portal cookies lose `Domain=` and reserved cookie names are dropped.
+pub fn rewrite_outbound(h: &mut HeaderMap, portal: &str, visitor: &str, switching: bool) {
+    if !switching {
+        let listed: Vec<String> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .filter(|t| !t.is_empty())
+            .collect();
+        for name in listed {
+            if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+                h.remove(n);
+            }
+        }
+        for name in HOP_BY_HOP {
+            h.remove(name);
+        }
+    }
+    if let Some(loc) = h.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
+        let portal_authority = portal.split_once("://").map(|(_, a)| a).unwrap_or(portal);
+        let rewritten = replace_origin_prefix(loc, portal, visitor).or_else(|| {
+            loc.strip_prefix("//")
+                .and_then(|_| {
+                    replace_origin_prefix(
+                        &loc[2..],
+                        portal_authority,
+                        visitor.split_once("://").map(|(_, a)| a).unwrap_or(visitor),
+                    )
+                })
+                .map(|r| format!("//{r}"))
+        });
+        if let Some(v) = rewritten.and_then(|r| HeaderValue::from_str(&r).ok()) {
+            h.insert(header::LOCATION, v);
+        }
+    }
+    let cookies: Vec<HeaderValue> = h
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter(|c| {
+            let name = c.split('=').next().unwrap_or("").trim();
+            !RESERVED_COOKIES.contains(&name)
+        })
+        .filter_map(|c| HeaderValue::from_str(&strip_cookie_domain(c)).ok())
+        .collect();
+    h.remove(header::SET_COOKIE);
+    for c in cookies {
+        h.append(header::SET_COOKIE, c);
+    }
+}
+
+fn strip_cookie_domain(c: &str) -> String {
+    c.split(';')
+        .filter(|attr| {
+            !attr
+                .trim()
+                .split('=')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("domain")
+        })
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn inbound_strips_hop_by_hop_connection_listed_and_forged_identity() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "5"),
+            ("te", "trailers"),
+            ("x-pbx-remote-user", "root"),
+            ("X-PBX-Remote-Role", "super_admin"),
+            ("forwarded", "for=1.2.3.4"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-real-ip", "1.2.3.4"),
+            ("cookie", "a=1; __pbxra_sid=s; __cm_visit=v; b=2"),
+            ("accept", "text/html"),
+        ]);
+        strip_inbound(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        assert_eq!(names, ["cookie", "accept"]);
+        assert_eq!(h["cookie"], "a=1; b=2");
+    }
+
+    #[test]
+    fn websocket_keeps_upgrade_headers() {
+        let mut h = map(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-key", "k"),
+        ]);
+        strip_inbound(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["sec-websocket-key"], "k");
+    }
+
+    #[test]
+    fn origin_checks() {
+        let o = "https://dev1.cm.example";
+        assert!(same_origin(&map(&[("origin", o)]), o));
+        assert!(!same_origin(&map(&[("origin", "https://evil.example")]), o));
+        assert!(!same_origin(&map(&[("origin", "null")]), o));
+        assert!(!same_origin(&map(&[("sec-fetch-site", "cross-site")]), o));
+        assert!(same_origin(&map(&[("sec-fetch-site", "same-origin")]), o));
+        assert!(same_origin(&HeaderMap::new(), o));
+    }
+
+    #[test]
+    fn portal_sees_its_own_origin() {
+        let mut h = map(&[
+            ("origin", "http://dev1.localhost:9000"),
+            ("referer", "http://dev1.localhost:9000/a?b"),
+        ]);
+        rewrite_inbound_origin(
+            &mut h,
+            "http://dev1.localhost:9000",
+            "https://127.0.0.1:8088",
+        );
+        assert_eq!(h["origin"], "https://127.0.0.1:8088");
+        assert_eq!(h["referer"], "https://127.0.0.1:8088/a?b");
+        let mut h = map(&[("referer", "http://dev1.localhost:90001/x")]);
+        rewrite_inbound_origin(
+            &mut h,
+            "http://dev1.localhost:9000",
+            "https://127.0.0.1:8088",
+        );
+        assert!(
+            h.get("referer").is_none(),
+            "a look-alike prefix is not the visitor's origin"
+        );
+    }
+
+    #[test]
+    fn outbound_rewrites_location_and_cookies() {
+        let mut h = map(&[
+            ("location", "https://127.0.0.1:8088/login?x=1"),
+            ("set-cookie", "sid=1; Domain=127.0.0.1; Path=/; HttpOnly"),
+            ("set-cookie", "__pbxra_sid=evil; Path=/"),
+            ("set-cookie", "__Host-__cm_visit=evil; Path=/"),
+            ("connection", "close"),
+        ]);
+        rewrite_outbound(
+            &mut h,
+            "https://127.0.0.1:8088",
+            "https://dev1.cm.example",
+            false,
+        );
+        assert_eq!(h["location"], "https://dev1.cm.example/login?x=1");
+        let cookies: Vec<_> = h.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["sid=1; Path=/; HttpOnly"]);
+        assert!(h.get("connection").is_none());
+        let mut h = map(&[("location", "https://other.example/")]);
+        rewrite_outbound(
+            &mut h,
+            "https://127.0.0.1:8088",
+            "https://dev1.cm.example",
+            false,
+        );
+        assert_eq!(h["location"], "https://other.example/");
+    }
+}

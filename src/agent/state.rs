@@ -1,0 +1,116 @@
+//! The agent's state directory: the device key and the credential from activation, plus the
+//! fingerprint of the settings it was activated with (changing them re-activates).
+
+use crate::config::{Activation, AgentConfig};
+use crate::fsutil;
+use crate::tls::{self, KeyIdentity};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+const KEY_FILE: &str = "device.key";
+const CREDENTIAL_FILE: &str = "credential.json";
+
+/// What activation left behind.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Credential {
+    /// Device id assigned by the server.
+    pub device_id: String,
+    /// Server's Ed25519 key for passwordless tokens (base64), pinned at activation.
+    pub signing_key: String,
+    /// Fingerprint of server/method/email/code-hash this credential belongs to.
+    pub fingerprint: String,
+    /// When activation succeeded (RFC 3339).
+    pub activated_at: String,
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    /// Creates or tightens the directory (0700).
+    pub fn open(dir: &Path) -> Result<StateDir> {
+        fsutil::ensure_private_dir(dir)?;
+        Ok(StateDir {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Path of a file inside the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The credential and key, if activation happened with these settings.
+    pub fn load(&self, fingerprint: &str) -> Result<Option<(Credential, KeyIdentity)>> {
+        let Some(raw) = fsutil::read_private(&self.path(CREDENTIAL_FILE))? else {
+            return Ok(None);
+        };
+        let cred: Credential = serde_json::from_slice(&raw).with_context(|| {
+            format!(
+                "{}: corrupt credential",
+                self.path(CREDENTIAL_FILE).display()
+            )
+        })?;
+        if cred.fingerprint != fingerprint {
+            tracing::info!("server or activation settings changed; activating again");
+            return Ok(None);
+        }
+        let Some(pem) = fsutil::read_private(&self.path(KEY_FILE))? else {
+            tracing::warn!("credential without device key; activating again");
+            return Ok(None);
+        };
+        let pem = String::from_utf8(pem).context("device key is not PEM text")?;
+        let key = KeyIdentity::from_pem(&pem, &[device_cert_name()])
+            .with_context(|| format!("{}", self.path(KEY_FILE).display()))?;
+        Ok(Some((cred, key)))
+    }
+
+    /// Stores key and credential (key first; the credential's presence means "activated").
+    pub fn store(&self, cred: &Credential, key: &KeyIdentity) -> Result<()> {
+        fsutil::write_private(&self.path(KEY_FILE), key.key.serialize_pem().as_bytes())?;
+        fsutil::write_private(
+            &self.path(CREDENTIAL_FILE),
+            &serde_json::to_vec_pretty(cred)?,
+        )?;
+        Ok(())
+    }
+
+    /// Deletes the credential and key.
+    pub fn forget(&self) -> Result<()> {
+        for f in [CREDENTIAL_FILE, KEY_FILE] {
+            match std::fs::remove_file(self.path(f)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {f}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Name put into the device's throw-away certificate.
+pub fn device_cert_name() -> String {
+    "pbx-remote-agent-device".to_string()
+}
+
+/// Fingerprint of the settings that decide whether to (re-)activate: server, method, email and a
+/// hash of the code. Never the password.
+pub fn activation_fingerprint(config: &AgentConfig) -> String {
+    let (method, email, code_hash) = match &config.activation {
+        Activation::AuthCode(code) => (
+            "auth_code",
+            String::new(),
+            hex::encode(tls::sha256(code.expose().as_bytes())),
+        ),
+        Activation::Email { email, .. } => ("email", email.to_lowercase(), String::new()),
+    };
+    let text = format!(
+        "{}\n{method}\n{email}\n{code_hash}",
+        config.server.address.authority()
+    );
+    hex::encode(tls::sha256(text.as_bytes()))
+}

@@ -1,0 +1,383 @@
+//! The QUIC tunnel: connect with the device key, say hello on the control stream, keep the
+//! heartbeat, serve request streams opened by the server, and say why the connection ended.
+
+use crate::agent::proxy::{self, ProxyCtx};
+use crate::agent::state::Credential;
+use crate::config::AgentConfig;
+use crate::protocol::{
+    self, read_frame, write_frame, Control, DeviceFacts, DeviceSettings, Reason, ALPN,
+    CLOSE_NORMAL, CONNECT_TIMEOUT, CONN_WINDOW, IDLE_TIMEOUT, KEEPALIVE, MAX_STREAMS,
+    PROTOCOL_VERSION, STREAM_WINDOW,
+};
+use crate::status::{rfc3339, State, StatusHandle};
+use crate::tls::{self, KeyIdentity, ServerTrust};
+use anyhow::{Context, Result};
+use quinn::{ConnectionError, TransportErrorCode};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// TLS alert "no_application_protocol" (RFC 7301): the server speaks another protocol version.
+const ALERT_NO_APPLICATION_PROTOCOL: u8 = 120;
+
+/// How one connection ended.
+#[derive(Debug)]
+pub enum End {
+    /// We were asked to stop.
+    Shutdown,
+    /// Lost or refused; retry after a backoff.
+    Lost {
+        /// Status reason.
+        reason: Reason,
+        /// Details.
+        message: String,
+        /// True if the connection had been established (welcome received).
+        established: bool,
+        /// How long it was up.
+        uptime: Duration,
+    },
+}
+
+/// What the tunnel shares with the rest of the agent.
+pub struct Tunnel {
+    /// The config in force.
+    pub config: Arc<AgentConfig>,
+    /// The credential from activation.
+    pub credential: Credential,
+    /// Client config for QUIC (device key, server trust, ALPN).
+    client: quinn::ClientConfig,
+    /// Facts sent in hello.
+    facts: DeviceFacts,
+    /// Stream handler context.
+    pub proxy: Arc<ProxyCtx>,
+    /// Latest CM-side settings.
+    pub settings: watch::Sender<DeviceSettings>,
+    /// Status.
+    pub status: StatusHandle,
+}
+
+impl Tunnel {
+    /// Prepares the QUIC client config from the device key.
+    pub fn new(
+        config: Arc<AgentConfig>,
+        credential: Credential,
+        key: &KeyIdentity,
+        trust: &ServerTrust,
+        facts: DeviceFacts,
+        proxy: Arc<ProxyCtx>,
+        status: StatusHandle,
+    ) -> Result<Tunnel> {
+        let tls = tls::client_config(trust, &[ALPN], Some(key))?;
+        let quic =
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("QUIC TLS config")?;
+        let mut client = quinn::ClientConfig::new(Arc::new(quic));
+        client.transport_config(Arc::new(transport_config()));
+        Ok(Tunnel {
+            config,
+            credential,
+            client,
+            facts,
+            proxy,
+            settings: watch::channel(DeviceSettings::default()).0,
+            status,
+        })
+    }
+
+    /// One connection: connect, serve until it ends or `shutdown`, report how it ended.
+    pub async fn connect_and_serve(&self, shutdown: &CancellationToken) -> End {
+        let started = tokio::time::Instant::now();
+        let lost = |reason, message: String, established| End::Lost {
+            reason,
+            message,
+            established,
+            uptime: started.elapsed(),
+        };
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return End::Shutdown,
+            r = tokio::time::timeout(CONNECT_TIMEOUT, self.connect()) => r,
+        };
+        let (endpoint, conn, send, recv) = match attempt {
+            Err(_) => return lost(
+                Reason::ServerUnreachable,
+                format!(
+                    "no answer from {} within {CONNECT_TIMEOUT:?} (is UDP to that port allowed?)",
+                    self.config.server.address
+                ),
+                false,
+            ),
+            Ok(Err(ConnectFailure { reason, message })) => return lost(reason, message, false),
+            Ok(Ok(parts)) => parts,
+        };
+        let now = rfc3339(SystemTime::now());
+        self.status.update(|s| {
+            s.state = State::Connected;
+            s.reason = None;
+            s.message = None;
+            s.next_retry_at = None;
+            s.since = Some(now.clone());
+            s.last_connected = Some(now.clone());
+            s.device_id = Some(self.credential.device_id.clone());
+            s.rtt_ms = Some(conn.rtt().as_millis() as u64);
+        });
+        tracing::info!(device = %self.credential.device_id, server = %self.config.server.address, "tunnel connected");
+
+        let streams = TaskTracker::new();
+        let control_stop = CancellationToken::new();
+        let control = tokio::spawn(control_loop(
+            conn.clone(),
+            send,
+            recv,
+            self.config.tunnel.heartbeat,
+            self.settings.clone(),
+            self.status.clone(),
+            control_stop.clone(),
+        ));
+        let end = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break None,
+                accepted = conn.accept_bi() => match accepted {
+                    Ok((send, recv)) => {
+                        let ctx = self.proxy.clone();
+                        streams.spawn(proxy::serve_stream(ctx, send, recv));
+                    }
+                    Err(e) => break Some(e),
+                }
+            }
+        };
+        control_stop.cancel();
+        let _ = control.await;
+        streams.close();
+        match end {
+            None => {
+                // Drain in-flight requests, then close on purpose so the server sees it at once.
+                let drain = self.config.tunnel.drain;
+                if tokio::time::timeout(drain, streams.wait()).await.is_err() {
+                    tracing::warn!(
+                        in_flight = streams.len(),
+                        "drain deadline reached; closing with requests in flight"
+                    );
+                }
+                conn.close(CLOSE_NORMAL.into(), b"agent stopping");
+                let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+                End::Shutdown
+            }
+            Some(e) => {
+                let (reason, message) = classify(&e);
+                tracing::warn!(%reason, %message, "tunnel lost");
+                lost(reason, message, true)
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<
+        (
+            quinn::Endpoint,
+            quinn::Connection,
+            quinn::SendStream,
+            quinn::RecvStream,
+        ),
+        ConnectFailure,
+    > {
+        let server = &self.config.server.address;
+        let unreachable = |m: String| ConnectFailure {
+            reason: Reason::ServerUnreachable,
+            message: m,
+        };
+        let addr: SocketAddr = tokio::net::lookup_host((server.host.as_str(), server.port))
+            .await
+            .map_err(|e| unreachable(format!("cannot resolve {}: {e}", server.host)))?
+            .next()
+            .ok_or_else(|| unreachable(format!("{} resolved to no address", server.host)))?;
+        let bind: SocketAddr = if addr.is_ipv4() {
+            "0.0.0.0:0"
+                .parse()
+                .map_err(|_| unreachable("bind".into()))?
+        } else {
+            "[::]:0".parse().map_err(|_| unreachable("bind".into()))?
+        };
+        let endpoint = quinn::Endpoint::client(bind)
+            .map_err(|e| unreachable(format!("cannot open a UDP socket: {e}")))?;
+        let connecting = endpoint
+            .connect_with(self.client.clone(), addr, &server.host)
+            .map_err(|e| ConnectFailure {
+                reason: Reason::TlsError,
+                message: format!("cannot start QUIC to {server}: {e}"),
+            })?;
+        let conn = connecting.await.map_err(|e| {
+            let (reason, message) = classify(&e);
+            ConnectFailure { reason, message }
+        })?;
+        let hello = async {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            write_frame(
+                &mut send,
+                &Control::Hello {
+                    protocol_version: PROTOCOL_VERSION,
+                    agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                    facts: self.facts.clone(),
+                },
+            )
+            .await?;
+            let welcome: Option<Control> = read_frame(&mut recv).await?;
+            anyhow::Ok((send, recv, welcome))
+        };
+        match hello.await {
+            Ok((
+                send,
+                recv,
+                Some(Control::Welcome {
+                    device_id,
+                    settings,
+                    server_time_ms,
+                }),
+            )) => {
+                if device_id != self.credential.device_id {
+                    tracing::warn!(expected = %self.credential.device_id, got = %device_id, "server knows this device under another id");
+                }
+                let _ = server_time_ms;
+                self.settings.send_replace(settings);
+                Ok((endpoint, conn, send, recv))
+            }
+            Ok(_) | Err(_) => {
+                // The server closes with a reason when it refuses; prefer that over the I/O error.
+                let reason = match tokio::time::timeout(Duration::from_secs(2), conn.closed()).await
+                {
+                    Ok(e) => classify(&e),
+                    Err(_) => (
+                        Reason::ProtocolMismatch,
+                        format!("{server} did not answer hello as expected"),
+                    ),
+                };
+                conn.close(CLOSE_NORMAL.into(), b"");
+                Err(ConnectFailure {
+                    reason: reason.0,
+                    message: reason.1,
+                })
+            }
+        }
+    }
+}
+
+struct ConnectFailure {
+    reason: Reason,
+    message: String,
+}
+
+/// Transport settings: keep-alive under NAT timeouts, a short idle timeout, explicit stream and
+/// window limits sized for the memory target.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEPALIVE));
+    // Invariant: IDLE_TIMEOUT is a small constant well inside QUIC's varint range.
+    t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
+    t.max_concurrent_bidi_streams(MAX_STREAMS.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window(STREAM_WINDOW.into());
+    t.receive_window(CONN_WINDOW.into());
+    t.send_window(u64::from(CONN_WINDOW));
+    t
+}
+
+/// Maps a QUIC connection error to a status reason and a message.
+pub fn classify(e: &ConnectionError) -> (Reason, String) {
+    match e {
+        ConnectionError::ApplicationClosed(c) => {
+            let text = String::from_utf8_lossy(&c.reason).to_string();
+            match Reason::from_close_code(c.error_code.into_inner()) {
+                Some(r) => (r, text),
+                None => (
+                    Reason::ServerUnreachable,
+                    format!("the server closed the connection: {text}"),
+                ),
+            }
+        }
+        ConnectionError::ConnectionClosed(c) => {
+            if c.error_code == TransportErrorCode::crypto(ALERT_NO_APPLICATION_PROTOCOL) {
+                (
+                    Reason::ProtocolMismatch,
+                    format!(
+                        "the server does not speak tunnel protocol {PROTOCOL_VERSION}; upgrade the agent or the server"
+                    ),
+                )
+            } else if is_crypto(c.error_code) {
+                (
+                    Reason::TlsError,
+                    format!("the server refused the TLS handshake: {c}"),
+                )
+            } else {
+                (
+                    Reason::ServerUnreachable,
+                    format!("the server closed the connection: {c}"),
+                )
+            }
+        }
+        ConnectionError::TransportError(t) if is_crypto(t.code) => (
+            Reason::TlsError,
+            format!("TLS with the server failed: {t} (check server.pin_sha256 / server.ca_file)"),
+        ),
+        ConnectionError::TransportError(t) => (Reason::ServerUnreachable, t.to_string()),
+        ConnectionError::VersionMismatch => (
+            Reason::ProtocolMismatch,
+            "the server does not support this QUIC version".to_string(),
+        ),
+        ConnectionError::Reset => (
+            Reason::ServerUnreachable,
+            "the server restarted and reset the connection".to_string(),
+        ),
+        ConnectionError::TimedOut => (
+            Reason::ServerUnreachable,
+            format!("no packets from the server for {IDLE_TIMEOUT:?}"),
+        ),
+        ConnectionError::LocallyClosed => (Reason::ServerUnreachable, "closed locally".to_string()),
+        ConnectionError::CidsExhausted => (Reason::ServerUnreachable, e.to_string()),
+    }
+}
+
+fn is_crypto(code: TransportErrorCode) -> bool {
+    (0x100..0x200).contains(&u64::from(code))
+}
+
+async fn control_loop(
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    heartbeat: Duration,
+    settings: watch::Sender<DeviceSettings>,
+    status: StatusHandle,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                let hb = Control::Heartbeat { telemetry: serde_json::Value::Null };
+                if let Err(e) = write_frame(&mut send, &hb).await {
+                    tracing::debug!(error = %e, "heartbeat not sent");
+                    return;
+                }
+                let rtt = conn.rtt().as_millis() as u64;
+                status.update(|s| s.rtt_ms = Some(rtt));
+            }
+            frame = read_frame::<_, Control>(&mut recv) => match frame {
+                Ok(Some(Control::Settings { settings: new })) => {
+                    tracing::info!(allow_passwordless = new.allow_passwordless, "settings from the CM");
+                    settings.send_replace(new);
+                }
+                Ok(Some(Control::HeartbeatAck { server_time_ms })) => {
+                    let skew = server_time_ms as i64 - protocol::now_ms() as i64;
+                    tracing::trace!(skew_ms = skew, "heartbeat acknowledged");
+                }
+                Ok(Some(other)) => tracing::debug!(?other, "unexpected control frame ignored"),
+                Ok(None) | Err(_) => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! `pbx-remote-agent`: parses the CLI, sets up logging, loads the config and calls the library.
+
+use clap::{Parser, Subcommand};
+use pbx_remote::config::{self, AgentConfig};
+use pbx_remote::status::{self, StatusHandle};
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Exit status for an invalid config or usage (the unit's RestartPreventExitStatus).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "pbx-remote-agent",
+    version,
+    about = "PBX side of Remote Management: activation, QUIC tunnel and session gate for the PBX web portal"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (systemd ExecStart).
+    Run {
+        /// Config file [default: $PBX_REMOTE_AGENT_CONFIG or /etc/pbx-remote-agent/agent.toml]
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate the config and print a summary; exit 0 or 64.
+    Check {
+        /// Config file.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Show the daemon's status (works even when the config is broken).
+    Status {
+        /// Config file (only [paths].status_file is read).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Print the status document as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read a password on stdin and print its argon2id PHC string.
+    HashPassword,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    pbx_remote::tls::install_default_provider();
+    match cli.command {
+        Command::Run { config } => run(&config::resolve_path(config)),
+        Command::Check { config } => check(&config::resolve_path(config)),
+        Command::Status { config, json } => show_status(&config::resolve_path(config), json),
+        Command::HashPassword => hash_password(),
+    }
+}
+
+fn run(path: &Path) -> ExitCode {
+    // Everything the agent creates is private unless it says otherwise (status: 0644).
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let config = match AgentConfig::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    pbx_remote::logging::init(config.log_format == config::LogFormat::Json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let root = tokio_util::sync::CancellationToken::new();
+        let _reloads = pbx_remote::signals::install(root.clone())?;
+        let status = StatusHandle::new(config.paths.status_file.clone(), pbx_remote::agent::initial_status(&config));
+        tracing::info!(config = %path.display(), version = env!("CARGO_PKG_VERSION"), "agent starting");
+        pbx_remote::agent::run(config, status, root).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "agent failed");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match AgentConfig::load(path) {
+        Ok(c) => {
+            print!("{}", summary(&c));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn summary(c: &AgentConfig) -> String {
+    let trust = match (&c.server.pin_sha256, &c.server.ca_file) {
+        (Some(p), _) => format!("pinned key {}", hex::encode(p)),
+        (None, Some(ca)) => format!("CA file {}", ca.display()),
+        (None, None) => "system CA roots".to_string(),
+    };
+    let activation = match &c.activation {
+        config::Activation::AuthCode(_) => "authentication code".to_string(),
+        config::Activation::Email { email, password } => format!(
+            "provider account {email}{}",
+            if password.is_some() {
+                ""
+            } else {
+                " (no password: only an existing credential can be used)"
+            }
+        ),
+    };
+    let account = match &c.remote_access.account {
+        Some(a) => format!("on (user {}, role administrator)", a.username),
+        None => "off".to_string(),
+    };
+    format!(
+        "config OK: {}\n\
+         remote management: {}\n\
+         server:            {} ({trust})\n\
+         activation:        {activation}\n\
+         pbx:               {} {} firmware {} serial {}\n\
+         portal:            {}\n\
+         account login:     {account}\n\
+         passwordless:      {}\n\
+         auto logout:       {} min\n\
+         state dir:         {}\n\
+         status file:       {}\n",
+        c.source.display(),
+        if c.server.enabled {
+            "enabled"
+        } else {
+            "disabled"
+        },
+        c.server.address,
+        c.pbx.model,
+        c.pbx.edition.as_str(),
+        c.pbx.firmware,
+        c.pbx.serial,
+        c.pbx.portal_url,
+        if c.remote_access.passwordless {
+            "on (role super_admin)"
+        } else {
+            "off"
+        },
+        c.remote_access.auto_logout.as_secs() / 60,
+        c.paths.state_dir.display(),
+        c.paths.status_file.display(),
+    )
+}
+
+/// `[paths].status_file` read leniently: any config problem falls back to the default path.
+fn status_file_of(path: &Path) -> PathBuf {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .and_then(|t| {
+            t.get("paths")?
+                .get("status_file")?
+                .as_str()
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_STATUS_FILE))
+}
+
+fn show_status(path: &Path, json: bool) -> ExitCode {
+    let file = status_file_of(path);
+    match status::read(&file) {
+        Ok(s) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+            } else {
+                print!("{}", status::render(&s));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"state": "stopped", "message": format!("{e:#}")})
+                );
+            } else {
+                println!("state:       stopped\nmessage:     {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn hash_password() -> ExitCode {
+    let mut input = String::new();
+    if std::io::stdin().is_terminal() {
+        eprint!("password (input is shown; pipe it in to avoid that): ");
+        if std::io::stdin().read_line(&mut input).is_err() {
+            eprintln!("error: cannot read the password");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    } else if std::io::stdin().read_to_string(&mut input).is_err() {
+        eprintln!("error: cannot read the password from stdin");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let pw = input
+        .strip_suffix("\r\n")
+        .or_else(|| input.strip_suffix('\n'))
+        .unwrap_or(&input);
+    if let Err(e) = pbx_remote::password::check_strength(pw) {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    match pbx_remote::password::hash(pw) {
+        Ok(h) => {
+            println!("{h}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! `pbx-remote-server`: the reference CM server's CLI; parses arguments and calls the library.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use pbx_remote::server::{self, admin, db, keys, Cidr, Listeners, ServerOptions};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "pbx-remote-server",
+    version,
+    about = "Reference self-hosted central management server for pbx-remote-agent"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct DataDir {
+    /// Data directory (SQLite registry and keys).
+    #[arg(long, env = "PBX_REMOTE_SERVER_DATA", global = true)]
+    data_dir: Option<PathBuf>,
+}
+
+impl DataDir {
+    fn get(&self) -> anyhow::Result<&Path> {
+        self.data_dir
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--data-dir (or PBX_REMOTE_SERVER_DATA) is required"))
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: activation API + QUIC tunnel on --listen, the public front on --public-listen.
+    Run {
+        #[command(flatten)]
+        data: DataDir,
+        /// Address for the activation API (TCP) and the tunnel (UDP).
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: SocketAddr,
+        /// Address of the public front (visitors' browsers).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        public_listen: SocketAddr,
+        /// Visitor-facing URL of the front; devices are served at DEVICE.<host>
+        /// [default: http://localhost:<public port>]
+        #[arg(long)]
+        public_url: Option<url::Url>,
+        /// Certificate (PEM) for HTTPS on the front.
+        #[arg(long, requires = "public_key")]
+        public_cert: Option<PathBuf>,
+        /// Private key (PEM) for HTTPS on the front.
+        #[arg(long, requires = "public_cert")]
+        public_key: Option<PathBuf>,
+        /// Proxy (CIDR) whose X-Forwarded-For is believed; repeatable.
+        #[arg(long)]
+        trusted_proxy: Vec<Cidr>,
+        /// Certificate (PEM) for the API and tunnel [default: generated in the data dir].
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// Private key (PEM) for --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Extra DNS name or IP for the generated certificate; repeatable.
+        #[arg(long)]
+        tls_name: Vec<String>,
+    },
+    /// Manage devices.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+    /// Create a one-time visit link (valid 10 minutes) to a device's web portal.
+    Visit {
+        #[command(flatten)]
+        data: DataDir,
+        /// Device id.
+        device: String,
+        /// CM user recorded in audit.
+        #[arg(long = "as")]
+        as_user: String,
+        /// Log in as super admin without a password (needs both switches on).
+        #[arg(long)]
+        passwordless: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Device capacity.
+    Capacity {
+        #[command(subcommand)]
+        command: CapacityCommand,
+    },
+    /// Print the server key's pin_sha256 (alone on the last line).
+    Fingerprint {
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Run server, agent and a demo portal on loopback and print visit links.
+    Demo,
+}
+
+#[derive(Subcommand)]
+enum CapacityCommand {
+    /// Set the number of device slots (N or "unlimited").
+    Set {
+        #[command(flatten)]
+        data: DataDir,
+        /// N or unlimited.
+        value: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Add a device; prints its id and a one-time authentication code.
+    Add {
+        #[command(flatten)]
+        data: DataDir,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        /// Group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Comment.
+        #[arg(long)]
+        comment: Option<String>,
+        /// Allow passwordless (super admin) visits.
+        #[arg(long)]
+        allow_passwordless: bool,
+        /// Expected serial number.
+        #[arg(long, requires = "mac")]
+        serial: Option<String>,
+        /// Expected MAC address.
+        #[arg(long, requires = "serial")]
+        mac: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List devices with online state, last seen and agent version.
+    List {
+        #[command(flatten)]
+        data: DataDir,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one device.
+    Show {
+        #[command(flatten)]
+        data: DataDir,
+        /// Device id.
+        device: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a device; a connected agent is told within 5 s.
+    Remove {
+        #[command(flatten)]
+        data: DataDir,
+        /// Device id.
+        device: String,
+    },
+    /// Issue a new authentication code (older unused codes stop working).
+    Code {
+        #[command(flatten)]
+        data: DataDir,
+        /// Device id.
+        device: String,
+        /// Code lifetime in hours.
+        #[arg(long, default_value_t = 24)]
+        ttl_hours: u64,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a device; takes effect on a connected agent within 5 s.
+    Set {
+        #[command(flatten)]
+        data: DataDir,
+        /// Device id.
+        device: String,
+        /// CM-side passwordless switch.
+        #[arg(long)]
+        allow_passwordless: Option<OnOff>,
+        /// New name.
+        #[arg(long)]
+        name: Option<String>,
+        /// New group.
+        #[arg(long)]
+        group: Option<String>,
+        /// New comment.
+        #[arg(long)]
+        comment: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    pbx_remote::tls::install_default_provider();
+    pbx_remote::logging::init(false);
+    match dispatch(cli.command) {
+        Ok(out) => {
+            print!("{out}");
+            if !out.is_empty() && !out.ends_with('\n') {
+                println!();
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<String> {
+    match command {
+        Command::Run {
+            data,
+            listen,
+            public_listen,
+            public_url,
+            public_cert,
+            public_key,
+            trusted_proxy,
+            tls_cert,
+            tls_key,
+            tls_name,
+        } => {
+            let data_dir = data.get()?.to_path_buf();
+            runtime()?.block_on(async move {
+                let (udp, api) = server::bind_pair(listen)?;
+                let public = tokio::net::TcpListener::bind(public_listen).await?;
+                let public_port = public.local_addr()?.port();
+                let public_url = match public_url {
+                    Some(u) => u,
+                    None => url::Url::parse(&format!("http://localhost:{public_port}"))?,
+                };
+                let opts = ServerOptions {
+                    data_dir,
+                    public_url,
+                    public_tls: public_cert.zip(public_key),
+                    trusted_proxies: trusted_proxy,
+                    tls: keys::TlsSource {
+                        files: tls_cert.zip(tls_key),
+                        names: tls_name,
+                    },
+                };
+                // Machine-readable readiness line for scripts and tests.
+                println!(
+                    "listening tunnel={} public={} public_url={}",
+                    udp.local_addr()?,
+                    public.local_addr()?,
+                    opts.public_url
+                );
+                let root = tokio_util::sync::CancellationToken::new();
+                let _hup = pbx_remote::signals::install(root.clone())?;
+                let listeners = Listeners {
+                    udp,
+                    api: tokio::net::TcpListener::from_std(api)?,
+                    public,
+                };
+                server::run(opts, listeners, root).await?;
+                Ok(String::new())
+            })
+        }
+        Command::Device { command } => match command {
+            DeviceCommand::Add {
+                data,
+                name,
+                group,
+                comment,
+                allow_passwordless,
+                serial,
+                mac,
+                json,
+            } => {
+                let new = db::NewDevice {
+                    name,
+                    group,
+                    comment,
+                    allow_passwordless,
+                    serial,
+                    mac,
+                    ..Default::default()
+                };
+                admin::device_add(data.get()?, &new, json)
+            }
+            DeviceCommand::List { data, json } => admin::device_list(data.get()?, json),
+            DeviceCommand::Show { data, device, json } => {
+                admin::device_show(data.get()?, &device, json)
+            }
+            DeviceCommand::Remove { data, device } => admin::device_remove(data.get()?, &device),
+            DeviceCommand::Code {
+                data,
+                device,
+                ttl_hours,
+                json,
+            } => admin::device_code(
+                data.get()?,
+                &device,
+                Duration::from_secs(ttl_hours * 3600),
+                json,
+            ),
+            DeviceCommand::Set {
+                data,
+                device,
+                allow_passwordless,
+                name,
+                group,
+                comment,
+            } => {
+                let changes = db::DeviceChanges {
+                    name,
+                    group,
+                    comment,
+                    allow_passwordless: allow_passwordless.map(|v| matches!(v, OnOff::On)),
+                };
+                admin::device_set(data.get()?, &device, &changes)
+            }
+        },
+        Command::Visit {
+            data,
+            device,
+            as_user,
+            passwordless,
+            json,
+        } => admin::visit(data.get()?, &device, &as_user, passwordless, json),
+        Command::Capacity {
+            command: CapacityCommand::Set { data, value },
+        } => admin::capacity_set(data.get()?, &value),
+        Command::Fingerprint { data } => admin::fingerprint(data.get()?),
+        Command::Demo => runtime()?.block_on(async {
+            let root = tokio_util::sync::CancellationToken::new();
+            let _hup = pbx_remote::signals::install(root.clone())?;
+            let mut out = std::io::stdout();
+            server::demo::run(root, &mut out).await?;
+            Ok(String::new())
+        }),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}

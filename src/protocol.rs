@@ -1,0 +1,363 @@
+//! The wire contract between agent and server: ALPN and version, activation messages, control
+//! frames, the per-request stream header, status reasons, limits and timeouts. Agent and server
+//! share this module and nothing else from each other.
+
+use crate::secret::Secret;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Version of the tunnel protocol; carried in the ALPN so a mismatch fails the handshake with a
+/// `no_application_protocol` alert that the agent reports as `protocol_mismatch`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// ALPN of the QUIC tunnel for [`PROTOCOL_VERSION`].
+pub const ALPN: &[u8] = b"pbxra/1";
+
+/// HTTP path of the activation API (HTTPS on the same address as the tunnel).
+pub const ACTIVATE_PATH: &str = "/api/v1/activate";
+
+/// Largest control frame or stream header, in bytes.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// Largest activation request or response body, in bytes.
+pub const MAX_ACTIVATION_BODY: usize = 16 * 1024;
+
+/// Per connect attempt (QUIC handshake plus hello/welcome).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// QUIC keep-alive interval: below every common NAT UDP timeout (RFC 9308 §3.2 says 30 s).
+pub const KEEPALIVE: Duration = Duration::from_secs(4);
+
+/// QUIC idle timeout: a dead path is noticed within this.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Time the agent waits for the stream header on a new stream.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Concurrent request streams the server may open on one tunnel.
+pub const MAX_STREAMS: u32 = 256;
+
+/// Per-stream QUIC receive window (bytes). Sized so 256 streams cannot pin much memory: the
+/// connection window below caps the sum.
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+
+/// Connection-wide QUIC receive window (bytes).
+pub const CONN_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// Status reasons shared by the agent's status file, activation errors and handshake closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The authentication code is unknown.
+    InvalidCode,
+    /// The authentication code is past its lifetime.
+    CodeExpired,
+    /// The authentication code was already used.
+    CodeUsed,
+    /// Email/password activation was refused.
+    BadCredentials,
+    /// Serial or MAC differ from what the CM has on record.
+    DeviceMismatch,
+    /// The CM has no free slot for another device.
+    CapacityExceeded,
+    /// The PBX firmware is below the edition minimum.
+    FirmwareUnsupported,
+    /// The CM removed this device.
+    DeviceRemoved,
+    /// Another machine connected with this credential.
+    Replaced,
+    /// The server could not be reached.
+    ServerUnreachable,
+    /// TLS failed (certificate, pin, handshake).
+    TlsError,
+    /// Agent and server speak different protocol versions.
+    ProtocolMismatch,
+    /// The local clock is not set (no NTP yet).
+    ClockUnsynced,
+    /// Too many attempts; try later.
+    RateLimited,
+}
+
+impl Reason {
+    /// The snake_case name used in status and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidCode => "invalid_code",
+            Reason::CodeExpired => "code_expired",
+            Reason::CodeUsed => "code_used",
+            Reason::BadCredentials => "bad_credentials",
+            Reason::DeviceMismatch => "device_mismatch",
+            Reason::CapacityExceeded => "capacity_exceeded",
+            Reason::FirmwareUnsupported => "firmware_unsupported",
+            Reason::DeviceRemoved => "device_removed",
+            Reason::Replaced => "replaced",
+            Reason::ServerUnreachable => "server_unreachable",
+            Reason::TlsError => "tls_error",
+            Reason::ProtocolMismatch => "protocol_mismatch",
+            Reason::ClockUnsynced => "clock_unsynced",
+            Reason::RateLimited => "rate_limited",
+        }
+    }
+
+    /// QUIC application close code carrying this reason.
+    pub fn close_code(self) -> u32 {
+        0x100 + self as u32
+    }
+
+    /// The reason for a QUIC application close code, if it is one of ours.
+    pub fn from_close_code(code: u64) -> Option<Reason> {
+        ALL_REASONS
+            .iter()
+            .copied()
+            .find(|r| u64::from(r.close_code()) == code)
+    }
+}
+
+const ALL_REASONS: [Reason; 14] = [
+    Reason::InvalidCode,
+    Reason::CodeExpired,
+    Reason::CodeUsed,
+    Reason::BadCredentials,
+    Reason::DeviceMismatch,
+    Reason::CapacityExceeded,
+    Reason::FirmwareUnsupported,
+    Reason::DeviceRemoved,
+    Reason::Replaced,
+    Reason::ServerUnreachable,
+    Reason::TlsError,
+    Reason::ProtocolMismatch,
+    Reason::ClockUnsynced,
+    Reason::RateLimited,
+];
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// QUIC application close code for a deliberate close with no fault (shutdown).
+pub const CLOSE_NORMAL: u32 = 0;
+
+/// Facts a device reports about itself at activation and in every hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceFacts {
+    /// "software" or "appliance".
+    pub edition: String,
+    /// Firmware version, e.g. "83.19.0.110".
+    pub firmware: String,
+    /// Model name.
+    pub model: String,
+    /// Serial number.
+    pub serial: String,
+    /// MAC address, lowercase colon form.
+    pub mac: String,
+    /// Hot Standby role ("primary"/"secondary") when configured.
+    #[serde(default)]
+    pub ha_role: Option<String>,
+}
+
+/// How the device proves it may enrol.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum ActivationProof {
+    /// One-time authentication code from `device add` / `device code`.
+    AuthCode {
+        /// The code.
+        code: Secret,
+    },
+    /// The provider's CM account.
+    Email {
+        /// Account email.
+        email: String,
+        /// Account password (used once, never stored).
+        password: Secret,
+    },
+}
+
+/// `POST /api/v1/activate` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ActivateRequest {
+    /// [`PROTOCOL_VERSION`] of the agent.
+    pub protocol_version: u32,
+    /// Agent version string.
+    pub agent_version: String,
+    /// Code or account.
+    pub proof: ActivationProof,
+    /// SubjectPublicKeyInfo (DER, base64) of the key generated on the device.
+    pub device_public_key: String,
+    /// Device facts.
+    pub facts: DeviceFacts,
+}
+
+/// Successful activation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ActivateResponse {
+    /// The device id (a DNS label).
+    pub device_id: String,
+    /// Server's Ed25519 public key (base64, 32 bytes) that signs passwordless tokens.
+    pub signing_key: String,
+    /// Server time, milliseconds since the Unix epoch.
+    pub server_time_ms: u64,
+}
+
+/// Refused activation or handshake.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Machine-readable reason.
+    pub code: Reason,
+    /// What the IT staff should do, in words.
+    pub message: String,
+}
+
+/// Per-device settings the server pushes; changes arrive live.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSettings {
+    /// CM-side passwordless switch.
+    pub allow_passwordless: bool,
+}
+
+/// Frames on the control stream (the first bi-stream, opened by the agent).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Control {
+    /// Agent → server, first frame: who is connecting.
+    Hello {
+        /// [`PROTOCOL_VERSION`].
+        protocol_version: u32,
+        /// Agent version string.
+        agent_version: String,
+        /// Device facts.
+        facts: DeviceFacts,
+    },
+    /// Server → agent, answer to hello.
+    Welcome {
+        /// The device id as the server knows it.
+        device_id: String,
+        /// Server clock, ms since the Unix epoch.
+        server_time_ms: u64,
+        /// Current settings.
+        settings: DeviceSettings,
+    },
+    /// Server → agent: settings changed.
+    Settings {
+        /// New settings.
+        settings: DeviceSettings,
+    },
+    /// Agent → server, every heartbeat: liveness and telemetry.
+    Heartbeat {
+        /// Free-form telemetry (issue #5 fills it).
+        #[serde(default)]
+        telemetry: serde_json::Value,
+    },
+    /// Server → agent, answer to heartbeat.
+    HeartbeatAck {
+        /// Server clock, ms since the Unix epoch.
+        server_time_ms: u64,
+    },
+}
+
+/// Written by the front at the start of every request stream, before the HTTP bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamHeader {
+    /// CM user (label) behind the visit.
+    pub cm_user: String,
+    /// Grant id of the visit.
+    pub grant_id: String,
+    /// Browser address (TCP peer unless a trusted proxy says otherwise).
+    pub client_addr: String,
+    /// Visitor-facing scheme: "http" or "https".
+    pub scheme: String,
+    /// Visitor-facing origin, e.g. "https://dev1.cm.example.com".
+    pub origin: String,
+    /// Signed passwordless token; present only when redeeming a passwordless visit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passwordless_token: Option<Secret>,
+}
+
+/// Writes one length-prefixed JSON frame.
+pub async fn write_frame<W, T>(w: &mut W, msg: &T) -> anyhow::Result<()>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let body = serde_json::to_vec(msg)?;
+    anyhow::ensure!(
+        body.len() <= MAX_FRAME,
+        "frame of {} bytes too large",
+        body.len()
+    );
+    let len = u32::try_from(body.len())?;
+    let mut buf = Vec::with_capacity(4 + body.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(&body);
+    w.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Reads one length-prefixed JSON frame; `Ok(None)` on a clean end of stream.
+pub async fn read_frame<R, T>(r: &mut R) -> anyhow::Result<Option<T>>
+where
+    R: AsyncRead + Unpin,
+    T: serde::de::DeserializeOwned,
+{
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    anyhow::ensure!(len <= MAX_FRAME, "frame of {len} bytes exceeds {MAX_FRAME}");
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Ok(Some(serde_json::from_slice(&body)?))
+}
+
+/// Milliseconds since the Unix epoch by the local clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_over_a_duplex() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        let hello = Control::Heartbeat {
+            telemetry: serde_json::json!({"cpu": 1}),
+        };
+        write_frame(&mut a, &hello).await.unwrap();
+        drop(a);
+        let got: Control = read_frame(&mut b).await.unwrap().unwrap();
+        assert!(matches!(got, Control::Heartbeat { .. }));
+        assert!(read_frame::<_, Control>(&mut b).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn oversized_frames_are_refused_before_reading() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&(MAX_FRAME as u32 + 1).to_be_bytes())
+            .await
+            .unwrap();
+        let err = read_frame::<_, Control>(&mut b).await.unwrap_err();
+        assert!(err.to_string().contains("exceeds"), "{err}");
+    }
+
+    #[test]
+    fn close_codes_map_back_to_reasons() {
+        for r in ALL_REASONS {
+            assert_eq!(Reason::from_close_code(r.close_code().into()), Some(r));
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(json, format!("\"{}\"", r.as_str()));
+        }
+        assert_eq!(Reason::from_close_code(0), None);
+    }
+}

@@ -1,0 +1,181 @@
+//! Admin commands (`device`, `visit`, `capacity`, `fingerprint`): each opens the registry beside
+//! a running server and returns the text to print; `--json` output is a stable contract.
+
+use crate::server::db::{Db, Device, DeviceChanges, NewDevice, CODE_TTL, VISIT_TTL};
+use crate::server::keys::{ServerKeys, TlsSource};
+use anyhow::{Context, Result};
+use serde_json::json;
+use std::path::Path;
+use std::time::Duration;
+
+fn ts(t: Option<i64>) -> String {
+    t.map(|s| crate::status::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(s.max(0) as u64)))
+        .unwrap_or_else(|| "never".into())
+}
+
+/// `device add`.
+pub fn device_add(data_dir: &Path, d: &NewDevice, as_json: bool) -> Result<String> {
+    let db = Db::open(data_dir)?;
+    let (id, code) = db.add_device(d)?;
+    let expires = crate::status::rfc3339(std::time::SystemTime::now() + CODE_TTL);
+    Ok(if as_json {
+        json!({"device_id": id, "auth_code": code, "code_expires_at": expires}).to_string()
+    } else {
+        format!("device id:           {id}\nauthentication code: {code}\ncode expires:        {expires}\n")
+    })
+}
+
+/// `device code`: a fresh code for re-activation.
+pub fn device_code(data_dir: &Path, device: &str, ttl: Duration, as_json: bool) -> Result<String> {
+    let db = Db::open(data_dir)?;
+    let code = db.new_code(device, ttl)?;
+    Ok(if as_json {
+        json!({"device_id": device.to_ascii_lowercase(), "auth_code": code}).to_string()
+    } else {
+        format!("authentication code: {code}\n")
+    })
+}
+
+/// `device list`.
+pub fn device_list(data_dir: &Path, as_json: bool) -> Result<String> {
+    let db = Db::open(data_dir)?;
+    let devices = db.list_devices()?;
+    if as_json {
+        return Ok(serde_json::to_string_pretty(&devices)?);
+    }
+    let mut out = format!(
+        "{:<28} {:<24} {:<8} {:<22} {}\n",
+        "ID", "NAME", "STATUS", "LAST SEEN", "AGENT"
+    );
+    for d in &devices {
+        let last = d.nodes.iter().filter_map(|n| n.last_seen).max();
+        let version = d
+            .nodes
+            .iter()
+            .find_map(|n| n.agent_version.clone())
+            .unwrap_or_else(|| "-".into());
+        let status = if d.online {
+            "online"
+        } else if d.activated_at.is_none() {
+            "pending"
+        } else {
+            "offline"
+        };
+        out.push_str(&format!(
+            "{:<28} {:<24} {:<8} {:<22} {}\n",
+            d.id,
+            d.name,
+            status,
+            ts(last),
+            version
+        ));
+    }
+    out.push_str(&format!("{} device(s)\n", devices.len()));
+    Ok(out)
+}
+
+fn show_text(d: &Device) -> String {
+    let mut out = format!(
+        "id:                 {}\nname:               {}\ngroup:              {}\ncomment:            {}\nstatus:             {}\nallow passwordless: {}\ncreated:            {}\nactivated:          {}\n",
+        d.id,
+        d.name,
+        d.group.as_deref().unwrap_or("-"),
+        d.comment.as_deref().unwrap_or("-"),
+        if d.online { "online" } else { "offline" },
+        if d.allow_passwordless { "on" } else { "off" },
+        ts(Some(d.created_at)),
+        ts(d.activated_at),
+    );
+    for n in &d.nodes {
+        out.push_str(&format!(
+            "node {}: {} serial {} mac {} firmware {} agent {} last seen {}\n",
+            n.role,
+            if n.online { "online" } else { "offline" },
+            n.serial.as_deref().unwrap_or("-"),
+            n.mac.as_deref().unwrap_or("-"),
+            n.firmware.as_deref().unwrap_or("-"),
+            n.agent_version.as_deref().unwrap_or("-"),
+            ts(n.last_seen)
+        ));
+    }
+    out
+}
+
+/// `device show`.
+pub fn device_show(data_dir: &Path, device: &str, as_json: bool) -> Result<String> {
+    let db = Db::open(data_dir)?;
+    let d = db
+        .device(device)?
+        .with_context(|| format!("no device {device:?}"))?;
+    Ok(if as_json {
+        serde_json::to_string_pretty(&d)?
+    } else {
+        show_text(&d)
+    })
+}
+
+/// `device remove`.
+pub fn device_remove(data_dir: &Path, device: &str) -> Result<String> {
+    let db = Db::open(data_dir)?;
+    anyhow::ensure!(db.remove_device(device)?, "no device {device:?}");
+    Ok(format!(
+        "removed {device}; a connected agent is told within seconds\n"
+    ))
+}
+
+/// `device set`.
+pub fn device_set(data_dir: &Path, device: &str, changes: &DeviceChanges) -> Result<String> {
+    let db = Db::open(data_dir)?;
+    db.set_device(device, changes)?;
+    Ok(format!("updated {device}\n"))
+}
+
+/// `visit`: a one-time link, valid 10 minutes.
+pub fn visit(
+    data_dir: &Path,
+    device: &str,
+    cm_user: &str,
+    passwordless: bool,
+    as_json: bool,
+) -> Result<String> {
+    anyhow::ensure!(!cm_user.trim().is_empty(), "--as must name the CM user");
+    let db = Db::open(data_dir)?;
+    let public = db
+        .setting("public_url")?
+        .context("the server has not run with this data dir yet, so its public URL is unknown; start `pbx-remote-server run` first")?;
+    let public = url::Url::parse(&public).context("stored public URL")?;
+    let device = device.to_ascii_lowercase();
+    let token = db.create_visit(&device, cm_user.trim(), passwordless)?;
+    let url = crate::server::front::visit_url(&public, &device, &token);
+    let expires = crate::status::rfc3339(std::time::SystemTime::now() + VISIT_TTL);
+    Ok(if as_json {
+        json!({"url": url, "device_id": device, "passwordless": passwordless, "expires_at": expires}).to_string()
+    } else {
+        format!("{url}\n(one use, valid until {expires})\n")
+    })
+}
+
+/// `capacity set N|unlimited`.
+pub fn capacity_set(data_dir: &Path, value: &str) -> Result<String> {
+    let v = match value {
+        "unlimited" => "unlimited".to_string(),
+        n => n
+            .parse::<u32>()
+            .map(|n| n.to_string())
+            .map_err(|_| anyhow::anyhow!("expected a number or \"unlimited\", got {n:?}"))?,
+    };
+    Db::open(data_dir)?.set_setting("capacity", &v)?;
+    Ok(format!("capacity: {v}\n"))
+}
+
+/// `fingerprint`: the `pin_sha256` value alone on the last line.
+pub fn fingerprint(data_dir: &Path) -> Result<String> {
+    let db = Db::open(data_dir)?;
+    let pin = match db.setting("pin_sha256")? {
+        Some(p) => p,
+        None => ServerKeys::load_or_create(data_dir, &TlsSource::default())?.pin_hex(),
+    };
+    Ok(format!(
+        "# server.pin_sha256 for agents of this server:\n{pin}\n"
+    ))
+}

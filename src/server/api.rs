@@ -1,0 +1,291 @@
+//! The activation API: HTTPS on the tunnel's port. Checks the code (single use, expiry, wrong
+//! attempts per source), the firmware, and enrols the device's public key as a node.
+
+use crate::config::{firmware_supported, parse_version, Edition};
+use crate::protocol::{
+    ActivateRequest, ActivateResponse, ActivationProof, ErrorBody, Reason, ACTIVATE_PATH,
+    MAX_ACTIVATION_BODY, PROTOCOL_VERSION,
+};
+use crate::server::ServerState;
+use anyhow::{Context, Result};
+use base64::Engine;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Wrong codes one source may try per window before `rate_limited`.
+pub const MAX_WRONG_CODES: u32 = 10;
+/// Window for [`MAX_WRONG_CODES`].
+pub const WRONG_CODE_WINDOW: Duration = Duration::from_secs(600);
+/// Concurrent API connections.
+const MAX_CONNECTIONS: usize = 256;
+
+/// rustls acceptor for the API (ALPN http/1.1).
+pub fn tls_acceptor(keys: &crate::server::keys::ServerKeys) -> Result<tokio_rustls::TlsAcceptor> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(keys.certs.clone(), keys.key.clone_key())
+        .context("server TLS certificate")?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Wrong-attempt counters per source address (/64 for IPv6).
+#[derive(Default)]
+struct Limiter {
+    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+impl Limiter {
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V6(v6) => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                IpAddr::from(o)
+            }
+            v4 => v4,
+        }
+    }
+
+    fn blocked_for(&self, ip: IpAddr) -> Option<Duration> {
+        let map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let (n, start) = map.get(&Self::key(ip))?;
+        let left = WRONG_CODE_WINDOW.checked_sub(start.elapsed())?;
+        (*n >= MAX_WRONG_CODES).then_some(left)
+    }
+
+    fn fail(&self, ip: IpAddr) {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 100_000 {
+            map.retain(|_, (_, s)| s.elapsed() < WRONG_CODE_WINDOW);
+        }
+        let e = map.entry(Self::key(ip)).or_insert((0, Instant::now()));
+        if e.1.elapsed() >= WRONG_CODE_WINDOW {
+            *e = (0, Instant::now());
+        }
+        e.0 += 1;
+    }
+}
+
+/// Serves the API until `shutdown`.
+pub async fn serve(
+    state: Arc<ServerState>,
+    listener: TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+    shutdown: CancellationToken,
+) {
+    let limiter = Arc::new(Limiter::default());
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "api accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (state, tls, limiter) = (state.clone(), tls.clone(), limiter.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
+            else {
+                return;
+            };
+            let svc = hyper::service::service_fn(move |req| {
+                let (state, limiter) = (state.clone(), limiter.clone());
+                async move {
+                    Ok::<_, std::convert::Infallible>(handle(&state, &limiter, peer, req).await)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(bytes)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+fn refuse(code: Reason, message: impl Into<String>) -> Response<Full<Bytes>> {
+    let status = match code {
+        Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        Reason::ProtocolMismatch => StatusCode::BAD_REQUEST,
+        _ => StatusCode::FORBIDDEN,
+    };
+    json(
+        status,
+        &ErrorBody {
+            code,
+            message: message.into(),
+        },
+    )
+}
+
+async fn handle(
+    state: &ServerState,
+    limiter: &Limiter,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if req.uri().path() != ACTIVATE_PATH {
+        return json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": "not found"}),
+        );
+    }
+    if req.method() != Method::POST {
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &serde_json::json!({"error": "POST only"}),
+        );
+    }
+    let body = match Limited::new(req.into_body(), MAX_ACTIVATION_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return refuse(
+                Reason::ProtocolMismatch,
+                "activation request too large or cut short",
+            )
+        }
+    };
+    let Ok(request) = serde_json::from_slice::<ActivateRequest>(&body) else {
+        return refuse(
+            Reason::ProtocolMismatch,
+            "activation request not understood; upgrade the agent",
+        );
+    };
+    match activate(state, limiter, peer.ip(), request) {
+        Ok(Ok(resp)) => json(StatusCode::OK, &resp),
+        Ok(Err((code, message))) => {
+            tracing::info!(peer = %peer, %code, "activation refused");
+            refuse(code, message)
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "activation failed");
+            json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &ErrorBody {
+                    code: Reason::ServerUnreachable,
+                    message: "the server could not complete activation; try again later".into(),
+                },
+            )
+        }
+    }
+}
+
+fn activate(
+    state: &ServerState,
+    limiter: &Limiter,
+    ip: IpAddr,
+    req: ActivateRequest,
+) -> Result<Result<ActivateResponse, (Reason, String)>> {
+    if req.protocol_version != PROTOCOL_VERSION {
+        return Ok(Err((
+            Reason::ProtocolMismatch,
+            format!(
+                "agent protocol {} but server protocol {PROTOCOL_VERSION}; upgrade the older side",
+                req.protocol_version
+            ),
+        )));
+    }
+    let supported = Edition::parse(&req.facts.edition)
+        .zip(parse_version(&req.facts.firmware))
+        .map(|(e, v)| (e, firmware_supported(e, &v)));
+    match supported {
+        Some((_, true)) => {}
+        Some((e, false)) => {
+            return Ok(Err((
+                Reason::FirmwareUnsupported,
+                format!(
+                    "firmware {} is below the minimum {} for the {} edition; upgrade the PBX",
+                    req.facts.firmware,
+                    e.min_firmware(),
+                    e.as_str()
+                ),
+            )))
+        }
+        None => {
+            return Ok(Err((
+                Reason::FirmwareUnsupported,
+                format!(
+                    "unknown edition {:?} or firmware {:?}",
+                    req.facts.edition, req.facts.firmware
+                ),
+            )))
+        }
+    }
+    let spki = base64::engine::general_purpose::STANDARD
+        .decode(&req.device_public_key)
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 1024);
+    let Some(spki) = spki else {
+        return Ok(Err((
+            Reason::ProtocolMismatch,
+            "device public key missing or malformed".into(),
+        )));
+    };
+    let key_hash = crate::tls::sha256(&spki);
+    let device = match &req.proof {
+        ActivationProof::AuthCode { code } => {
+            if let Some(left) = limiter.blocked_for(ip) {
+                return Ok(Err((
+                    Reason::RateLimited,
+                    format!(
+                        "too many wrong codes from this address; try again in {} s",
+                        left.as_secs() + 1
+                    ),
+                )));
+            }
+            match state.db.redeem_code(code.expose(), &key_hash, &req.facts)? {
+                Ok(d) => d,
+                Err((reason, message)) => {
+                    limiter.fail(ip);
+                    return Ok(Err((reason, message)));
+                }
+            }
+        }
+        ActivationProof::Email { .. } => {
+            return Ok(Err((
+                Reason::BadCredentials,
+                "activation by email is not enabled on this server; use an authentication code"
+                    .into(),
+            )))
+        }
+    };
+    tracing::info!(device = %device, serial = %req.facts.serial, "device activated");
+    Ok(Ok(ActivateResponse {
+        device_id: device,
+        signing_key: crate::token::public_key_b64(&state.keys.signing),
+        server_time_ms: crate::protocol::now_ms(),
+    }))
+}

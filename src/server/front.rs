@@ -1,0 +1,558 @@
+//! The public front: serves each device at `DEVICE.PUBLIC_HOST`, turns visit links into grants
+//! (`__cm_visit`), and forwards granted requests as one QUIC stream each to the device's agent,
+//! with the stream header saying who is visiting.
+
+use crate::protocol::{write_frame, StreamHeader};
+use crate::secret::Secret;
+use crate::server::db::Grant;
+use crate::server::ServerState;
+use crate::web::{self, Body};
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The front's grant cookie (plain-HTTP name).
+pub const GRANT_COOKIE: &str = "__cm_visit";
+/// The front's grant cookie on https.
+pub const GRANT_COOKIE_SECURE: &str = "__Host-__cm_visit";
+/// Where a passwordless visit lands to hand its token to the agent.
+pub const PASSWORDLESS_PATH: &str = "/__remote/passwordless";
+/// Time to open a stream to the agent.
+const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Concurrent visitor connections.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// rustls acceptor for an https front.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            crate::tls::load_certs(cert)?,
+            crate::tls::load_private_key(key)?,
+        )
+        .context("--public-cert/--public-key")?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Serves the front until `shutdown`.
+pub async fn serve(
+    state: Arc<ServerState>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "front accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (state, tls, shutdown) = (state.clone(), tls.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = {
+                let state = state.clone();
+                hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handle(&state, peer, req).await) }
+                })
+            };
+            let builder = {
+                let mut b = hyper::server::conn::http1::Builder::new();
+                b.timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(15))
+                    .max_buf_size(64 * 1024);
+                b
+            };
+            let result = match tls {
+                None => {
+                    let conn = builder
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .with_upgrades();
+                    run_conn(conn, &shutdown).await
+                }
+                Some(tls) => {
+                    match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let conn = builder
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .with_upgrades();
+                            run_conn(conn, &shutdown).await
+                        }
+                        _ => Ok(()),
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "front connection error");
+            }
+        });
+    }
+}
+
+async fn run_conn<C>(conn: C, shutdown: &CancellationToken) -> Result<(), hyper::Error>
+where
+    C: std::future::Future<Output = Result<(), hyper::Error>>,
+{
+    tokio::select! {
+        r = conn => r,
+        _ = shutdown.cancelled() => Ok(()),
+    }
+}
+
+/// Visitor-facing view of the public URL.
+struct PublicUrl {
+    scheme: String,
+    host: String,
+    port_suffix: String,
+}
+
+impl PublicUrl {
+    fn of(state: &ServerState) -> PublicUrl {
+        let u = &state.opts.public_url;
+        PublicUrl {
+            scheme: u.scheme().to_string(),
+            host: u.host_str().unwrap_or("localhost").to_ascii_lowercase(),
+            port_suffix: u.port().map(|p| format!(":{p}")).unwrap_or_default(),
+        }
+    }
+
+    fn device_origin(&self, device: &str) -> String {
+        format!(
+            "{}://{device}.{}{}",
+            self.scheme, self.host, self.port_suffix
+        )
+    }
+
+    fn secure(&self) -> bool {
+        self.scheme == "https"
+    }
+
+    fn cookie_name(&self) -> &'static str {
+        if self.secure() {
+            GRANT_COOKIE_SECURE
+        } else {
+            GRANT_COOKIE
+        }
+    }
+
+    /// The device label in `Host`, if it is one of ours.
+    fn device_of(&self, host: &str) -> Option<String> {
+        let host = host.to_ascii_lowercase();
+        let name = match host.rsplit_once(':') {
+            Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(']') => {
+                h.to_string()
+            }
+            _ => host,
+        };
+        let label = name.strip_suffix(&format!(".{}", self.host))?;
+        let valid = !label.is_empty()
+            && label.len() <= 63
+            && label
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        valid.then(|| label.to_string())
+    }
+}
+
+/// The link a visitor opens: `ORIGIN/__cm/visit/TOKEN`.
+pub fn visit_url(public_url: &url::Url, device: &str, token: &str) -> String {
+    let scheme = public_url.scheme();
+    let host = public_url.host_str().unwrap_or("localhost");
+    let port = public_url
+        .port()
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
+    format!("{scheme}://{device}.{host}{port}/__cm/visit/{token}")
+}
+
+fn client_addr(state: &ServerState, peer: SocketAddr, headers: &http::HeaderMap) -> IpAddr {
+    let mut addr = peer.ip();
+    if !state.opts.trusted_proxies.iter().any(|c| c.contains(addr)) {
+        return addr;
+    }
+    let hops: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|h| h.trim().parse().ok())
+        .collect();
+    for hop in hops.into_iter().rev() {
+        addr = hop;
+        if !state.opts.trusted_proxies.iter().any(|c| c.contains(hop)) {
+            break;
+        }
+    }
+    addr
+}
+
+async fn handle(state: &ServerState, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let public = PublicUrl::of(state);
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("")
+        .to_string();
+    let Some(device) = public.device_of(&host) else {
+        return web::page(
+            StatusCode::NOT_FOUND,
+            "Unknown address",
+            "This is the remote management front. Open a visit link from the management platform.",
+        );
+    };
+    let flags = match state.db.flags(&device) {
+        Ok(Some(f)) => f,
+        Ok(None) => {
+            return web::page(
+                StatusCode::NOT_FOUND,
+                "Unknown device",
+                "No device is registered under this address.",
+            )
+        }
+        Err(e) => return internal(e),
+    };
+    let _ = flags;
+    let path = req.uri().path().to_string();
+    if let Some(token) = path.strip_prefix("/__cm/visit/") {
+        return visit(state, &public, &device, token, req).await;
+    }
+    if path.starts_with("/__cm/") {
+        return web::page(StatusCode::NOT_FOUND, "Not found", "No such page.");
+    }
+    let grant = match web::cookie(req.headers(), public.cookie_name()).map(|c| state.db.grant_by_cookie(c)) {
+        Some(Ok(Some(g))) if g.device_id == device => g,
+        Some(Err(e)) => return internal(e),
+        _ => {
+            return web::page(
+                StatusCode::FORBIDDEN,
+                "No active visit",
+                "Open a visit link for this device from the management platform to reach its web portal.",
+            )
+        }
+    };
+    let client = client_addr(state, peer, req.headers());
+    forward(state, &public, &device, grant, client, req).await
+}
+
+fn internal(e: anyhow::Error) -> Response<Body> {
+    tracing::error!(error = %format!("{e:#}"), "front error");
+    web::page(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Server error",
+        "The server could not handle this request.",
+    )
+}
+
+async fn visit(
+    state: &ServerState,
+    public: &PublicUrl,
+    device: &str,
+    token: &str,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let origin = public.device_origin(device);
+    let gone = || {
+        web::page(
+            StatusCode::GONE,
+            "Visit link not valid",
+            "This visit link is unknown, expired (links last 10 minutes) or already used. Ask for a new one.",
+        )
+    };
+    match *req.method() {
+        Method::GET | Method::HEAD => {
+            let Ok(Some((d, cm_user, passwordless))) = state.db.peek_visit(token) else {
+                return gone();
+            };
+            if d != device {
+                return gone();
+            }
+            let how = if passwordless {
+                "You will be logged in to the PBX web portal as its super administrator."
+            } else {
+                "You will be asked for the PBX's remote account."
+            };
+            let action = format!("{origin}/__cm/visit/{token}");
+            let body = format!(
+                "<p>Open the web portal of <strong>{dev}</strong> as CM user <strong>{user}</strong>?</p>\
+                 <p>{how}</p><form method=\"post\" action=\"{action}\"><button type=\"submit\">Open the PBX portal</button></form>",
+                dev = web::escape(device),
+                user = web::escape(&cm_user),
+                how = how,
+                action = web::escape(&action),
+            );
+            let mut resp = web::html(StatusCode::OK, "Remote visit", &body);
+            resp.headers_mut()
+                .insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+            resp
+        }
+        Method::POST => {
+            if let Some(o) = req.headers().get(header::ORIGIN) {
+                if o.to_str()
+                    .map(|o| !o.eq_ignore_ascii_case(&origin))
+                    .unwrap_or(true)
+                {
+                    return web::page(
+                        StatusCode::FORBIDDEN,
+                        "Cross-site request refused",
+                        "Confirm the visit from its own page.",
+                    );
+                }
+            }
+            let (grant, cookie) = match state.db.redeem_visit(token, device) {
+                Ok(Some(x)) => x,
+                Ok(None) => return gone(),
+                Err(e) => return internal(e),
+            };
+            tracing::info!(device, cm_user = %grant.cm_user, passwordless = grant.passwordless, "visit started");
+            let secure = if public.secure() { "; Secure" } else { "" };
+            let set = format!(
+                "{}={cookie}; Path=/; HttpOnly; SameSite=Lax{secure}",
+                public.cookie_name()
+            );
+            let target = if grant.passwordless {
+                PASSWORDLESS_PATH
+            } else {
+                "/"
+            };
+            Response::builder()
+                .status(StatusCode::SEE_OTHER)
+                .header(header::LOCATION, target)
+                .header(header::SET_COOKIE, set)
+                .header(header::CACHE_CONTROL, "no-store")
+                .header("referrer-policy", "no-referrer")
+                .body(web::full(Bytes::new()))
+                .unwrap_or_else(|_| web::page(StatusCode::INTERNAL_SERVER_ERROR, "Error", ""))
+        }
+        _ => web::page(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method not allowed",
+            "Use the visit page.",
+        ),
+    }
+}
+
+async fn forward(
+    state: &ServerState,
+    public: &PublicUrl,
+    device: &str,
+    grant: Grant,
+    client: IpAddr,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let Some(link) = state.hub.get(device) else {
+        return web::page(
+            StatusCode::BAD_GATEWAY,
+            "The PBX is offline",
+            "This PBX is not connected to the management platform right now. Check its network and its Remote Management status.",
+        );
+    };
+    let Ok(permit) = link.streams.clone().try_acquire_owned() else {
+        return web::page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The PBX is busy",
+            "Too many requests are in flight to this PBX; try again in a moment.",
+        );
+    };
+    let passwordless_token = if grant.passwordless && req.uri().path() == PASSWORDLESS_PATH {
+        match state.db.mark_grant_redeemed(&grant.id) {
+            Ok(true) => match mint_token(state, device, &grant) {
+                Ok(t) => Some(Secret::new(t)),
+                Err(e) => return internal(e),
+            },
+            Ok(false) => None,
+            Err(e) => return internal(e),
+        }
+    } else {
+        None
+    };
+    let header = StreamHeader {
+        cm_user: grant.cm_user.clone(),
+        grant_id: grant.id.clone(),
+        client_addr: client.to_string(),
+        scheme: public.scheme.clone(),
+        origin: public.device_origin(device),
+        passwordless_token,
+    };
+    let opened = tokio::time::timeout(OPEN_STREAM_TIMEOUT, link.conn.open_bi()).await;
+    let Ok(Ok((mut send, recv))) = opened else {
+        return web::page(
+            StatusCode::BAD_GATEWAY,
+            "The PBX is unreachable",
+            "The tunnel to this PBX did not accept a new request.",
+        );
+    };
+    if write_frame(&mut send, &header).await.is_err() {
+        return web::page(
+            StatusCode::BAD_GATEWAY,
+            "The PBX is unreachable",
+            "The tunnel to this PBX broke.",
+        );
+    }
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, Incoming>(TokioIo::new(tokio::io::join(recv, send)))
+        .await
+    else {
+        return web::page(
+            StatusCode::BAD_GATEWAY,
+            "The PBX is unreachable",
+            "The tunnel to this PBX broke.",
+        );
+    };
+    tokio::spawn(async move {
+        let _permit = permit;
+        let _ = conn.with_upgrades().await;
+    });
+    let visitor_upgrade = req
+        .headers()
+        .contains_key(header::UPGRADE)
+        .then(|| hyper::upgrade::on(&mut req));
+    strip_grant_cookie(req.headers_mut());
+    let mut resp = match sender.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(device, error = %e, "request through the tunnel failed");
+            return web::page(
+                StatusCode::BAD_GATEWAY,
+                "The PBX did not answer",
+                "The connection to this PBX was lost during the request; try again.",
+            );
+        }
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(visitor) = visitor_upgrade {
+            let tunnel = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let Ok((v, t)) = tokio::try_join!(visitor, tunnel) {
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(v), &mut TokioIo::new(t))
+                            .await;
+                }
+            });
+        }
+    }
+    let (mut parts, body) = resp.into_parts();
+    drop_grant_set_cookie(&mut parts.headers);
+    Response::from_parts(parts, body.boxed())
+}
+
+fn mint_token(state: &ServerState, device: &str, grant: &Grant) -> Result<String> {
+    let now = crate::protocol::now_ms();
+    crate::token::sign(
+        &state.keys.signing,
+        &crate::token::Claims {
+            dev: device.to_string(),
+            grant: grant.id.clone(),
+            cm_user: grant.cm_user.clone(),
+            iat_ms: now,
+            exp_ms: now + crate::token::MAX_TOKEN_LIFETIME_MS,
+            nonce: crate::tls::random_token::<16>(),
+        },
+    )
+}
+
+fn strip_grant_cookie(h: &mut http::HeaderMap) {
+    let kept: Vec<String> = h
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|c| {
+            let name = c.split('=').next().unwrap_or("").trim();
+            !c.is_empty() && name != GRANT_COOKIE && name != GRANT_COOKIE_SECURE
+        })
+        .map(str::to_string)
+        .collect();
+    h.remove(header::COOKIE);
+    if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+        if !kept.is_empty() {
+            h.insert(header::COOKIE, v);
+        }
+    }
+}
+
+fn drop_grant_set_cookie(h: &mut http::HeaderMap) {
+    let kept: Vec<HeaderValue> = h
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| {
+            let name = v
+                .to_str()
+                .unwrap_or("")
+                .split('=')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            name != GRANT_COOKIE && name != GRANT_COOKIE_SECURE
+        })
+        .cloned()
+        .collect();
+    h.remove(header::SET_COOKIE);
+    for v in kept {
+        h.append(header::SET_COOKIE, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_labels_from_host() {
+        let p = PublicUrl {
+            scheme: "http".into(),
+            host: "localhost".into(),
+            port_suffix: ":8080".into(),
+        };
+        assert_eq!(
+            p.device_of("Acme-1.localhost:8080").as_deref(),
+            Some("acme-1")
+        );
+        assert_eq!(p.device_of("acme-1.localhost").as_deref(), Some("acme-1"));
+        assert_eq!(p.device_of("localhost:8080"), None);
+        assert_eq!(p.device_of("a.b.localhost"), None);
+        assert_eq!(p.device_of("acme.localhost.evil.com"), None);
+        assert_eq!(p.device_origin("acme-1"), "http://acme-1.localhost:8080");
+    }
+
+    #[test]
+    fn grant_cookie_never_reaches_the_agent() {
+        let mut h = http::HeaderMap::new();
+        h.append("cookie", "a=1; __cm_visit=x.y".parse().unwrap());
+        h.append("cookie", "__Host-__cm_visit=z".parse().unwrap());
+        strip_grant_cookie(&mut h);
+        assert_eq!(h["cookie"], "a=1");
+        let mut h = http::HeaderMap::new();
+        h.append("set-cookie", "__cm_visit=evil; Path=/".parse().unwrap());
+        h.append("set-cookie", "ok=1".parse().unwrap());
+        drop_grant_set_cookie(&mut h);
+        assert_eq!(h.get_all("set-cookie").iter().count(), 1);
+    }
+}

@@ -1,0 +1,302 @@
+//! The tunnel hub: accepts QUIC connections, identifies the device by its key against the
+//! registry at every handshake, keeps the newest connection per device (the older one is closed
+//! with `replaced`), serves the control stream, and pushes registry changes within seconds.
+
+use crate::protocol::{
+    read_frame, write_frame, Control, DeviceSettings, Reason, ALPN, CONNECT_TIMEOUT, CONN_WINDOW,
+    IDLE_TIMEOUT, KEEPALIVE, MAX_STREAMS, PROTOCOL_VERSION, STREAM_WINDOW,
+};
+use crate::server::db::DeviceFlags;
+use crate::server::keys::ServerKeys;
+use crate::server::ServerState;
+use anyhow::{Context, Result};
+use rustls::pki_types::CertificateDer;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// How often the registry is checked for changes made by admin commands.
+pub const REGISTRY_POLL: Duration = Duration::from_secs(1);
+
+/// One connected device.
+pub struct Link {
+    /// Device id.
+    pub device_id: String,
+    /// Node role.
+    pub role: String,
+    /// The QUIC connection.
+    pub conn: quinn::Connection,
+    /// Which registration this is.
+    pub generation: u64,
+    /// Request streams in use (try_acquire fails → 503).
+    pub streams: Arc<Semaphore>,
+    key_hash: [u8; 32],
+    flags: Mutex<DeviceFlags>,
+    settings_tx: mpsc::UnboundedSender<DeviceSettings>,
+}
+
+/// Connected devices by id.
+#[derive(Default)]
+pub struct Hub {
+    links: Mutex<HashMap<String, Arc<Link>>>,
+    generation: AtomicU64,
+}
+
+impl Hub {
+    /// The live link of `device`.
+    pub fn get(&self, device: &str) -> Option<Arc<Link>> {
+        self.lock().get(device).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Link>>> {
+        // Invariant: no panics inside the short critical sections below.
+        self.links.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, link: Arc<Link>) -> Option<Arc<Link>> {
+        self.lock().insert(link.device_id.clone(), link)
+    }
+
+    /// Removes the link if it is still the current one; true if it was.
+    fn deregister(&self, device: &str, generation: u64) -> bool {
+        let mut links = self.lock();
+        if links
+            .get(device)
+            .is_some_and(|l| l.generation == generation)
+        {
+            links.remove(device);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn all(&self) -> Vec<Arc<Link>> {
+        self.lock().values().cloned().collect()
+    }
+}
+
+/// The QUIC endpoint with the persisted reset and token keys.
+pub fn endpoint(keys: &ServerKeys, udp: std::net::UdpSocket) -> Result<quinn::Endpoint> {
+    let mut crypto = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(crate::tls::DeviceKeyVerifier::new()))
+        .with_single_cert(keys.certs.clone(), keys.key.clone_key())
+        .context("server TLS certificate")?;
+    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).context("QUIC TLS")?;
+    let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"pbx-remote token key")
+        .extract(&keys.token_key);
+    let mut server = quinn::ServerConfig::new(Arc::new(quic), Arc::new(token_key));
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEPALIVE));
+    t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
+    // The agent opens only its control stream; request streams are opened by us.
+    t.max_concurrent_bidi_streams(4u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window(STREAM_WINDOW.into());
+    t.receive_window(CONN_WINDOW.into());
+    t.send_window(u64::from(CONN_WINDOW));
+    server.transport_config(Arc::new(t));
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &keys.reset_key);
+    let config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    udp.set_nonblocking(true)?;
+    quinn::Endpoint::new(config, Some(server), udp, Arc::new(quinn::TokioRuntime))
+        .context("QUIC endpoint")
+}
+
+/// Accepts tunnel connections until `shutdown`.
+pub async fn serve(
+    state: Arc<ServerState>,
+    endpoint: quinn::Endpoint,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => return,
+            }
+        };
+        let state = state.clone();
+        let remote = incoming.remote_address();
+        tokio::spawn(async move {
+            if let Err(e) = handle_connection(state, incoming).await {
+                tracing::info!(peer = %remote, error = %format!("{e:#}"), "tunnel connection ended");
+            }
+        });
+    }
+}
+
+async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -> Result<()> {
+    let peer = incoming.remote_address();
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, incoming)
+        .await
+        .context("handshake timeout")??;
+    let key_hash = peer_key_hash(&conn)?;
+    let Some((device, role)) = state.db.node_by_key(&key_hash)? else {
+        tracing::warn!(%peer, "unknown device key refused");
+        refuse(&conn, Reason::DeviceRemoved, "this device is not registered on the server (removed or re-enrolled); activate it again with a new code");
+        return Ok(());
+    };
+    let span = tracing::info_span!("tunnel", device = %device, role = %role);
+    let _enter = span.enter();
+    let (mut send, mut recv) = tokio::time::timeout(CONNECT_TIMEOUT, conn.accept_bi())
+        .await
+        .context("no control stream")??;
+    let hello = tokio::time::timeout(CONNECT_TIMEOUT, read_frame::<_, Control>(&mut recv))
+        .await
+        .context("no hello")??;
+    let Some(Control::Hello {
+        protocol_version,
+        agent_version,
+        facts,
+    }) = hello
+    else {
+        refuse(&conn, Reason::ProtocolMismatch, "expected hello");
+        return Ok(());
+    };
+    if protocol_version != PROTOCOL_VERSION {
+        refuse(
+            &conn,
+            Reason::ProtocolMismatch,
+            &format!("server speaks protocol {PROTOCOL_VERSION}, agent {protocol_version}"),
+        );
+        return Ok(());
+    }
+    let Some(flags) = state.db.flags(&device)? else {
+        refuse(
+            &conn,
+            Reason::DeviceRemoved,
+            "this device was removed from the CM",
+        );
+        return Ok(());
+    };
+    state
+        .db
+        .node_connected(&device, &role, &facts, &agent_version)?;
+    let (settings_tx, mut settings_rx) = mpsc::unbounded_channel();
+    let link = Arc::new(Link {
+        device_id: device.clone(),
+        role: role.clone(),
+        conn: conn.clone(),
+        generation: state.hub.generation.fetch_add(1, Ordering::Relaxed),
+        streams: Arc::new(Semaphore::new(MAX_STREAMS as usize)),
+        key_hash,
+        flags: Mutex::new(flags.clone()),
+        settings_tx,
+    });
+    if let Some(old) = state.hub.register(link.clone()) {
+        tracing::warn!(old_peer = %old.conn.remote_address(), new_peer = %peer, "device credential connected again; the older connection is replaced");
+        refuse(
+            &old.conn,
+            Reason::Replaced,
+            "another machine connected with this device credential; this connection was replaced",
+        );
+    }
+    tracing::info!(%peer, version = %agent_version, "device connected");
+    write_frame(
+        &mut send,
+        &Control::Welcome {
+            device_id: device.clone(),
+            server_time_ms: crate::protocol::now_ms(),
+            settings: DeviceSettings {
+                allow_passwordless: flags.allow_passwordless,
+            },
+        },
+    )
+    .await?;
+    let reason = loop {
+        tokio::select! {
+            e = conn.closed() => break e.to_string(),
+            frame = read_frame::<_, Control>(&mut recv) => match frame {
+                Ok(Some(Control::Heartbeat { .. })) => {
+                    if let Err(e) = state.db.node_seen(&device, &role) {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot record heartbeat");
+                    }
+                    write_frame(&mut send, &Control::HeartbeatAck { server_time_ms: crate::protocol::now_ms() }).await?;
+                }
+                Ok(Some(other)) => tracing::debug!(?other, "unexpected control frame"),
+                Ok(None) => break "control stream closed".to_string(),
+                Err(e) => break format!("{e:#}"),
+            },
+            Some(settings) = settings_rx.recv() => {
+                write_frame(&mut send, &Control::Settings { settings }).await?;
+            }
+        }
+    };
+    if state.hub.deregister(&device, link.generation) {
+        state.db.node_disconnected(&device, &role)?;
+        tracing::info!(%reason, "device disconnected");
+    }
+    Ok(())
+}
+
+fn refuse(conn: &quinn::Connection, reason: Reason, message: &str) {
+    conn.close(reason.close_code().into(), message.as_bytes());
+}
+
+fn peer_key_hash(conn: &quinn::Connection) -> Result<[u8; 32]> {
+    let identity = conn.peer_identity().context("no client certificate")?;
+    let certs = identity
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| anyhow::anyhow!("unexpected peer identity"))?;
+    let first = certs.first().context("empty client certificate chain")?;
+    crate::tls::spki_sha256(first)
+}
+
+/// Polls the registry for admin changes and applies them to connected devices: removal closes
+/// with `device_removed`, flag changes are pushed as settings.
+pub async fn watch_registry(state: Arc<ServerState>, shutdown: CancellationToken) {
+    let mut last = state.db.data_version().unwrap_or(0);
+    let mut tick = tokio::time::interval(REGISTRY_POLL);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let version = match state.db.data_version() {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "registry poll failed");
+                continue;
+            }
+        };
+        if version == last {
+            continue;
+        }
+        last = version;
+        for link in state.hub.all() {
+            if let Err(e) = apply_registry(&state, &link) {
+                tracing::warn!(device = %link.device_id, error = %format!("{e:#}"), "cannot apply registry change");
+            }
+        }
+    }
+}
+
+fn apply_registry(state: &ServerState, link: &Link) -> Result<()> {
+    let still = state.db.node_by_key(&link.key_hash)?;
+    let flags = state.db.flags(&link.device_id)?;
+    let (Some(flags), Some(_)) = (flags, still) else {
+        tracing::warn!(device = %link.device_id, "device removed; closing its tunnel");
+        refuse(
+            &link.conn,
+            Reason::DeviceRemoved,
+            "this device was removed from the CM",
+        );
+        return Ok(());
+    };
+    let mut current = link.flags.lock().unwrap_or_else(|p| p.into_inner());
+    if *current != flags {
+        *current = flags.clone();
+        let _ = link.settings_tx.send(DeviceSettings {
+            allow_passwordless: flags.allow_passwordless,
+        });
+        tracing::info!(device = %link.device_id, allow_passwordless = flags.allow_passwordless, "settings pushed");
+    }
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! The reference self-hosted CM server: registry (SQLite), activation API (HTTPS), tunnel hub
+//! (QUIC) on the same address, and the public front that turns visits into tunnel streams.
+
+pub mod admin;
+pub mod api;
+pub mod db;
+pub mod demo;
+pub mod demo_portal;
+pub mod front;
+pub mod hub;
+pub mod keys;
+
+use anyhow::{Context, Result};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+/// Options of `pbx-remote-server run`.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Visitor-facing base URL of the front, e.g. `http://localhost:8080`.
+    pub public_url: Url,
+    /// Certificate and key for HTTPS on the front.
+    pub public_tls: Option<(PathBuf, PathBuf)>,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<Cidr>,
+    /// TLS identity for API and tunnel.
+    pub tls: keys::TlsSource,
+}
+
+/// Sockets `run` serves on; the caller binds them (tests use port 0).
+pub struct Listeners {
+    /// UDP for QUIC.
+    pub udp: std::net::UdpSocket,
+    /// TCP for the HTTPS activation API (same port as `udp`).
+    pub api: TcpListener,
+    /// TCP for the public front.
+    pub public: TcpListener,
+}
+
+/// An IP prefix for `--trusted-proxy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    len: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = s.split_once('/').unwrap_or((s, ""));
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP prefix"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = if l.is_empty() {
+            max
+        } else {
+            l.parse()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| format!("{s:?}: bad prefix length"))?
+        };
+        Ok(Cidr { addr, len })
+    }
+}
+
+impl Cidr {
+    /// True if `ip` is inside the prefix.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => prefix_eq(&a.octets(), &b.octets(), self.len),
+            (IpAddr::V6(a), IpAddr::V6(b)) => prefix_eq(&a.octets(), &b.octets(), self.len),
+            _ => false,
+        }
+    }
+}
+
+fn prefix_eq(a: &[u8], b: &[u8], bits: u8) -> bool {
+    let full = (bits / 8) as usize;
+    if a[..full] != b[..full] {
+        return false;
+    }
+    let rest = bits % 8;
+    rest == 0 || {
+        let mask = 0xffu8 << (8 - rest);
+        a[full] & mask == b[full] & mask
+    }
+}
+
+/// What the server's tasks share.
+pub struct ServerState {
+    /// Registry.
+    pub db: db::Db,
+    /// Keys.
+    pub keys: keys::ServerKeys,
+    /// Connected devices.
+    pub hub: hub::Hub,
+    /// Options.
+    pub opts: ServerOptions,
+}
+
+/// Binds UDP and TCP on the same `addr` (port 0 picks one free for both).
+pub fn bind_pair(addr: SocketAddr) -> Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    for _ in 0..50 {
+        let udp =
+            std::net::UdpSocket::bind(addr).with_context(|| format!("cannot bind UDP {addr}"))?;
+        let port = udp.local_addr()?.port();
+        match std::net::TcpListener::bind(SocketAddr::new(addr.ip(), port)) {
+            Ok(tcp) => {
+                tcp.set_nonblocking(true)?;
+                return Ok((udp, tcp));
+            }
+            Err(e) if addr.port() != 0 => {
+                return Err(e).with_context(|| format!("cannot bind TCP {addr}"))
+            }
+            Err(_) => continue,
+        }
+    }
+    anyhow::bail!("no port free for both UDP and TCP on {}", addr.ip())
+}
+
+/// Runs the server until `shutdown`.
+pub async fn run(
+    opts: ServerOptions,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let keys = keys::ServerKeys::load_or_create(&opts.data_dir, &opts.tls)?;
+    let db = db::Db::open(&opts.data_dir)?;
+    db.all_offline()?;
+    db.set_setting("public_url", opts.public_url.as_str())?;
+    db.set_setting("pin_sha256", &keys.pin_hex())?;
+    let endpoint = hub::endpoint(&keys, listeners.udp)?;
+    let api_tls = api::tls_acceptor(&keys)?;
+    let public_tls = match &opts.public_tls {
+        Some((cert, key)) => Some(front::tls_acceptor(cert, key)?),
+        None => None,
+    };
+    let state = Arc::new(ServerState {
+        db,
+        keys,
+        hub: hub::Hub::default(),
+        opts,
+    });
+    tracing::info!(
+        tunnel = %endpoint.local_addr()?,
+        public = %listeners.public.local_addr()?,
+        pin_sha256 = %state.keys.pin_hex(),
+        "server listening"
+    );
+    let tasks = tokio_util::task::TaskTracker::new();
+    tasks.spawn(hub::serve(
+        state.clone(),
+        endpoint.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(hub::watch_registry(state.clone(), shutdown.clone()));
+    tasks.spawn(api::serve(
+        state.clone(),
+        listeners.api,
+        api_tls,
+        shutdown.clone(),
+    ));
+    tasks.spawn(front::serve(
+        state.clone(),
+        listeners.public,
+        public_tls,
+        shutdown.clone(),
+    ));
+    tasks.close();
+    shutdown.cancelled().await;
+    endpoint.close(crate::protocol::CLOSE_NORMAL.into(), b"server stopping");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tasks.wait()).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs() {
+        let c: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(c.contains("10.1.200.3".parse().unwrap()));
+        assert!(!c.contains("10.2.0.1".parse().unwrap()));
+        let c: Cidr = "2001:db8::/33".parse().unwrap();
+        assert!(c.contains("2001:db8:7fff::1".parse().unwrap()));
+        assert!(!c.contains("2001:db8:8000::1".parse().unwrap()));
+        let one: Cidr = "127.0.0.1".parse().unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+    }
+}

@@ -1,0 +1,76 @@
+//! Small HTTP helpers both sides use for their own pages: a boxed body type and plain HTML pages
+//! that work without JavaScript.
+
+use bytes::Bytes;
+use http::{header, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+
+/// Response body type of every proxying server here.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// A body from bytes.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A plain HTML page (no JavaScript, never cached).
+pub fn page(status: StatusCode, title: &str, detail: &str) -> Response<Body> {
+    html(status, title, &format!("<p>{}</p>", escape(detail)))
+}
+
+/// An HTML page with a trusted `body_html` fragment.
+pub fn html(status: StatusCode, title: &str, body_html: &str) -> Response<Body> {
+    let doc = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">\
+         <title>{t}</title><style>body{{font-family:sans-serif;max-width:40em;margin:3em auto;padding:0 1em}}\
+         button{{font-size:1.1em;padding:.4em 1.2em}}</style></head>\n<body><h1>{t}</h1>\n{body_html}\n</body></html>\n",
+        t = escape(title)
+    );
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+        .header(header::CACHE_CONTROL, "no-store")
+        .header("x-frame-options", "DENY")
+        .body(full(doc))
+        .unwrap_or_else(|_| Response::new(full(Bytes::new())))
+}
+
+/// Escapes text for HTML.
+pub fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+/// The value of cookie `name` in a request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn escapes_and_finds_cookies() {
+        assert_eq!(
+            super::escape("<a href='x'>&"),
+            "&lt;a href=&#39;x&#39;&gt;&amp;"
+        );
+        let mut h = http::HeaderMap::new();
+        h.append("cookie", "a=1; b=2".parse().unwrap());
+        h.append("cookie", "c=3".parse().unwrap());
+        assert_eq!(super::cookie(&h, "b"), Some("2"));
+        assert_eq!(super::cookie(&h, "c"), Some("3"));
+        assert_eq!(super::cookie(&h, "d"), None);
+    }
+}
