@@ -29,18 +29,6 @@ pub const RESERVED_COOKIES: [&str; 4] = [
     "__Host-__cm_visit",
 ];
 
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
 /// What every stream handler shares.
 pub struct ProxyCtx {
     /// The upstream.
@@ -77,7 +65,6 @@ pub async fn serve_stream(
         .timer(TokioTimer::new())
         .header_read_timeout(HEAD_READ_TIMEOUT)
         .max_buf_size(MAX_HEAD_BYTES)
-        .keep_alive(false)
         .serve_connection(io, svc)
         .with_upgrades();
     if let Err(e) = conn.await {
@@ -217,22 +204,7 @@ pub fn same_origin(h: &HeaderMap, origin: &str) -> bool {
 /// a visitor could forge, and the agent's and front's cookies. A validated WebSocket keeps its
 /// upgrade headers.
 pub fn strip_inbound(h: &mut HeaderMap, websocket: bool) {
-    let listed: Vec<String> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect();
-    for name in listed {
-        if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
-            h.remove(n);
-        }
-    }
-    for name in HOP_BY_HOP {
-        h.remove(name);
-    }
+    crate::web::strip_hop_by_hop(h);
     let forged: Vec<HeaderName> = h
         .keys()
         .filter(|k| {
@@ -327,22 +299,7 @@ fn replace_origin_prefix(url: &str, from: &str, to: &str) -> Option<String> {
 /// becomes the visitor's, portal cookies lose `Domain=` and reserved cookie names are dropped.
 pub fn rewrite_outbound(h: &mut HeaderMap, portal: &str, visitor: &str, switching: bool) {
     if !switching {
-        let listed: Vec<String> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|t| t.trim().to_ascii_lowercase())
-            .filter(|t| !t.is_empty())
-            .collect();
-        for name in listed {
-            if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
-                h.remove(n);
-            }
-        }
-        for name in HOP_BY_HOP {
-            h.remove(name);
-        }
+        crate::web::strip_hop_by_hop(h);
     }
     if let Some(loc) = h.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
         let portal_authority = portal.split_once("://").map(|(_, a)| a).unwrap_or(portal);

@@ -100,14 +100,16 @@ impl Tunnel {
             r = tokio::time::timeout(CONNECT_TIMEOUT, self.connect()) => r,
         };
         let (endpoint, conn, send, recv) = match attempt {
-            Err(_) => return lost(
-                Reason::ServerUnreachable,
-                format!(
+            Err(_) => {
+                return lost(
+                    Reason::ServerUnreachable,
+                    format!(
                     "no answer from {} within {CONNECT_TIMEOUT:?} (is UDP to that port allowed?)",
                     self.config.server.address
                 ),
-                false,
-            ),
+                    false,
+                )
+            }
             Ok(Err(ConnectFailure { reason, message })) => return lost(reason, message, false),
             Ok(Ok(parts)) => parts,
         };

@@ -457,6 +457,14 @@ async fn forward(
         }
     }
     let (mut parts, body) = resp.into_parts();
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        // One request per stream is the tunnel's framing, not the visitor's: keep-alive stays.
+        web::strip_hop_by_hop(&mut parts.headers);
+    }
     drop_grant_set_cookie(&mut parts.headers);
     Response::from_parts(parts, body.boxed())
 }

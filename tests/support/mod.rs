@@ -1,0 +1,564 @@
+//! Test support: a portal fixture, the server and agent started in-process on port 0, and a
+//! visitor that talks to the front like a browser would (Host header, cookies by hand).
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use pbx_remote::config::AgentConfig;
+use pbx_remote::server::{self, db::Db, db::NewDevice, keys, Listeners, ServerOptions};
+use pbx_remote::status::{State, Status, StatusHandle};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// The byte at offset `i` of every fixture download.
+pub fn pattern(i: u64) -> u8 {
+    ((i.wrapping_mul(31) + 7) % 251) as u8
+}
+
+/// SHA-256 of the first `n` pattern bytes.
+pub fn pattern_sha256(n: u64) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut off = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    while off < n {
+        let len = (n - off).min(buf.len() as u64) as usize;
+        for (j, b) in buf[..len].iter_mut().enumerate() {
+            *b = pattern(off + j as u64);
+        }
+        ctx.update(&buf[..len]);
+        off += len as u64;
+    }
+    hex::encode(ctx.finish().as_ref())
+}
+
+/// What the portal fixture saw.
+#[derive(Default)]
+pub struct PortalLog {
+    pub requests: AtomicUsize,
+    pub last_headers: Mutex<Vec<(String, String)>>,
+    pub paths: Mutex<Vec<String>>,
+}
+
+/// The portal fixture: `/` page, `/bytes/N`, `/upload`, `/headers`, `/ws` echo, `/redirect`,
+/// `/slow` (never answers).
+pub struct PortalFixture {
+    pub addr: SocketAddr,
+    pub log: Arc<PortalLog>,
+    stop: CancellationToken,
+}
+
+impl PortalFixture {
+    pub async fn start() -> PortalFixture {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(listener).await
+    }
+
+    pub async fn start_on(listener: TcpListener) -> PortalFixture {
+        let addr = listener.local_addr().unwrap();
+        let log = Arc::new(PortalLog::default());
+        let stop = CancellationToken::new();
+        let (l, s) = (log.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let tcp = tokio::select! {
+                    _ = s.cancelled() => return,
+                    r = listener.accept() => r.unwrap().0,
+                };
+                let l = l.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let l = l.clone();
+                        async move { Ok::<_, Infallible>(portal_route(addr, &l, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        PortalFixture { addr, log, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+async fn portal_route(
+    addr: SocketAddr,
+    log: &PortalLog,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    log.requests.fetch_add(1, Ordering::SeqCst);
+    *log.last_headers.lock().unwrap() = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    log.paths.lock().unwrap().push(req.uri().to_string());
+    let path = req.uri().path().to_string();
+    if path == "/" {
+        return Response::builder()
+            .header("content-type", "text/html")
+            .header(
+                "set-cookie",
+                "portal_sid=abc; Domain=127.0.0.1; Path=/; HttpOnly",
+            )
+            .body(full("<html><body>PBX portal home</body></html>"))
+            .unwrap();
+    }
+    if let Some(n) = path.strip_prefix("/bytes/") {
+        let n: u64 = n.parse().unwrap();
+        let chunk = 64 * 1024u64;
+        let stream = futures_util::stream::unfold(0u64, move |off| async move {
+            if off >= n {
+                return None;
+            }
+            let len = (n - off).min(chunk);
+            let data: Vec<u8> = (off..off + len).map(pattern).collect();
+            Some((
+                Ok::<_, Infallible>(Frame::data(Bytes::from(data))),
+                off + len,
+            ))
+        });
+        return Response::builder()
+            .header("content-length", n.to_string())
+            .body(BodyExt::boxed(StreamBody::new(stream)))
+            .unwrap();
+    }
+    if path == "/upload" {
+        let mut body = req.into_body();
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut len = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                len += data.len() as u64;
+                ctx.update(&data);
+            }
+        }
+        let out = serde_json::json!({"len": len, "sha256": hex::encode(ctx.finish().as_ref())});
+        return Response::new(full(out.to_string()));
+    }
+    if path == "/headers" {
+        let mut map = serde_json::Map::new();
+        for (k, v) in req.headers() {
+            let e = map
+                .entry(k.as_str())
+                .or_insert_with(|| serde_json::json!([]));
+            e.as_array_mut()
+                .unwrap()
+                .push(v.to_str().unwrap_or("").into());
+        }
+        return Response::new(full(serde_json::Value::Object(map).to_string()));
+    }
+    if path == "/redirect" {
+        return Response::builder()
+            .status(StatusCode::FOUND)
+            .header("location", format!("http://{addr}/target"))
+            .body(full(""))
+            .unwrap();
+    }
+    if path == "/slow" {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    if path == "/ws" {
+        let key = req.headers().get("sec-websocket-key").cloned();
+        let Some(key) = key else {
+            return Response::builder()
+                .status(400)
+                .body(full("not ws"))
+                .unwrap();
+        };
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let upgraded = on_upgrade.await.unwrap();
+            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                tokio_tungstenite::tungstenite::protocol::Role::Server,
+                None,
+            )
+            .await;
+            while let Some(Ok(msg)) = ws.next().await {
+                if msg.is_text() || msg.is_binary() {
+                    if ws.send(msg).await.is_err() {
+                        break;
+                    }
+                } else if msg.is_close() {
+                    break;
+                }
+            }
+        });
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        return Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", accept)
+            .body(full(""))
+            .unwrap();
+    }
+    Response::builder()
+        .status(404)
+        .body(full("no such page"))
+        .unwrap()
+}
+
+/// The reference server in-process.
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub tunnel: SocketAddr,
+    pub public: SocketAddr,
+    pub pin: String,
+    pub stop: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(f: impl FnOnce(&mut ServerOptions)) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let (udp, api) = server::bind_pair("127.0.0.1:0".parse().unwrap()).unwrap();
+        let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let public_addr = public.local_addr().unwrap();
+        let tunnel = udp.local_addr().unwrap();
+        let mut opts = ServerOptions {
+            data_dir: dir.path().join("data"),
+            public_url: url::Url::parse(&format!("http://localhost:{}", public_addr.port()))
+                .unwrap(),
+            public_tls: None,
+            trusted_proxies: vec![],
+            tls: keys::TlsSource::default(),
+        };
+        f(&mut opts);
+        let pin = keys::ServerKeys::load_or_create(&opts.data_dir, &opts.tls)
+            .unwrap()
+            .pin_hex();
+        let stop = CancellationToken::new();
+        let listeners = Listeners {
+            udp,
+            api: TcpListener::from_std(api).unwrap(),
+            public,
+        };
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            server::run(opts, listeners, s).await.unwrap();
+        });
+        TestServer {
+            dir,
+            tunnel,
+            public: public_addr,
+            pin,
+            stop,
+            task,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn db(&self) -> Db {
+        Db::open(&self.data_dir()).unwrap()
+    }
+
+    /// Adds a device; returns (id, code).
+    pub fn add_device(&self, passwordless: bool) -> (String, String) {
+        self.db()
+            .add_device(&NewDevice {
+                name: "Test PBX".into(),
+                allow_passwordless: passwordless,
+                ..Default::default()
+            })
+            .unwrap()
+    }
+
+    /// A visit link for `device`.
+    pub fn visit(&self, device: &str, cm_user: &str, passwordless: bool) -> String {
+        let out =
+            pbx_remote::server::admin::visit(&self.data_dir(), device, cm_user, passwordless, true)
+                .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["url"].as_str().unwrap().to_string()
+    }
+
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// An agent config for `server`, with `extra` TOML appended.
+pub fn agent_toml(
+    tunnel: SocketAddr,
+    pin: &str,
+    code: &str,
+    portal: &str,
+    dir: &Path,
+    extra: &str,
+) -> String {
+    format!(
+        r#"
+[server]
+enabled = true
+address = "{tunnel}"
+pin_sha256 = "{pin}"
+
+[activation]
+method = "auth_code"
+auth_code = "{code}"
+
+[pbx]
+edition = "software"
+firmware = "83.19.0.110"
+model = "Test"
+serial = "SN0001"
+mac = "02:00:00:00:00:01"
+portal_url = "{portal}"
+
+[tunnel]
+heartbeat_secs = 1
+drain_secs = 2
+
+[paths]
+state_dir = "{state}"
+status_file = "{status}"
+assertion_pubkey = "{pubkey}"
+{extra}
+"#,
+        state = dir.join("state").display(),
+        status = dir.join("status.json").display(),
+        pubkey = dir.join("assertion.pub").display(),
+    )
+}
+
+/// An agent running in-process.
+pub struct TestAgent {
+    pub dir: PathBuf,
+    pub status: StatusHandle,
+    pub stop: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestAgent {
+    /// Starts an agent with the config text written to `dir/agent.toml`.
+    pub fn start(dir: &Path, toml: &str) -> TestAgent {
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, toml).unwrap();
+        let config = AgentConfig::load(&path).unwrap();
+        let status = StatusHandle::new(
+            config.paths.status_file.clone(),
+            pbx_remote::agent::initial_status(&config),
+        );
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(pbx_remote::agent::run(config, status.clone(), stop.clone()));
+        TestAgent {
+            dir: dir.to_path_buf(),
+            status,
+            stop,
+            task,
+        }
+    }
+
+    /// Waits until the status satisfies `f`, up to `limit`; panics with the last status.
+    pub async fn wait(&self, limit: Duration, f: impl Fn(&Status) -> bool) -> Status {
+        let mut rx = self.status.subscribe();
+        let r = tokio::time::timeout(limit, rx.wait_for(|s| f(s))).await;
+        match r {
+            Ok(Ok(s)) => s.clone(),
+            _ => panic!(
+                "status condition not met within {limit:?}; last: {:?}",
+                self.status.get()
+            ),
+        }
+    }
+
+    pub async fn connected(&self) -> Status {
+        self.wait(Duration::from_secs(20), |s| s.state == State::Connected)
+            .await
+    }
+
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Everything for one device: server, portal, agent, connected.
+pub struct World {
+    pub server: TestServer,
+    pub portal: PortalFixture,
+    pub agent: TestAgent,
+    pub device: String,
+    pub tmp: tempfile::TempDir,
+}
+
+impl World {
+    pub async fn start(passwordless: bool, extra: &str) -> World {
+        let server = TestServer::start().await;
+        let portal = PortalFixture::start().await;
+        let (device, code) = server.add_device(passwordless);
+        let tmp = tempfile::tempdir().unwrap();
+        let toml = agent_toml(
+            server.tunnel,
+            &server.pin,
+            &code,
+            &portal.url(),
+            &tmp.path().join("agent"),
+            extra,
+        );
+        let agent = TestAgent::start(&tmp.path().join("agent"), &toml);
+        agent.connected().await;
+        World {
+            server,
+            portal,
+            agent,
+            device,
+            tmp,
+        }
+    }
+
+    /// A visitor that has opened and confirmed a visit link.
+    pub async fn visitor(&self, cm_user: &str, passwordless: bool) -> Visitor {
+        let url = self.server.visit(&self.device, cm_user, passwordless);
+        let mut v = Visitor::new(self.server.public, &self.device);
+        v.open_visit(&url).await;
+        v
+    }
+}
+
+/// A browser stand-in for one device host: sends `Host`, keeps cookies by hand.
+pub struct Visitor {
+    pub client: reqwest::Client,
+    pub origin: String,
+    pub cookies: Vec<(String, String)>,
+    pub public: SocketAddr,
+    pub host: String,
+}
+
+impl Visitor {
+    pub fn new(public: SocketAddr, device: &str) -> Visitor {
+        pbx_remote::tls::install_default_provider();
+        let host = format!("{device}.localhost");
+        let client = reqwest::Client::builder()
+            .resolve(&host, public)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()
+            .unwrap();
+        Visitor {
+            client,
+            origin: format!("http://{host}:{}", public.port()),
+            cookies: vec![],
+            public,
+            host,
+        }
+    }
+
+    pub fn cookie_header(&self) -> String {
+        self.cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    fn take_cookies(&mut self, resp: &reqwest::Response) {
+        for c in resp.headers().get_all("set-cookie") {
+            let c = c.to_str().unwrap();
+            let (name, rest) = c.split_once('=').unwrap();
+            let value = rest.split(';').next().unwrap().to_string();
+            self.cookies.retain(|(k, _)| k != name);
+            if !value.is_empty() {
+                self.cookies.push((name.to_string(), value));
+            }
+        }
+    }
+
+    /// GET a path (or absolute URL) with the visitor's cookies.
+    pub async fn get(&mut self, path: &str) -> reqwest::Response {
+        let url = if path.starts_with("http") {
+            path.to_string()
+        } else {
+            format!("{}{path}", self.origin)
+        };
+        let mut rb = self.client.get(url).header("accept", "text/html");
+        if !self.cookies.is_empty() {
+            rb = rb.header("cookie", self.cookie_header());
+        }
+        let resp = rb.send().await.unwrap();
+        self.take_cookies(&resp);
+        resp
+    }
+
+    /// A request builder with cookies and Origin set.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut rb = self
+            .client
+            .request(method, format!("{}{path}", self.origin))
+            .header("origin", &self.origin);
+        if !self.cookies.is_empty() {
+            rb = rb.header("cookie", self.cookie_header());
+        }
+        rb
+    }
+
+    /// Opens a visit link: GET the confirm page, POST the form; returns the POST response.
+    pub async fn open_visit(&mut self, url: &str) -> reqwest::Response {
+        let page = self.get(url).await;
+        assert_eq!(page.status(), 200, "confirm page");
+        let html = page.text().await.unwrap();
+        assert!(html.contains("<form method=\"post\""), "{html}");
+        self.post_visit(url).await
+    }
+
+    pub async fn post_visit(&mut self, url: &str) -> reqwest::Response {
+        let resp = self
+            .client
+            .post(url)
+            .header("origin", &self.origin)
+            .send()
+            .await
+            .unwrap();
+        self.take_cookies(&resp);
+        resp
+    }
+}
+
+/// Reads `VmRSS`/`VmHWM` (KiB) of a process.
+pub fn proc_mem_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}

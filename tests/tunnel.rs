@@ -1,0 +1,400 @@
+//! End to end through front, QUIC tunnel and agent to the portal fixture.
+
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use pbx_remote::protocol::Reason;
+use pbx_remote::status::State;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn activation_stores_a_private_credential_and_the_page_loads() {
+    let w = World::start(false, "").await;
+    let status = w.agent.status.get();
+    assert_eq!(status.device_id.as_deref(), Some(w.device.as_str()));
+    assert!(status.since.is_some() && status.rtt_ms.is_some());
+    let state = w.agent.dir.join("state");
+    assert_eq!(
+        std::fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    for f in ["credential.json", "device.key"] {
+        let mode = std::fs::metadata(state.join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+    let cred = std::fs::read_to_string(state.join("credential.json")).unwrap();
+    assert!(
+        !cred.contains(&w.server.pin),
+        "no server secrets in the credential"
+    );
+
+    let mut v = w.visitor("alice", false).await;
+    let resp = v.get("/").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers().get("connection"),
+        None,
+        "tunnel framing must not leak"
+    );
+    let cookies: Vec<_> = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|c| c.to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        cookies,
+        ["portal_sid=abc; Path=/; HttpOnly"],
+        "Domain= stripped"
+    );
+    assert!(resp.text().await.unwrap().contains("PBX portal home"));
+
+    // The device list shows it online with its agent version.
+    let list = pbx_remote::server::admin::device_list(&w.server.data_dir(), false).unwrap();
+    let line = list.lines().find(|l| l.starts_with(&w.device)).unwrap();
+    assert!(
+        line.contains("online") && line.contains(env!("CARGO_PKG_VERSION")),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn portal_sees_its_own_origin_and_no_forged_identity() {
+    let w = World::start(false, "").await;
+    let mut v = w.visitor("alice", false).await;
+    let resp = v
+        .request(reqwest::Method::GET, "/headers")
+        .header("x-pbx-remote-user", "root")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("connection", "x-drop-me")
+        .header("x-drop-me", "1")
+        .send()
+        .await
+        .unwrap();
+    let h: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(h["host"][0], w.portal.addr.to_string());
+    assert_eq!(h["origin"][0], w.portal.url());
+    assert_eq!(h["x-forwarded-for"][0], "127.0.0.1");
+    assert_eq!(
+        h["x-forwarded-host"][0],
+        format!("{}.localhost:{}", w.device, w.server.public.port())
+    );
+    assert_eq!(h["x-forwarded-proto"][0], "http");
+    assert!(h.get("x-drop-me").is_none());
+    assert!(h.get("x-pbx-remote-user").is_none());
+    let cookie = h["cookie"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| c.as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    assert!(
+        cookie.iter().all(|c| !c.contains("__cm_visit")),
+        "{cookie:?}"
+    );
+
+    let r = v.get("/redirect").await;
+    assert_eq!(r.status(), 302);
+    assert_eq!(r.headers()["location"], format!("{}/target", v.origin));
+
+    let cross = v
+        .client
+        .post(format!("{}/upload", v.origin))
+        .header("cookie", v.cookie_header())
+        .header("origin", "http://evil.example")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross.status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn download_64_mib_upload_and_websocket_are_byte_exact() {
+    let w = World::start(false, "").await;
+    let mut v = w.visitor("alice", false).await;
+    let n: u64 = 64 * 1024 * 1024;
+    let resp = v.get(&format!("/bytes/{n}")).await;
+    assert_eq!(resp.status(), 200);
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut got = 0u64;
+    let mut resp = resp;
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        got += chunk.len() as u64;
+        ctx.update(&chunk);
+    }
+    assert_eq!(got, n);
+    assert_eq!(hex::encode(ctx.finish().as_ref()), pattern_sha256(n));
+
+    let up: u64 = 16 * 1024 * 1024;
+    let data: Vec<u8> = (0..up).map(pattern).collect();
+    let resp = v
+        .request(reqwest::Method::POST, "/upload")
+        .body(data)
+        .send()
+        .await
+        .unwrap();
+    let j: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(j["len"], up);
+    assert_eq!(j["sha256"], pattern_sha256(up));
+
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("ws://{}:{}/ws", v.host, w.server.public.port()),
+    )
+    .unwrap();
+    req.headers_mut()
+        .insert("cookie", v.cookie_header().parse().unwrap());
+    req.headers_mut()
+        .insert("origin", v.origin.parse().unwrap());
+    let tcp = tokio::net::TcpStream::connect(w.server.public)
+        .await
+        .unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    for i in 0..50 {
+        let msg = format!("hello {i}");
+        ws.send(tokio_tungstenite::tungstenite::Message::text(msg.clone()))
+            .await
+            .unwrap();
+        let back = ws.next().await.unwrap().unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), msg);
+    }
+    let big = vec![7u8; 300_000];
+    ws.send(tokio_tungstenite::tungstenite::Message::binary(big.clone()))
+        .await
+        .unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap().into_data(), big);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn visit_links_are_single_use_and_grants_are_per_device() {
+    let w = World::start(false, "").await;
+    let url = w.server.visit(&w.device, "alice", false);
+    let mut v = Visitor::new(w.server.public, &w.device);
+    let first = v.open_visit(&url).await;
+    assert_eq!(first.status(), 303);
+    assert_eq!(first.headers()["location"], "/");
+    let set = first.headers()["set-cookie"].to_str().unwrap();
+    assert!(
+        set.starts_with("__cm_visit=") && set.contains("HttpOnly") && set.contains("SameSite=Lax"),
+        "{set}"
+    );
+
+    let mut other = Visitor::new(w.server.public, &w.device);
+    assert_eq!(other.get(&url).await.status(), 410, "used link shows gone");
+    assert_eq!(
+        other.post_visit(&url).await.status(),
+        410,
+        "used link cannot be replayed"
+    );
+    assert_eq!(other.get("/").await.status(), 403, "no grant, no portal");
+
+    // The grant cookie is bound to its device.
+    let (dev2, _) = w.server.add_device(false);
+    let mut wrong = Visitor::new(w.server.public, &dev2);
+    wrong.cookies = v.cookies.clone();
+    assert_eq!(wrong.get("/").await.status(), 403);
+    let before = w
+        .portal
+        .log
+        .requests
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(v.get("/").await.status(), 200);
+    assert_eq!(
+        w.portal
+            .log
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst),
+        before + 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn offline_unknown_and_busy_devices_get_clear_pages() {
+    let w = World::start(false, "").await;
+    let mut v = w.visitor("alice", false).await;
+    let mut unknown = Visitor::new(w.server.public, "nosuchdevice");
+    let r = unknown.get("/").await;
+    assert_eq!(r.status(), 404);
+    assert!(r.text().await.unwrap().contains("Unknown device"));
+
+    w.portal.stop();
+    // Portal down: the agent answers 502 while the tunnel stays up.
+    let r = v.get("/after-stop").await;
+    assert!(r.status() == 502 || r.status() == 200, "{}", r.status());
+    let since = w.agent.status.get().since;
+    w.agent.stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), w.agent.task).await;
+    let r = v.get("/").await;
+    assert_eq!(r.status(), 502);
+    assert!(r.text().await.unwrap().contains("offline"));
+    assert!(since.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn portal_down_gives_502_and_the_tunnel_stays() {
+    let server = TestServer::start().await;
+    let (device, code) = server.add_device(false);
+    let tmp = tempfile::tempdir().unwrap();
+    // A port with nothing listening.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let agent = TestAgent::start(
+        &tmp.path().join("a"),
+        &agent_toml(server.tunnel, &server.pin, &code, &dead_url, tmp.path(), ""),
+    );
+    let since = agent.connected().await.since;
+    let url = server.visit(&device, "alice", false);
+    let mut v = Visitor::new(server.public, &device);
+    v.open_visit(&url).await;
+    let r = v.get("/").await;
+    assert_eq!(r.status(), 502);
+    assert!(r.text().await.unwrap().contains("portal is unreachable"));
+    assert_eq!(agent.status.get().since, since, "same connection");
+    assert_eq!(agent.status.get().state, State::Connected);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restarted_agent_reuses_its_credential() {
+    let w = World::start(false, "").await;
+    let toml = std::fs::read_to_string(w.agent.dir.join("agent.toml")).unwrap();
+    let dir = w.agent.dir.clone();
+    w.agent.shutdown().await;
+    let stopped = pbx_remote::status::read(&dir.join("status.json")).unwrap();
+    assert_eq!(stopped.state, State::Stopped);
+    // The code is spent: connecting again proves the stored credential was used.
+    let again = TestAgent::start(&dir, &toml);
+    again.connected().await;
+    let d = w.server.db().device(&w.device).unwrap().unwrap();
+    assert_eq!(d.nodes.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spent_expired_and_invalid_codes_fail_without_retry_storm() {
+    let server = TestServer::start().await;
+    let portal = PortalFixture::start().await;
+    let (device, code) = server.add_device(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let a = TestAgent::start(
+        &tmp.path().join("a"),
+        &agent_toml(
+            server.tunnel,
+            &server.pin,
+            &code,
+            &portal.url(),
+            &tmp.path().join("a"),
+            "",
+        ),
+    );
+    a.connected().await;
+
+    let b = TestAgent::start(
+        &tmp.path().join("b"),
+        &agent_toml(
+            server.tunnel,
+            &server.pin,
+            &code,
+            &portal.url(),
+            &tmp.path().join("b"),
+            "",
+        ),
+    );
+    let s = b
+        .wait(Duration::from_secs(10), |s| s.state == State::Failed)
+        .await;
+    assert_eq!(s.reason, Some(Reason::CodeUsed));
+    assert!(s.message.unwrap().contains("already used"));
+    assert!(
+        !tmp.path().join("b/state/credential.json").exists(),
+        "nothing stored on failure"
+    );
+
+    let expired = server.db().new_code(&device, Duration::ZERO).unwrap();
+    let c = TestAgent::start(
+        &tmp.path().join("c"),
+        &agent_toml(
+            server.tunnel,
+            &server.pin,
+            &expired,
+            &portal.url(),
+            &tmp.path().join("c"),
+            "",
+        ),
+    );
+    let s = c
+        .wait(Duration::from_secs(10), |s| s.state == State::Failed)
+        .await;
+    assert_eq!(s.reason, Some(Reason::CodeExpired));
+
+    let d = TestAgent::start(
+        &tmp.path().join("d"),
+        &agent_toml(
+            server.tunnel,
+            &server.pin,
+            "ZZZZ-ZZZZ-ZZZZ-ZZZZ",
+            &portal.url(),
+            &tmp.path().join("d"),
+            "",
+        ),
+    );
+    let s = d
+        .wait(Duration::from_secs(10), |s| s.state == State::Failed)
+        .await;
+    assert_eq!(s.reason, Some(Reason::InvalidCode));
+    // Failed stays failed: the daemon is up and does not retry.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(d.status.get().state, State::Failed);
+    assert!(!d.task.is_finished());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn device_removal_reaches_the_agent_within_5s() {
+    let w = World::start(false, "").await;
+    let t0 = std::time::Instant::now();
+    pbx_remote::server::admin::device_remove(&w.server.data_dir(), &w.device).unwrap();
+    let s = w
+        .agent
+        .wait(Duration::from_secs(5), |s| s.state == State::Failed)
+        .await;
+    assert_eq!(s.reason, Some(Reason::DeviceRemoved));
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copied_credential_replaces_the_older_connection() {
+    let w = World::start(false, "").await;
+    let clone_dir = w.tmp.path().join("clone");
+    std::fs::create_dir_all(clone_dir.join("state")).unwrap();
+    for f in ["credential.json", "device.key"] {
+        std::fs::copy(
+            w.agent.dir.join("state").join(f),
+            clone_dir.join("state").join(f),
+        )
+        .unwrap();
+    }
+    let toml = std::fs::read_to_string(w.agent.dir.join("agent.toml"))
+        .unwrap()
+        .replace(
+            &w.agent.dir.display().to_string(),
+            &clone_dir.display().to_string(),
+        );
+    let clone = TestAgent::start(&clone_dir, &toml);
+    clone.connected().await;
+    let s = w
+        .agent
+        .wait(Duration::from_secs(5), |s| {
+            s.reason == Some(Reason::Replaced)
+        })
+        .await;
+    assert_eq!(s.state, State::Reconnecting);
+    assert!(s.message.unwrap().contains("replaced"));
+}
