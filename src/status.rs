@@ -105,9 +105,9 @@ pub struct Status {
     pub updated_at: String,
 }
 
-/// RFC 3339 time, seconds precision.
+/// RFC 3339 time, millisecond precision.
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// Holds the latest status, writes the file when it changes and lets tasks watch it.

@@ -198,8 +198,17 @@ async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, reqwest::E
 }
 
 fn transport_error(server: &str, e: reqwest::Error) -> ActivationError {
-    let is_tls = tls::find_rustls_error(&e).is_some();
-    let chain = format!("{:#}", anyhow::Error::from(e));
+    let chain = format!("{:#}", anyhow::Error::from_boxed(Box::new(e)));
+    // reqwest/hyper-util wrap the rustls error in ways a downcast walk does not always reach;
+    // rustls' own wording identifies it reliably.
+    let is_tls = [
+        "invalid peer certificate",
+        "peer is incompatible",
+        "received fatal alert",
+        "peer misbehaved",
+    ]
+    .iter()
+    .any(|m| chain.contains(m));
     if is_tls {
         ActivationError::Retry {
             reason: Reason::TlsError,

@@ -92,6 +92,9 @@ async fn handle(ctx: &ProxyCtx, h: &StreamHeader, mut req: Request<Incoming>) ->
             "Only origin paths are forwarded.",
         );
     };
+    if path.starts_with(REMOTE_PREFIX) {
+        return remote_page(&path);
+    }
     let websocket = is_websocket(&req);
     if (websocket || !is_safe(req.method())) && !same_origin(req.headers(), &h.origin) {
         return page(
@@ -159,6 +162,29 @@ async fn handle(ctx: &ProxyCtx, h: &StreamHeader, mut req: Request<Incoming>) ->
     let (mut parts, body) = resp.into_parts();
     rewrite_outbound(&mut parts.headers, ctx.portal.origin(), &h.origin, false);
     Response::from_parts(parts, body.boxed())
+}
+
+/// The agent's own pages; nothing under it reaches the portal.
+pub const REMOTE_PREFIX: &str = "/__remote/";
+
+/// TEMPORARY until the session gate (issue #3): a passwordless landing just goes to `/`;
+/// the token is not checked yet and a grant alone opens the portal.
+fn remote_page(path: &str) -> Response<Body> {
+    let path = path.split('?').next().unwrap_or(path);
+    if path == "/__remote/passwordless" {
+        return Response::builder()
+            .status(StatusCode::SEE_OTHER)
+            .header(header::LOCATION, "/")
+            .header("referrer-policy", "no-referrer")
+            .header(header::CACHE_CONTROL, "no-store")
+            .body(crate::web::full(Bytes::new()))
+            .unwrap_or_else(|_| page(StatusCode::INTERNAL_SERVER_ERROR, "Error", ""));
+    }
+    page(
+        StatusCode::NOT_FOUND,
+        "Not found",
+        "No such remote access page.",
+    )
 }
 
 /// A plain page (shared helper).

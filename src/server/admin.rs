@@ -146,7 +146,7 @@ pub fn visit(
     let public = url::Url::parse(&public).context("stored public URL")?;
     let device = device.to_ascii_lowercase();
     let token = db.create_visit(&device, cm_user.trim(), passwordless)?;
-    let url = crate::server::front::visit_url(&public, &device, &token);
+    let url = crate::server::front::visit_url(&public, &device, &token, passwordless);
     let expires = crate::status::rfc3339(std::time::SystemTime::now() + VISIT_TTL);
     Ok(if as_json {
         json!({"url": url, "device_id": device, "passwordless": passwordless, "expires_at": expires}).to_string()

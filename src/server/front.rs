@@ -178,15 +178,21 @@ impl PublicUrl {
     }
 }
 
-/// The link a visitor opens: `ORIGIN/__cm/visit/TOKEN`.
-pub fn visit_url(public_url: &url::Url, device: &str, token: &str) -> String {
+/// The link a visitor opens: `ORIGIN/__cm/visit/TOKEN?login=passwordless|account` (the query
+/// only tells a human which kind of link it is; the token decides).
+pub fn visit_url(public_url: &url::Url, device: &str, token: &str, passwordless: bool) -> String {
     let scheme = public_url.scheme();
     let host = public_url.host_str().unwrap_or("localhost");
     let port = public_url
         .port()
         .map(|p| format!(":{p}"))
         .unwrap_or_default();
-    format!("{scheme}://{device}.{host}{port}/__cm/visit/{token}")
+    let login = if passwordless {
+        "passwordless"
+    } else {
+        "account"
+    };
+    format!("{scheme}://{device}.{host}{port}/__cm/visit/{token}?login={login}")
 }
 
 fn client_addr(state: &ServerState, peer: SocketAddr, headers: &http::HeaderMap) -> IpAddr {

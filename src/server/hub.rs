@@ -102,7 +102,11 @@ pub fn endpoint(keys: &ServerKeys, udp: std::net::UdpSocket) -> Result<quinn::En
     t.send_window(u64::from(CONN_WINDOW));
     server.transport_config(Arc::new(t));
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &keys.reset_key);
-    let config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    let cid_key = keys.cid_key;
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     udp.set_nonblocking(true)?;
     quinn::Endpoint::new(config, Some(server), udp, Arc::new(quinn::TokioRuntime))
         .context("QUIC endpoint")

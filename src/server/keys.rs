@@ -23,6 +23,9 @@ pub struct ServerKeys {
     pub reset_key: [u8; 32],
     /// QUIC address-validation token key.
     pub token_key: [u8; 32],
+    /// Key of the connection-id generator: a restarted server must accept old CIDs as its own
+    /// to answer them with a stateless reset instead of dropping them.
+    pub cid_key: u64,
 }
 
 /// Where the TLS identity comes from.
@@ -59,9 +62,9 @@ impl ServerKeys {
         })?;
         let quic_path = data_dir.join("quic.keys");
         let quic = match fsutil::read_private(&quic_path)? {
-            Some(k) if k.len() == 64 => k,
+            Some(k) if k.len() == 72 => k,
             _ => {
-                let k = tls::random_bytes::<64>().to_vec();
+                let k = tls::random_bytes::<72>().to_vec();
                 fsutil::write_private(&quic_path, &k)?;
                 k
             }
@@ -69,7 +72,9 @@ impl ServerKeys {
         let mut reset_key = [0u8; 32];
         let mut token_key = [0u8; 32];
         reset_key.copy_from_slice(&quic[..32]);
-        token_key.copy_from_slice(&quic[32..]);
+        token_key.copy_from_slice(&quic[32..64]);
+        let mut cid = [0u8; 8];
+        cid.copy_from_slice(&quic[64..72]);
         Ok(ServerKeys {
             certs,
             key,
@@ -77,6 +82,7 @@ impl ServerKeys {
             signing,
             reset_key,
             token_key,
+            cid_key: u64::from_le_bytes(cid),
         })
     }
 

@@ -1,0 +1,272 @@
+//! The binaries as users run them: `check`, `status`, `hash-password`, exit codes.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_pbx-remote-agent");
+
+fn example() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/agent.toml")).unwrap()
+}
+
+fn check(text: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(AGENT)
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_shipped_example_is_accepted_and_disabled() {
+    let (code, out, err) = check(&example());
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("config OK") && out.contains("remote management: disabled"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_names_file_key_and_expectation() {
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "[log]\nformat = \"text\"",
+            "[log]\nformat = \"text\"\ncolour = true",
+            &["unknown field", "colour"],
+        ),
+        (
+            "address = \"cm.example.com:8443\"",
+            "address = \"cm.example.com:http\"",
+            &["server.address"],
+        ),
+        (
+            "auth_code = \"XXXX-XXXX-XXXX-XXXX\"",
+            "",
+            &["activation.auth_code", "required"],
+        ),
+        (
+            "firmware = \"83.19.0.110\"",
+            "firmware = \"83.19.0.9\"",
+            &["pbx.firmware", "83.19.0.110"],
+        ),
+        (
+            "auto_logout_minutes = 15",
+            "auto_logout_minutes = 121",
+            &["remote_access.auto_logout_minutes", "5..=120"],
+        ),
+        (
+            "portal_url = \"https://127.0.0.1:8088\"",
+            "portal_url = \"127.0.0.1:8088\"",
+            &["pbx.portal_url"],
+        ),
+        (
+            "type = \"custom\"",
+            "type = \"default\"",
+            &["server.type", "custom"],
+        ),
+    ];
+    for (from, to, needles) in cases {
+        let text = example().replacen(from, to, 1);
+        assert_ne!(text, example(), "case {from:?} did not change the file");
+        let (code, _, err) = check(&text);
+        assert_eq!(code, 64, "{from:?} → {err}");
+        assert!(err.contains("agent.toml"), "file named: {err}");
+        for n in *needles {
+            assert!(err.contains(n), "{err:?} lacks {n:?}");
+        }
+    }
+}
+
+#[test]
+fn unreadable_config_exits_64() {
+    let out = Command::new(AGENT)
+        .args(["check", "-c", "/nonexistent/agent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent.toml"));
+    let out = Command::new(AGENT)
+        .args(["run", "-c", "/nonexistent/agent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let out = Command::new(AGENT).arg("frobnicate").output().unwrap();
+    assert_eq!(out.status.code(), Some(64), "usage errors are 64 too");
+}
+
+#[test]
+fn env_var_selects_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.toml");
+    std::fs::write(&path, example()).unwrap();
+    let out = Command::new(AGENT)
+        .arg("check")
+        .env("PBX_REMOTE_AGENT_CONFIG", &path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("x.toml"));
+}
+
+#[test]
+fn status_works_with_a_broken_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let status_path = dir.path().join("status.json");
+    let doc = serde_json::json!({
+        "state": "reconnecting", "reason": "server_unreachable", "message": "no route",
+        "pid": std::process::id(), "updated_at": "2026-11-23T00:00:00Z", "active_sessions": []
+    });
+    std::fs::write(&status_path, doc.to_string()).unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "this is = = broken\n[paths]\nstatus_file = \"{}\"\n",
+            status_path.display()
+        ),
+    )
+    .unwrap();
+    // Broken TOML: falls back to the default path, which does not exist here.
+    let out = Command::new(AGENT)
+        .args(["status", "--json", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"], "stopped");
+
+    // Valid TOML but an invalid config: status_file is still honoured.
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nenabled = 7\n[paths]\nstatus_file = \"{}\"\n",
+            status_path.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(AGENT)
+        .args(["status", "--json", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"], "reconnecting", "{v}");
+    assert_eq!(v["reason"], "server_unreachable");
+    let out = Command::new(AGENT)
+        .args(["status", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("reconnecting") && text.contains("server_unreachable"),
+        "{text}"
+    );
+
+    // A dead pid reads as stopped.
+    let dead = serde_json::json!({"state": "connected", "pid": u32::MAX - 3, "updated_at": "x"});
+    std::fs::write(&status_path, dead.to_string()).unwrap();
+    let out = Command::new(AGENT)
+        .args(["status", "--json", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"], "stopped");
+}
+
+fn hash_password(input: &str) -> (i32, String, String) {
+    let mut child = Command::new(AGENT)
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn hash_password_reads_stdin_and_refuses_weak_passwords() {
+    let (code, out, _) = hash_password("Correct-Horse-9\n");
+    assert_eq!(code, 0);
+    let phc = out.lines().last().unwrap();
+    assert!(phc.starts_with("$argon2id$"), "{phc}");
+    assert!(
+        pbx_remote::password::verify("Correct-Horse-9", phc),
+        "one trailing newline stripped"
+    );
+    assert!(!pbx_remote::password::verify("Correct-Horse-9\n", phc));
+    pbx_remote::config::check_password_hash(phc).unwrap();
+    assert!(
+        !out.contains("Correct-Horse"),
+        "the password is never echoed"
+    );
+
+    let (code, _, err) = hash_password("weakpass\n");
+    assert_eq!(code, 64);
+    assert!(err.contains("too weak"));
+}
+
+#[test]
+fn disabled_config_reports_disabled_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = example()
+        .replace(
+            "/var/lib/pbx-remote-agent",
+            &dir.path().join("state").display().to_string(),
+        )
+        .replace(
+            "/run/pbx-remote-agent/status.json",
+            &dir.path().join("status.json").display().to_string(),
+        );
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let mut child = Command::new(AGENT)
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status_path = dir.path().join("status.json");
+    let mut state = String::new();
+    for _ in 0..200 {
+        if let Ok(s) = pbx_remote::status::read(&status_path) {
+            state = s.state.as_str().to_string();
+            if state == "disabled" {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert_eq!(state, "disabled");
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let code = child.wait().unwrap();
+    assert_eq!(code.code(), Some(0));
+    let s = pbx_remote::status::read(&status_path).unwrap();
+    assert_eq!(s.state.as_str(), "stopped");
+}

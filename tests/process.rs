@@ -1,0 +1,233 @@
+//! The server as a real process: killed with SIGKILL and restarted, and `demo`.
+
+mod support;
+
+use pbx_remote::status::State;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+
+const SERVER: &str = env!("CARGO_BIN_EXE_pbx-remote-server");
+
+struct ServerProcess {
+    child: Child,
+    tunnel: SocketAddr,
+    public: SocketAddr,
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_server(data: &std::path::Path, listen: &str, public: &str) -> ServerProcess {
+    let mut child = Command::new(SERVER)
+        .args([
+            "run",
+            "--listen",
+            listen,
+            "--public-listen",
+            public,
+            "--data-dir",
+        ])
+        .arg(data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    // "listening tunnel=ADDR public=ADDR public_url=URL"
+    let field = |name: &str| -> SocketAddr {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+            .parse()
+            .unwrap()
+    };
+    ServerProcess {
+        tunnel: field("tunnel="),
+        public: field("public="),
+        child,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_server_comes_back_and_agents_reconnect_within_10s() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut server = spawn_server(&data, "127.0.0.1:0", "127.0.0.1:0");
+    let (tunnel, public) = (server.tunnel, server.public);
+    let db = pbx_remote::server::db::Db::open(&data).unwrap();
+    let (device, code) = db
+        .add_device(&pbx_remote::server::db::NewDevice {
+            name: "P".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let pin = pbx_remote::server::admin::fingerprint(&data)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    let portal = PortalFixture::start().await;
+    let agent = TestAgent::start(
+        &tmp.path().join("agent"),
+        &agent_toml(
+            tunnel,
+            &pin,
+            &code,
+            &portal.url(),
+            &tmp.path().join("agent"),
+            "",
+        ),
+    );
+    agent.connected().await;
+
+    let mut reconnects = vec![];
+    for round in 0..3 {
+        let before = agent.status.get().since;
+        server.child.kill().unwrap();
+        server.child.wait().unwrap();
+        let t0 = Instant::now();
+        server = spawn_server(&data, &tunnel.to_string(), &public.to_string());
+        let s = agent
+            .wait(Duration::from_secs(10), |s| {
+                s.state == State::Connected && s.since != before
+            })
+            .await;
+        reconnects.push(t0.elapsed());
+        assert!(s.last_connected.is_some(), "round {round}");
+    }
+    eprintln!("reconnect after restart: {reconnects:?}");
+    // The persisted reset key lets the new server reset old connections at once: the agent
+    // reports a reset, not an idle timeout.
+    let url = {
+        let out = pbx_remote::server::admin::visit(&data, &device, "alice", false, true).unwrap();
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["url"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let mut v = Visitor::new(public, &device);
+    v.open_visit(&url).await;
+    assert_eq!(v.get("/").await.status(), 200, "visits work after restarts");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_server_resets_the_old_connection_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut server = spawn_server(&data, "127.0.0.1:0", "127.0.0.1:0");
+    let tunnel = server.tunnel;
+    let (_, code) = pbx_remote::server::db::Db::open(&data)
+        .unwrap()
+        .add_device(&pbx_remote::server::db::NewDevice {
+            name: "P".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let pin = pbx_remote::server::admin::fingerprint(&data)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    let agent = TestAgent::start(
+        &tmp.path().join("agent"),
+        &agent_toml(
+            tunnel,
+            &pin,
+            &code,
+            "http://127.0.0.1:9",
+            &tmp.path().join("agent"),
+            "",
+        ),
+    );
+    agent.connected().await;
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let _server = spawn_server(&data, &tunnel.to_string(), "127.0.0.1:0");
+    let s = agent
+        .wait(Duration::from_secs(10), |s| s.state == State::Reconnecting)
+        .await;
+    assert!(
+        s.message.as_deref().unwrap_or("").contains("reset"),
+        "{s:?}"
+    );
+}
+
+#[test]
+fn demo_prints_links_that_answer() {
+    let mut child = Command::new(SERVER)
+        .arg("demo")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut links = vec![];
+    let mut password = None;
+    for _ in 0..40 {
+        let Some(Ok(line)) = lines.next() else { break };
+        let t = line.trim();
+        if t.starts_with("http://") {
+            links.push(t.to_string());
+        }
+        if let Some(p) = t.strip_prefix("password: ") {
+            password = Some(p.to_string());
+            break;
+        }
+    }
+    assert_eq!(links.len(), 2, "{links:?}");
+    assert!(
+        links[0].contains("passwordless"),
+        "passwordless link first: {links:?}"
+    );
+    assert!(!links[1].contains("passwordless"));
+    assert!(password.is_some());
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let url = url::Url::parse(&links[0]).unwrap();
+        let device = url
+            .host_str()
+            .unwrap()
+            .split('.')
+            .next()
+            .unwrap()
+            .to_string();
+        let public: SocketAddr = format!("127.0.0.1:{}", url.port().unwrap())
+            .parse()
+            .unwrap();
+        let mut v = Visitor::new(public, &device);
+        let r = v.open_visit(&links[0]).await;
+        assert_eq!(r.status(), 303);
+        let landing = r.headers()["location"].to_str().unwrap().to_string();
+        let r = v.get(&landing).await;
+        assert_eq!(r.status(), 303);
+        let r = v.get("/").await;
+        assert_eq!(r.status(), 200);
+        assert!(r.text().await.unwrap().contains("Demo PBX portal"));
+        let mut v2 = Visitor::new(public, &device);
+        assert_eq!(
+            v2.get(&links[1]).await.status(),
+            200,
+            "account link shows its confirm page"
+        );
+    });
+    Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
