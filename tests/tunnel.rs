@@ -135,7 +135,7 @@ async fn download_64_mib_upload_and_websocket_are_byte_exact() {
     assert_eq!(hex::encode(ctx.finish().as_ref()), pattern_sha256(n));
 
     let up: u64 = 16 * 1024 * 1024;
-    let data: Vec<u8> = (0..up).map(pattern).collect();
+    let data = pattern_bytes(0, up as usize);
     let resp = v
         .request(reqwest::Method::POST, "/upload")
         .body(data)

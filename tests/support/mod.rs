@@ -22,22 +22,32 @@ use tokio_util::sync::CancellationToken;
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
-/// The byte at offset `i` of every fixture download.
+/// The byte at offset `i` of every fixture download (period 251).
 pub fn pattern(i: u64) -> u8 {
     ((i.wrapping_mul(31) + 7) % 251) as u8
+}
+
+/// `len` pattern bytes starting at `off`, copied from one precomputed period.
+pub fn pattern_bytes(off: u64, len: usize) -> Vec<u8> {
+    static PERIOD: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let period = PERIOD.get_or_init(|| (0..251 * 2).map(pattern).collect());
+    let mut out = Vec::with_capacity(len);
+    let mut pos = (off % 251) as usize;
+    while out.len() < len {
+        let take = (len - out.len()).min(251);
+        out.extend_from_slice(&period[pos..pos + take]);
+        pos = (pos + take) % 251;
+    }
+    out
 }
 
 /// SHA-256 of the first `n` pattern bytes.
 pub fn pattern_sha256(n: u64) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     let mut off = 0u64;
-    let mut buf = vec![0u8; 64 * 1024];
     while off < n {
-        let len = (n - off).min(buf.len() as u64) as usize;
-        for (j, b) in buf[..len].iter_mut().enumerate() {
-            *b = pattern(off + j as u64);
-        }
-        ctx.update(&buf[..len]);
+        let len = (n - off).min(1 << 20) as usize;
+        ctx.update(&pattern_bytes(off, len));
         off += len as u64;
     }
     hex::encode(ctx.finish().as_ref())
@@ -136,7 +146,7 @@ async fn portal_route(
                 return None;
             }
             let len = (n - off).min(chunk);
-            let data: Vec<u8> = (off..off + len).map(pattern).collect();
+            let data = pattern_bytes(off, len as usize);
             Some((
                 Ok::<_, Infallible>(Frame::data(Bytes::from(data))),
                 off + len,
