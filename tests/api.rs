@@ -1,0 +1,182 @@
+//! The activation API spoken to directly, as a misbehaving or outdated agent would.
+
+mod support;
+
+use base64::Engine;
+use pbx_remote::protocol::{
+    ActivateRequest, ActivationProof, DeviceFacts, ErrorBody, Reason, ACTIVATE_PATH,
+    PROTOCOL_VERSION,
+};
+use pbx_remote::secret::Secret;
+use pbx_remote::status::State;
+use std::time::Duration;
+use support::*;
+
+fn client(server: &TestServer) -> reqwest::Client {
+    let pin = pbx_remote::config::parse_pin(&server.pin).unwrap();
+    let tls = pbx_remote::tls::client_config(
+        &pbx_remote::tls::ServerTrust::Pin(pin),
+        &[b"http/1.1"],
+        None,
+    )
+    .unwrap();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()
+        .unwrap()
+}
+
+fn request(code: &str, firmware: &str) -> ActivateRequest {
+    let key = pbx_remote::tls::KeyIdentity::generate(&[]).unwrap();
+    ActivateRequest {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: "test".into(),
+        proof: ActivationProof::AuthCode {
+            code: Secret::new(code),
+        },
+        device_public_key: base64::engine::general_purpose::STANDARD.encode(key.spki_der()),
+        facts: DeviceFacts {
+            edition: "software".into(),
+            firmware: firmware.into(),
+            model: "m".into(),
+            serial: "s".into(),
+            mac: "02:00:00:00:00:01".into(),
+            ha_role: None,
+        },
+    }
+}
+
+async fn post(
+    c: &reqwest::Client,
+    server: &TestServer,
+    req: &ActivateRequest,
+) -> (u16, Option<ErrorBody>) {
+    let r = c
+        .post(format!("https://{}{ACTIVATE_PATH}", server.tunnel))
+        .json(req)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json::<ErrorBody>().await.ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_codes_are_rate_limited_per_source() {
+    let server = TestServer::start().await;
+    let (_, good) = server.add_device(false);
+    let c = client(&server);
+    for i in 0..pbx_remote::server::api::MAX_WRONG_CODES {
+        let (status, body) = post(
+            &c,
+            &server,
+            &request(&format!("WRNG-{i:04}-0000-0000"), "83.19.0.110"),
+        )
+        .await;
+        assert_eq!(status, 403);
+        assert_eq!(body.unwrap().code, Reason::InvalidCode);
+    }
+    // Even the right code is refused while the source is locked out, with the time left.
+    let (status, body) = post(&c, &server, &request(&good, "83.19.0.110")).await;
+    assert_eq!(status, 429);
+    let body = body.unwrap();
+    assert_eq!(body.code, Reason::RateLimited);
+    assert!(body.message.contains("try again in"), "{}", body.message);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_refuses_old_firmware_without_spending_the_code() {
+    let server = TestServer::start().await;
+    let (_, code) = server.add_device(false);
+    let c = client(&server);
+    let (_, body) = post(&c, &server, &request(&code, "83.18.0.1")).await;
+    let body = body.unwrap();
+    assert_eq!(body.code, Reason::FirmwareUnsupported);
+    assert!(body.message.contains("83.19.0.110"), "{}", body.message);
+    let (status, _) = post(&c, &server, &request(&code, "83.19.0.110")).await;
+    assert_eq!(status, 200, "the code still works after the refusal");
+    let mut old = request(&code, "83.19.0.110");
+    old.protocol_version = 0;
+    assert_eq!(
+        post(&c, &server, &old).await.1.unwrap().code,
+        Reason::ProtocolMismatch
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nobody_listening_reads_server_unreachable_and_retries() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = dead.local_addr().unwrap();
+    drop(dead);
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(
+        tmp.path(),
+        &agent_toml(
+            addr,
+            &"ab".repeat(32),
+            "AAAA-AAAA-AAAA-AAAA",
+            "http://127.0.0.1:9",
+            tmp.path(),
+            "",
+        ),
+    );
+    let s = agent
+        .wait(Duration::from_secs(10), |s| {
+            s.reason == Some(Reason::ServerUnreachable)
+        })
+        .await;
+    assert_eq!(s.state, State::Reconnecting);
+    assert!(s.next_retry_at.is_some());
+    assert!(
+        s.message.unwrap().contains(&addr.to_string()),
+        "names the peer"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_tunnel_answers_503_and_recovers() {
+    let w = World::start(false, "").await;
+    let v = w.visitor("alice", false).await;
+    let limit = pbx_remote::protocol::MAX_STREAMS as usize;
+    let mut slow = vec![];
+    for _ in 0..limit {
+        let rb = v.request(reqwest::Method::GET, "/slow");
+        slow.push(tokio::spawn(async move { rb.send().await }));
+    }
+    // Wait until the portal holds every slot.
+    for _ in 0..400 {
+        if w.portal
+            .log
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= limit
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        w.portal
+            .log
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= limit
+    );
+    let mut v2 = w.visitor("bob", false).await;
+    let r = v2.get("/").await;
+    assert_eq!(r.status(), 503);
+    assert!(r.text().await.unwrap().contains("busy"));
+    for h in &slow {
+        h.abort();
+    }
+    drop(slow);
+    let mut ok = false;
+    for _ in 0..200 {
+        if v2.get("/").await.status() == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "slots come back when visitors go away");
+}
