@@ -39,6 +39,11 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent request streams the server may open on one tunnel.
 pub const MAX_STREAMS: u32 = 256;
 
+/// Requests the front runs at once on one tunnel (the rest get 503). Kept below
+/// [`MAX_STREAMS`] because quinn returns a closed stream's credit a round trip later; without the
+/// headroom a burst would wait inside `open_bi` instead of getting a clear answer.
+pub const MAX_REQUEST_STREAMS: u32 = MAX_STREAMS - 16;
+
 /// Per-stream QUIC receive window (bytes). Sized so 256 streams cannot pin much memory: the
 /// connection window below caps the sum.
 pub const STREAM_WINDOW: u32 = 1024 * 1024;
@@ -272,6 +277,9 @@ pub struct StreamHeader {
     pub scheme: String,
     /// Visitor-facing origin, e.g. "https://dev1.cm.example.com".
     pub origin: String,
+    /// When the grant ends (ms since the epoch, server clock); sessions end with it. 0: unknown.
+    #[serde(default)]
+    pub grant_expires_ms: u64,
     /// Signed passwordless token; present only when redeeming a passwordless visit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub passwordless_token: Option<Secret>,

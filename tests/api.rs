@@ -137,32 +137,37 @@ async fn nobody_listening_reads_server_unreachable_and_retries() {
 async fn a_full_tunnel_answers_503_and_recovers() {
     let w = World::start(false, "").await;
     let v = w.visitor("alice", false).await;
-    let limit = pbx_remote::protocol::MAX_STREAMS as usize;
+    let mut v2 = w.visitor("bob", false).await;
+    let limit = pbx_remote::protocol::MAX_REQUEST_STREAMS as usize;
     let mut slow = vec![];
-    for _ in 0..limit {
+    let spawn_slow = |slow: &mut Vec<tokio::task::JoinHandle<_>>| {
         let rb = v.request(reqwest::Method::GET, "/slow");
         slow.push(tokio::spawn(async move { rb.send().await }));
+    };
+    for _ in 0..limit {
+        spawn_slow(&mut slow);
     }
-    // Wait until the portal holds every slot.
-    for _ in 0..400 {
-        if w.portal
-            .log
-            .requests
-            .load(std::sync::atomic::Ordering::SeqCst)
-            >= limit
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(
+    // Fill every slot: a request that raced the release of an earlier stream (and got 503) is
+    // replaced until the portal holds `limit` of them.
+    let seen = |w: &World| {
         w.portal
             .log
             .requests
             .load(std::sync::atomic::Ordering::SeqCst)
-            >= limit
-    );
-    let mut v2 = w.visitor("bob", false).await;
+    };
+    let mut replaced = 0;
+    for _ in 0..400 {
+        if seen(&w) >= limit {
+            break;
+        }
+        let finished = slow.iter().filter(|h| h.is_finished()).count();
+        for _ in replaced..finished {
+            spawn_slow(&mut slow);
+        }
+        replaced = replaced.max(finished);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(seen(&w) >= limit, "portal saw {} of {limit}", seen(&w));
     let r = v2.get("/").await;
     assert_eq!(r.status(), 503);
     assert!(r.text().await.unwrap().contains("busy"));

@@ -53,6 +53,7 @@ async fn gigabyte_download_and_large_upload_in_bounded_memory() {
     let url = server.visit(&device, "alice", false);
     let mut v = Visitor::new(server.public, &device);
     v.open_visit(&url).await;
+    assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
 
     let n: u64 = 1 << 30;
     let mut resp = v.get(&format!("/bytes/{n}")).await;

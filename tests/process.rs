@@ -118,6 +118,7 @@ async fn killed_server_comes_back_and_agents_reconnect_within_10s() {
     };
     let mut v = Visitor::new(public, &device);
     v.open_visit(&url).await;
+    assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
     assert_eq!(v.get("/").await.status(), 200, "visits work after restarts");
 }
 

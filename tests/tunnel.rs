@@ -87,7 +87,11 @@ async fn portal_sees_its_own_origin_and_no_forged_identity() {
     );
     assert_eq!(h["x-forwarded-proto"][0], "http");
     assert!(h.get("x-drop-me").is_none());
-    assert!(h.get("x-pbx-remote-user").is_none());
+    assert_eq!(
+        h["x-pbx-remote-user"],
+        serde_json::json!([USER]),
+        "exactly the real identity"
+    );
     let cookie = h["cookie"]
         .as_array()
         .map(|a| {
@@ -202,6 +206,12 @@ async fn visit_links_are_single_use_and_grants_are_per_device() {
     let mut wrong = Visitor::new(w.server.public, &dev2);
     wrong.cookies = v.cookies.clone();
     assert_eq!(wrong.get("/").await.status(), 403);
+    assert_eq!(
+        v.get("/").await.status(),
+        303,
+        "a grant alone does not open the portal"
+    );
+    assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
     let before = w
         .portal
         .log
@@ -256,6 +266,7 @@ async fn portal_down_gives_502_and_the_tunnel_stays() {
     let url = server.visit(&device, "alice", false);
     let mut v = Visitor::new(server.public, &device);
     v.open_visit(&url).await;
+    v.login(USER, PASSWORD).await;
     let r = v.get("/").await;
     assert_eq!(r.status(), 502);
     assert!(r.text().await.unwrap().contains("portal is unreachable"));
@@ -397,4 +408,15 @@ async fn a_copied_credential_replaces_the_older_connection() {
         .await;
     assert_eq!(s.state, State::Reconnecting);
     assert!(s.message.unwrap().contains("replaced"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_sequential_requests_never_exhaust_stream_credit() {
+    let w = World::start(false, "").await;
+    let mut v = w.visitor("alice", false).await;
+    for i in 0..(pbx_remote::protocol::MAX_STREAMS as usize * 2 + 50) {
+        let r = v.get("/").await;
+        assert_eq!(r.status(), 200, "request {i}");
+        let _ = r.bytes().await;
+    }
 }

@@ -2,10 +2,16 @@
 //! the PBX page what is happening. `run` is what `pbx-remote-agent run` and the tests call.
 
 pub mod activation;
+pub mod assertion;
+pub mod audit;
+pub mod clock;
+pub mod gate;
+pub mod lockout;
 pub mod portal;
 pub mod proxy;
 pub mod state;
 pub mod tunnel;
+pub mod wsframe;
 
 use crate::backoff::Backoff;
 use crate::config::AgentConfig;
@@ -45,7 +51,17 @@ pub async fn run(
     status: StatusHandle,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let result = run_inner(Arc::new(config), &status, &shutdown).await;
+    run_with_clock(config, status, shutdown, clock::Clock::default()).await
+}
+
+/// [`run`] with a clock the caller can move (tests of idle logout, lockouts, token expiry).
+pub async fn run_with_clock(
+    config: AgentConfig,
+    status: StatusHandle,
+    shutdown: CancellationToken,
+    clock: clock::Clock,
+) -> Result<()> {
+    let result = run_inner(Arc::new(config), &status, &shutdown, clock).await;
     let message = match &result {
         Ok(()) => "the agent stopped".to_string(),
         Err(e) => format!("the agent stopped on an error: {e:#}"),
@@ -66,6 +82,7 @@ async fn run_inner(
     config: Arc<AgentConfig>,
     status: &StatusHandle,
     shutdown: &CancellationToken,
+    clock: clock::Clock,
 ) -> Result<()> {
     if !config.server.enabled {
         status.set(
@@ -121,7 +138,17 @@ async fn run_inner(
 
     let facts = activation::device_facts(&config)?;
     let portal = portal::Portal::new(&config, config.paths.state_dir.clone())?;
-    let proxy = Arc::new(proxy::ProxyCtx { portal });
+    let gate = Arc::new(gate::Gate::new(
+        &config,
+        &credential.device_id,
+        &credential.signing_key,
+        clock,
+        status.clone(),
+    )?);
+    let proxy = Arc::new(proxy::ProxyCtx {
+        portal,
+        gate: gate.clone(),
+    });
     let tunnel = tunnel::Tunnel::new(
         config.clone(),
         credential,
@@ -131,6 +158,14 @@ async fn run_inner(
         proxy,
         status.clone(),
     )?;
+    let tasks = tokio_util::task::TaskTracker::new();
+    tasks.spawn(sweep_sessions(gate.clone(), shutdown.clone()));
+    tasks.spawn(follow_cm_settings(
+        gate,
+        tunnel.settings.subscribe(),
+        shutdown.clone(),
+    ));
+    tasks.close();
     status.set(State::Connecting, None, None);
     loop {
         match tunnel.connect_and_serve(shutdown).await {
@@ -164,6 +199,34 @@ async fn run_inner(
                     return Ok(());
                 }
             }
+        }
+    }
+}
+
+/// How often idle and over-age sessions are ended (WebSockets close within this).
+pub const SWEEP_EVERY: Duration = Duration::from_millis(250);
+
+async fn sweep_sessions(gate: Arc<gate::Gate>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => gate.sweep(),
+        }
+    }
+}
+
+async fn follow_cm_settings(
+    gate: Arc<gate::Gate>,
+    mut settings: tokio::sync::watch::Receiver<crate::protocol::DeviceSettings>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let allow = settings.borrow_and_update().allow_passwordless;
+        gate.set_cm_passwordless(allow);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = settings.changed() => if r.is_err() { return },
         }
     }
 }

@@ -2,7 +2,9 @@
 //! the rest, and forwards each request to the portal with hop-by-hop and identity-spoofing
 //! headers removed and the portal's own origin restored. WebSockets keep their stream.
 
+use crate::agent::gate::{Gate, Session, Verdict};
 use crate::agent::portal::{Portal, PortalError};
+use crate::agent::wsframe::FrameWatch;
 use crate::protocol::{read_frame, StreamHeader, HEADER_TIMEOUT};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -13,6 +15,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest request head (line + headers) the agent reads from the tunnel.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -33,6 +36,8 @@ pub const RESERVED_COOKIES: [&str; 4] = [
 pub struct ProxyCtx {
     /// The upstream.
     pub portal: Portal,
+    /// Who may reach it.
+    pub gate: Arc<Gate>,
 }
 
 /// Serves one request stream until the request (or WebSocket) ends.
@@ -65,6 +70,9 @@ pub async fn serve_stream(
         .timer(TokioTimer::new())
         .header_read_timeout(HEAD_READ_TIMEOUT)
         .max_buf_size(MAX_HEAD_BYTES)
+        // One request per stream: finishing the stream right after the response frees its slot
+        // (keep-alive would hold it until the head-read timeout).
+        .keep_alive(false)
         .serve_connection(io, svc)
         .with_upgrades();
     if let Err(e) = conn.await {
@@ -92,9 +100,14 @@ async fn handle(ctx: &ProxyCtx, h: &StreamHeader, mut req: Request<Incoming>) ->
             "Only origin paths are forwarded.",
         );
     };
-    if path.starts_with(REMOTE_PREFIX) {
-        return remote_page(&path);
+    // Only the path is used from here on: an absolute-form target names no destination.
+    if req.uri().path().starts_with(REMOTE_PREFIX) {
+        return ctx.gate.handle_remote(h, req).await;
     }
+    let session = match ctx.gate.admit(h, &req) {
+        Verdict::Respond(r) => return r,
+        Verdict::Forward(s) => s,
+    };
     let websocket = is_websocket(&req);
     if (websocket || !is_safe(req.method())) && !same_origin(req.headers(), &h.origin) {
         return page(
@@ -108,6 +121,7 @@ async fn handle(ctx: &ProxyCtx, h: &StreamHeader, mut req: Request<Incoming>) ->
     strip_inbound(&mut parts.headers, websocket);
     rewrite_inbound_origin(&mut parts.headers, &h.origin, ctx.portal.origin());
     set_forwarded(&mut parts.headers, h);
+    ctx.gate.identity_headers(&session, &mut parts.headers);
     parts.headers.insert(
         header::HOST,
         HeaderValue::from_str(ctx.portal.authority())
@@ -145,12 +159,12 @@ async fn handle(ctx: &ProxyCtx, h: &StreamHeader, mut req: Request<Incoming>) ->
             );
         };
         let portal_upgrade = hyper::upgrade::on(&mut resp);
+        let gate = ctx.gate.clone();
         tokio::spawn(async move {
             match tokio::try_join!(client_upgrade, portal_upgrade) {
                 Ok((client, portal)) => {
-                    let mut client = TokioIo::new(client);
-                    let mut portal = TokioIo::new(portal);
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut portal).await;
+                    bridge_websocket(TokioIo::new(client), TokioIo::new(portal), &session, &gate)
+                        .await
                 }
                 Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
             }
@@ -161,31 +175,52 @@ async fn handle(ctx: &ProxyCtx, h: &StreamHeader, mut req: Request<Incoming>) ->
     }
     let (mut parts, body) = resp.into_parts();
     rewrite_outbound(&mut parts.headers, ctx.portal.origin(), &h.origin, false);
+    // Authenticated pages never land in a shared or browser cache.
+    parts
+        .headers
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Response::from_parts(parts, body.boxed())
+}
+
+/// Copies a WebSocket both ways until either side closes or the session ends. Client data
+/// frames (not pings) count as session activity.
+async fn bridge_websocket<C, P>(client: C, portal: P, session: &Session, gate: &Gate)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    P: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
+    let (mut portal_rx, mut portal_tx) = tokio::io::split(portal);
+    let upstream = async {
+        let mut watch = FrameWatch::default();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = client_rx.read(&mut buf).await?;
+            if n == 0 {
+                return portal_tx.shutdown().await;
+            }
+            if watch.feed(&buf[..n]) > 0 {
+                gate.touch(session);
+            }
+            portal_tx.write_all(&buf[..n]).await?;
+        }
+    };
+    let downstream = async {
+        tokio::io::copy(&mut portal_rx, &mut client_tx).await?;
+        client_tx.shutdown().await
+    };
+    tokio::select! {
+        _ = session.ended.cancelled() => tracing::debug!("session ended; websocket closed"),
+        r = async { tokio::try_join!(upstream, downstream) } => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "websocket ended");
+            }
+        }
+    }
 }
 
 /// The agent's own pages; nothing under it reaches the portal.
 pub const REMOTE_PREFIX: &str = "/__remote/";
-
-/// TEMPORARY until the session gate (issue #3): a passwordless landing just goes to `/`;
-/// the token is not checked yet and a grant alone opens the portal.
-fn remote_page(path: &str) -> Response<Body> {
-    let path = path.split('?').next().unwrap_or(path);
-    if path == "/__remote/passwordless" {
-        return Response::builder()
-            .status(StatusCode::SEE_OTHER)
-            .header(header::LOCATION, "/")
-            .header("referrer-policy", "no-referrer")
-            .header(header::CACHE_CONTROL, "no-store")
-            .body(crate::web::full(Bytes::new()))
-            .unwrap_or_else(|_| page(StatusCode::INTERNAL_SERVER_ERROR, "Error", ""));
-    }
-    page(
-        StatusCode::NOT_FOUND,
-        "Not found",
-        "No such remote access page.",
-    )
-}
 
 /// A plain page (shared helper).
 pub fn page(status: StatusCode, title: &str, detail: &str) -> Response<Body> {

@@ -129,6 +129,7 @@ impl Tunnel {
         let streams = TaskTracker::new();
         let control_stop = CancellationToken::new();
         let control = tokio::spawn(control_loop(
+            self.proxy.gate.clock().clone(),
             conn.clone(),
             send,
             recv,
@@ -241,7 +242,7 @@ impl Tunnel {
                 if device_id != self.credential.device_id {
                     tracing::warn!(expected = %self.credential.device_id, got = %device_id, "server knows this device under another id");
                 }
-                let _ = server_time_ms;
+                self.proxy.gate.clock().learn_server_time(server_time_ms);
                 self.settings.send_replace(settings);
                 Ok((endpoint, conn, send, recv))
             }
@@ -345,6 +346,7 @@ fn is_crypto(code: TransportErrorCode) -> bool {
 }
 
 async fn control_loop(
+    clock: crate::agent::clock::Clock,
     conn: quinn::Connection,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -374,6 +376,7 @@ async fn control_loop(
                     settings.send_replace(new);
                 }
                 Ok(Some(Control::HeartbeatAck { server_time_ms })) => {
+                    clock.learn_server_time(server_time_ms);
                     let skew = server_time_ms as i64 - protocol::now_ms() as i64;
                     tracing::trace!(skew_ms = skew, "heartbeat acknowledged");
                 }

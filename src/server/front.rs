@@ -403,6 +403,7 @@ async fn forward(
         client_addr: client.to_string(),
         scheme: public.scheme.clone(),
         origin: public.device_origin(device),
+        grant_expires_ms: (grant.expires_at.max(0) as u64) * 1000,
         passwordless_token,
     };
     let opened = tokio::time::timeout(OPEN_STREAM_TIMEOUT, link.conn.open_bi()).await;

@@ -4,7 +4,7 @@
 
 use crate::protocol::{
     read_frame, write_frame, Control, DeviceSettings, Reason, ALPN, CONNECT_TIMEOUT, CONN_WINDOW,
-    IDLE_TIMEOUT, KEEPALIVE, MAX_STREAMS, PROTOCOL_VERSION, STREAM_WINDOW,
+    IDLE_TIMEOUT, KEEPALIVE, MAX_REQUEST_STREAMS, PROTOCOL_VERSION, STREAM_WINDOW,
 };
 use crate::server::db::DeviceFlags;
 use crate::server::keys::ServerKeys;
@@ -189,7 +189,7 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
         role: role.clone(),
         conn: conn.clone(),
         generation: state.hub.generation.fetch_add(1, Ordering::Relaxed),
-        streams: Arc::new(Semaphore::new(MAX_STREAMS as usize)),
+        streams: Arc::new(Semaphore::new(MAX_REQUEST_STREAMS as usize)),
         key_hash,
         flags: Mutex::new(flags.clone()),
         settings_tx,

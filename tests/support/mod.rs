@@ -321,7 +321,18 @@ impl TestServer {
     }
 }
 
-/// An agent config for `server`, with `extra` TOML appended.
+/// The test remote account.
+pub const USER: &str = "provider";
+/// Its password.
+pub const PASSWORD: &str = "Test-Passw0rd-1";
+
+/// argon2id hash of [`PASSWORD`], computed once.
+pub fn password_hash() -> &'static str {
+    static H: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    H.get_or_init(|| pbx_remote::password::hash(PASSWORD).unwrap())
+}
+
+/// An agent config for `server` (account [`USER`] and passwordless on), with `extra` appended.
 pub fn agent_toml(
     tunnel: SocketAddr,
     pin: &str,
@@ -349,6 +360,17 @@ serial = "SN0001"
 mac = "02:00:00:00:00:01"
 portal_url = "{portal}"
 
+[remote_access]
+auto_logout_minutes = 15
+
+[remote_access.account]
+enabled = true
+username = "{USER}"
+password_hash = "{hash}"
+
+[remote_access.passwordless]
+enabled = true
+
 [tunnel]
 heartbeat_secs = 1
 drain_secs = 2
@@ -359,6 +381,7 @@ status_file = "{status}"
 assertion_pubkey = "{pubkey}"
 {extra}
 "#,
+        hash = password_hash(),
         state = dir.join("state").display(),
         status = dir.join("status.json").display(),
         pubkey = dir.join("assertion.pub").display(),
@@ -368,6 +391,7 @@ assertion_pubkey = "{pubkey}"
 /// An agent running in-process.
 pub struct TestAgent {
     pub dir: PathBuf,
+    pub clock: pbx_remote::agent::clock::Clock,
     pub status: StatusHandle,
     pub stop: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -385,9 +409,16 @@ impl TestAgent {
             pbx_remote::agent::initial_status(&config),
         );
         let stop = CancellationToken::new();
-        let task = tokio::spawn(pbx_remote::agent::run(config, status.clone(), stop.clone()));
+        let clock = pbx_remote::agent::clock::Clock::default();
+        let task = tokio::spawn(pbx_remote::agent::run_with_clock(
+            config,
+            status.clone(),
+            stop.clone(),
+            clock.clone(),
+        ));
         TestAgent {
             dir: dir.to_path_buf(),
+            clock,
             status,
             stop,
             task,
@@ -456,11 +487,29 @@ impl World {
         }
     }
 
-    /// A visitor that has opened and confirmed a visit link.
-    pub async fn visitor(&self, cm_user: &str, passwordless: bool) -> Visitor {
+    /// A visitor that has confirmed a visit link but has no agent session yet.
+    pub async fn granted(&self, cm_user: &str, passwordless: bool) -> Visitor {
         let url = self.server.visit(&self.device, cm_user, passwordless);
         let mut v = Visitor::new(self.server.public, &self.device);
         v.open_visit(&url).await;
+        v
+    }
+
+    /// A visitor with a session: account login, or the passwordless exchange.
+    pub async fn visitor(&self, cm_user: &str, passwordless: bool) -> Visitor {
+        let mut v = self.granted(cm_user, passwordless).await;
+        if passwordless {
+            let r = v.get("/__remote/passwordless").await;
+            assert_eq!(
+                r.status(),
+                303,
+                "passwordless exchange: {:?}",
+                r.text().await
+            );
+        } else {
+            let r = v.login(USER, PASSWORD).await;
+            assert_eq!(r.status(), 303, "login: {:?}", r.text().await);
+        }
         v
     }
 }
@@ -548,6 +597,31 @@ impl Visitor {
         let html = page.text().await.unwrap();
         assert!(html.contains("<form method=\"post\""), "{html}");
         self.post_visit(url).await
+    }
+
+    /// Posts the login form.
+    pub async fn login(&mut self, user: &str, password: &str) -> reqwest::Response {
+        let resp = self
+            .request(reqwest::Method::POST, "/__remote/login")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!(
+                "username={}&password={}&next=%2F",
+                url::form_urlencoded::byte_serialize(user.as_bytes()).collect::<String>(),
+                url::form_urlencoded::byte_serialize(password.as_bytes()).collect::<String>()
+            ))
+            .send()
+            .await
+            .unwrap();
+        self.take_cookies(&resp);
+        resp
+    }
+
+    /// The cookie named `name`, if held.
+    pub fn cookie(&self, name: &str) -> Option<&str> {
+        self.cookies
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub async fn post_visit(&mut self, url: &str) -> reqwest::Response {
