@@ -397,12 +397,26 @@ impl Gate {
                 let next = query_param(req.uri().query(), "next").unwrap_or_else(|| "/".into());
                 self.login_page(StatusCode::OK, &next, None)
             }
-            (Method::POST, "/__remote/login") => self.login_post(h, req).await,
+            (Method::POST, "/__remote/login") => {
+                let previous = self.lookup(h, req.headers());
+                let resp = self.login_post(h, req).await;
+                if resp.status() == StatusCode::SEE_OTHER {
+                    self.end_replaced(previous);
+                }
+                resp
+            }
             (_, "/__remote/logout") => self.logout(h, req.headers()),
             (Method::GET | Method::HEAD, "/__remote/session") => {
                 self.session_json(h, req.headers())
             }
-            (Method::GET | Method::HEAD, "/__remote/passwordless") => self.passwordless(h),
+            (Method::GET | Method::HEAD, "/__remote/passwordless") => {
+                let previous = self.lookup(h, req.headers());
+                let resp = self.passwordless(h);
+                if resp.status() == StatusCode::SEE_OTHER {
+                    self.end_replaced(previous);
+                }
+                resp
+            }
             _ => web::page(
                 StatusCode::NOT_FOUND,
                 "Not found",
@@ -412,6 +426,13 @@ impl Gate {
         resp.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         resp
+    }
+
+    /// A new login replaces the session the browser held (its id is never reused).
+    fn end_replaced(&self, previous: Option<Arc<Session>>) {
+        if let Some(old) = previous {
+            self.end(&old, "logout", Some("replaced by a new login"));
+        }
     }
 
     fn login_page(&self, status: StatusCode, next: &str, error: Option<&str>) -> Response<Body> {
@@ -785,6 +806,107 @@ fn human_duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn gate_for_test(dir: &Path) -> Gate {
+        let hash = crate::password::hash("Test-Passw0rd-1").unwrap();
+        let text = format!(
+            r#"
+[server]
+enabled = true
+address = "127.0.0.1:1"
+[activation]
+method = "auth_code"
+auth_code = "AAAA-AAAA-AAAA-AAAA"
+[pbx]
+edition = "software"
+firmware = "83.19.0.110"
+model = "m"
+serial = "s"
+mac = "02:00:00:00:00:01"
+portal_url = "http://127.0.0.1:9"
+[remote_access.account]
+enabled = true
+username = "provider"
+password_hash = "{hash}"
+[remote_access.passwordless]
+enabled = true
+[paths]
+state_dir = "{d}/state"
+status_file = "{d}/status.json"
+assertion_pubkey = "{d}/assertion.pub"
+"#,
+            d = dir.display()
+        );
+        let config = AgentConfig::parse(&dir.join("agent.toml"), &text).unwrap();
+        crate::fsutil::ensure_private_dir(&config.paths.state_dir).unwrap();
+        let status = StatusHandle::new(config.paths.status_file.clone(), Default::default());
+        Gate::new(
+            &config,
+            "dev",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            Clock::default(),
+            status,
+        )
+        .unwrap()
+    }
+
+    fn header(cm: &str) -> StreamHeader {
+        StreamHeader {
+            cm_user: cm.into(),
+            grant_id: format!("g-{cm}"),
+            client_addr: "10.0.0.1".into(),
+            scheme: "https".into(),
+            origin: "https://dev.cm.example".into(),
+            grant_expires_ms: 0,
+            passwordless_token: None,
+        }
+    }
+
+    #[test]
+    fn rule_changes_end_exactly_the_sessions_they_no_longer_allow() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = gate_for_test(dir.path());
+        let (_, admin) = gate.create_session(&header("a"), "provider", Role::Administrator);
+        let (_, sa) = gate.create_session(&header("b"), "admin", Role::SuperAdmin);
+        let rules = gate.rules();
+
+        // Unrelated change (idle time): nobody is logged out.
+        gate.apply_rules(Rules {
+            auto_logout: Duration::from_secs(3600),
+            ..rules.clone()
+        });
+        assert!(!admin.ended.is_cancelled() && !sa.ended.is_cancelled());
+
+        // Password changed: account sessions end, passwordless ones stay.
+        let mut changed = rules.clone();
+        if let Some(a) = changed.account.as_mut() {
+            a.password_hash =
+                crate::secret::Secret::new(crate::password::hash("Other-Passw0rd-2").unwrap());
+        }
+        gate.apply_rules(changed.clone());
+        assert!(admin.ended.is_cancelled());
+        assert!(!sa.ended.is_cancelled());
+
+        // Local passwordless off: passwordless sessions end.
+        gate.apply_rules(Rules {
+            passwordless: false,
+            ..changed
+        });
+        assert!(sa.ended.is_cancelled());
+        assert_eq!(gate.status.get().active_sessions.len(), 0);
+    }
+
+    #[test]
+    fn https_visitors_get_host_prefixed_secure_cookies() {
+        let h = header("a");
+        let c = session_cookie(&h, "id");
+        assert!(
+            c.starts_with("__Host-__pbxra_sid=id;")
+                && c.contains("; Secure")
+                && c.contains("Path=/")
+        );
+        assert!(!c.to_lowercase().contains("domain="));
+    }
 
     #[test]
     fn next_never_leaves_the_device() {

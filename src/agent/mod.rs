@@ -160,11 +160,6 @@ async fn run_inner(
     )?;
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(sweep_sessions(gate.clone(), shutdown.clone()));
-    tasks.spawn(follow_cm_settings(
-        gate,
-        tunnel.settings.subscribe(),
-        shutdown.clone(),
-    ));
     tasks.close();
     status.set(State::Connecting, None, None);
     loop {
@@ -212,21 +207,6 @@ async fn sweep_sessions(gate: Arc<gate::Gate>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => gate.sweep(),
-        }
-    }
-}
-
-async fn follow_cm_settings(
-    gate: Arc<gate::Gate>,
-    mut settings: tokio::sync::watch::Receiver<crate::protocol::DeviceSettings>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let allow = settings.borrow_and_update().allow_passwordless;
-        gate.set_cm_passwordless(allow);
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = settings.changed() => if r.is_err() { return },
         }
     }
 }

@@ -5,9 +5,9 @@ use crate::agent::proxy::{self, ProxyCtx};
 use crate::agent::state::Credential;
 use crate::config::AgentConfig;
 use crate::protocol::{
-    self, read_frame, write_frame, Control, DeviceFacts, DeviceSettings, Reason, ALPN,
-    CLOSE_NORMAL, CONNECT_TIMEOUT, CONN_WINDOW, IDLE_TIMEOUT, KEEPALIVE, MAX_STREAMS,
-    PROTOCOL_VERSION, STREAM_WINDOW,
+    self, read_frame, write_frame, Control, DeviceFacts, Reason, ALPN, CLOSE_NORMAL,
+    CONNECT_TIMEOUT, CONN_WINDOW, IDLE_TIMEOUT, KEEPALIVE, MAX_STREAMS, PROTOCOL_VERSION,
+    STREAM_WINDOW,
 };
 use crate::status::{rfc3339, State, StatusHandle};
 use crate::tls::{self, KeyIdentity, ServerTrust};
@@ -16,7 +16,6 @@ use quinn::{ConnectionError, TransportErrorCode};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -53,8 +52,6 @@ pub struct Tunnel {
     facts: DeviceFacts,
     /// Stream handler context.
     pub proxy: Arc<ProxyCtx>,
-    /// Latest CM-side settings.
-    pub settings: watch::Sender<DeviceSettings>,
     /// Status.
     pub status: StatusHandle,
 }
@@ -81,7 +78,6 @@ impl Tunnel {
             client,
             facts,
             proxy,
-            settings: watch::channel(DeviceSettings::default()).0,
             status,
         })
     }
@@ -129,12 +125,10 @@ impl Tunnel {
         let streams = TaskTracker::new();
         let control_stop = CancellationToken::new();
         let control = tokio::spawn(control_loop(
-            self.proxy.gate.clock().clone(),
+            self.proxy.gate.clone(),
             conn.clone(),
-            send,
-            recv,
+            (send, recv),
             self.config.tunnel.heartbeat,
-            self.settings.clone(),
             self.status.clone(),
             control_stop.clone(),
         ));
@@ -243,7 +237,9 @@ impl Tunnel {
                     tracing::warn!(expected = %self.credential.device_id, got = %device_id, "server knows this device under another id");
                 }
                 self.proxy.gate.clock().learn_server_time(server_time_ms);
-                self.settings.send_replace(settings);
+                self.proxy
+                    .gate
+                    .set_cm_passwordless(settings.allow_passwordless);
                 Ok((endpoint, conn, send, recv))
             }
             Ok(_) | Err(_) => {
@@ -346,12 +342,10 @@ fn is_crypto(code: TransportErrorCode) -> bool {
 }
 
 async fn control_loop(
-    clock: crate::agent::clock::Clock,
+    gate: Arc<crate::agent::gate::Gate>,
     conn: quinn::Connection,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
     heartbeat: Duration,
-    settings: watch::Sender<DeviceSettings>,
     status: StatusHandle,
     stop: CancellationToken,
 ) {
@@ -373,10 +367,10 @@ async fn control_loop(
             frame = read_frame::<_, Control>(&mut recv) => match frame {
                 Ok(Some(Control::Settings { settings: new })) => {
                     tracing::info!(allow_passwordless = new.allow_passwordless, "settings from the CM");
-                    settings.send_replace(new);
+                    gate.set_cm_passwordless(new.allow_passwordless);
                 }
                 Ok(Some(Control::HeartbeatAck { server_time_ms })) => {
-                    clock.learn_server_time(server_time_ms);
+                    gate.clock().learn_server_time(server_time_ms);
                     let skew = server_time_ms as i64 - protocol::now_ms() as i64;
                     tracing::trace!(skew_ms = skew, "heartbeat acknowledged");
                 }

@@ -82,7 +82,7 @@ mod tests {
         stream.extend(frame(0x1, b"hello"));
         stream.extend(frame(0xA, b""));
         stream.extend(frame(0x2, &vec![0u8; 70_000]));
-        stream.extend(frame(0x9, &vec![0x81u8; 125]));
+        stream.extend(frame(0x9, &[0x81u8; 125]));
         stream.extend(frame(0x0, &vec![0u8; 300]));
         for split in [1usize, 2, 3, 7, 100, 4096, stream.len()] {
             let mut w = FrameWatch::default();

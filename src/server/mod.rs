@@ -125,29 +125,44 @@ pub fn bind_pair(addr: SocketAddr) -> Result<(std::net::UdpSocket, std::net::Tcp
     anyhow::bail!("no port free for both UDP and TCP on {}", addr.ip())
 }
 
+impl ServerState {
+    /// Opens the data dir: keys (generated on first start) and the registry.
+    pub fn open(opts: ServerOptions) -> Result<Arc<ServerState>> {
+        let keys = keys::ServerKeys::load_or_create(&opts.data_dir, &opts.tls)?;
+        let db = db::Db::open(&opts.data_dir)?;
+        db.all_offline()?;
+        db.set_setting("public_url", opts.public_url.as_str())?;
+        db.set_setting("pin_sha256", &keys.pin_hex())?;
+        Ok(Arc::new(ServerState {
+            db,
+            keys,
+            hub: hub::Hub::default(),
+            opts,
+        }))
+    }
+}
+
 /// Runs the server until `shutdown`.
 pub async fn run(
     opts: ServerOptions,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let keys = keys::ServerKeys::load_or_create(&opts.data_dir, &opts.tls)?;
-    let db = db::Db::open(&opts.data_dir)?;
-    db.all_offline()?;
-    db.set_setting("public_url", opts.public_url.as_str())?;
-    db.set_setting("pin_sha256", &keys.pin_hex())?;
-    let endpoint = hub::endpoint(&keys, listeners.udp)?;
-    let api_tls = api::tls_acceptor(&keys)?;
-    let public_tls = match &opts.public_tls {
+    serve(ServerState::open(opts)?, listeners, shutdown).await
+}
+
+/// Serves an opened state on `listeners` until `shutdown`.
+pub async fn serve(
+    state: Arc<ServerState>,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let endpoint = hub::endpoint(&state.keys, listeners.udp)?;
+    let api_tls = api::tls_acceptor(&state.keys)?;
+    let public_tls = match &state.opts.public_tls {
         Some((cert, key)) => Some(front::tls_acceptor(cert, key)?),
         None => None,
     };
-    let state = Arc::new(ServerState {
-        db,
-        keys,
-        hub: hub::Hub::default(),
-        opts,
-    });
     tracing::info!(
         tunnel = %endpoint.local_addr()?,
         public = %listeners.public.local_addr()?,

@@ -236,6 +236,7 @@ async fn portal_route(
 
 /// The reference server in-process.
 pub struct TestServer {
+    pub state: Arc<pbx_remote::server::ServerState>,
     pub dir: tempfile::TempDir,
     pub tunnel: SocketAddr,
     pub public: SocketAddr,
@@ -264,20 +265,20 @@ impl TestServer {
             tls: keys::TlsSource::default(),
         };
         f(&mut opts);
-        let pin = keys::ServerKeys::load_or_create(&opts.data_dir, &opts.tls)
-            .unwrap()
-            .pin_hex();
+        let state = pbx_remote::server::ServerState::open(opts).unwrap();
+        let pin = state.keys.pin_hex();
         let stop = CancellationToken::new();
         let listeners = Listeners {
             udp,
             api: TcpListener::from_std(api).unwrap(),
             public,
         };
-        let s = stop.clone();
+        let (s, st) = (stop.clone(), state.clone());
         let task = tokio::spawn(async move {
-            server::run(opts, listeners, s).await.unwrap();
+            server::serve(st, listeners, s).await.unwrap();
         });
         TestServer {
+            state,
             dir,
             tunnel,
             public: public_addr,
@@ -285,6 +286,29 @@ impl TestServer {
             stop,
             task,
         }
+    }
+
+    /// Opens a stream to `device`'s agent as the front would, writes `header` and `raw` HTTP
+    /// bytes, and returns everything the agent answers until it closes the stream.
+    pub async fn inject(
+        &self,
+        device: &str,
+        header: &pbx_remote::protocol::StreamHeader,
+        raw: &[u8],
+    ) -> String {
+        let link = self.state.hub.get(device).expect("device connected");
+        let (mut send, mut recv) = link.conn.open_bi().await.unwrap();
+        pbx_remote::protocol::write_frame(&mut send, header)
+            .await
+            .unwrap();
+        send.write_all(raw).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(15),
+            tokio::io::AsyncReadExt::read_to_end(&mut recv, &mut out),
+        )
+        .await;
+        String::from_utf8_lossy(&out).into_owned()
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -464,18 +488,24 @@ pub struct World {
 
 impl World {
     pub async fn start(passwordless: bool, extra: &str) -> World {
+        let extra = extra.to_string();
+        Self::start_with_toml(passwordless, move |t| format!("{t}{extra}")).await
+    }
+
+    /// Like `start`, with the agent's TOML passed through `edit` first.
+    pub async fn start_with_toml(passwordless: bool, edit: impl FnOnce(String) -> String) -> World {
         let server = TestServer::start().await;
         let portal = PortalFixture::start().await;
         let (device, code) = server.add_device(passwordless);
         let tmp = tempfile::tempdir().unwrap();
-        let toml = agent_toml(
+        let toml = edit(agent_toml(
             server.tunnel,
             &server.pin,
             &code,
             &portal.url(),
             &tmp.path().join("agent"),
-            extra,
-        );
+            "",
+        ));
         let agent = TestAgent::start(&tmp.path().join("agent"), &toml);
         agent.connected().await;
         World {
