@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Loopback benchmark: the PBX portal (nginx) reached directly vs. through the whole system
-# (front → QUIC tunnel → agent → nginx), interleaved round by round so both see the same noise.
+# (front → QUIC tunnel → session gate with a logged-in cookie → agent → nginx), interleaved
+# round by round so both see the same noise.
 # Prints bulk MB/s, small-request rate and latency, the agent's RSS, and ratios to direct.
 #   bench/run.sh [ROUNDS] [SECONDS]     (defaults: 3 rounds, 5 s per wrk run)
 set -euo pipefail
@@ -54,6 +55,8 @@ DEV_JSON=$("$S" device add --name Bench --data-dir "$T/data" --json)
 DEVICE=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["device_id"])' "$DEV_JSON")
 CODE=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["auth_code"])' "$DEV_JSON")
 PIN=$("$S" fingerprint --data-dir "$T/data" | tail -1)
+BENCH_PW="Bench-Passw0rd-1"
+HASH=$(printf '%s\n' "$BENCH_PW" | "$A" hash-password | tail -1)
 cat > "$T/agent.toml" <<CFG
 [server]
 enabled = true
@@ -69,6 +72,10 @@ model = "Bench"
 serial = "BENCH1"
 mac = "02:00:00:00:00:09"
 portal_url = "http://127.0.0.1:$NGINX_PORT"
+[remote_access.account]
+enabled = true
+username = "bench"
+password_hash = "$HASH"
 [paths]
 state_dir = "$T/agent-state"
 status_file = "$T/status.json"
@@ -80,9 +87,15 @@ for _ in $(seq 100); do "$A" status --json -c "$T/agent.toml" 2>/dev/null | grep
 
 HOST="$DEVICE.localhost"
 VISIT=$("$S" visit "$DEVICE" --as bench --data-dir "$T/data" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["url"])')
+# Through the whole door: confirm the visit (grant cookie), then log in (session cookie).
 curl -s -o /dev/null --resolve "$HOST:$PUBLIC_PORT:127.0.0.1" -c "$T/jar" -X POST "${VISIT%%\?*}"
-COOKIE=$(awk '$6 ~ /cm_visit/ {print $6"="$7}' "$T/jar")
-[ -n "$COOKIE" ] || { echo "no visit cookie"; exit 1; }
+curl -s -o /dev/null --resolve "$HOST:$PUBLIC_PORT:127.0.0.1" -b "$T/jar" -c "$T/jar" \
+  -H "Origin: http://$HOST:$PUBLIC_PORT" --data "username=bench&password=$BENCH_PW&next=%2F" \
+  "http://$HOST:$PUBLIC_PORT/__remote/login"
+COOKIE=$(awk '$6 ~ /cm_visit|pbxra_sid/ {printf "%s%s=%s", (n++ ? "; " : ""), $6, $7}' "$T/jar")
+case "$COOKIE" in *pbxra_sid*) ;; *) echo "login failed: $COOKIE"; exit 1;; esac
+code=$(curl -s -o /dev/null -w '%{http_code}' --resolve "$HOST:$PUBLIC_PORT:127.0.0.1" -H "Cookie: $COOKIE" "http://$HOST:$PUBLIC_PORT/small.html")
+[ "$code" = 200 ] || { echo "gated request answered $code"; exit 1; }
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$AGENT_PID/status"; }
 RSS_IDLE=$(rss_kib)

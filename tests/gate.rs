@@ -621,3 +621,115 @@ async fn audit_lines_are_private_json_and_status_shows_sessions() {
     assert!(!text.contains(PASSWORD));
     assert_eq!(w.agent.status.get().state, State::Connected);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn paths_reach_the_portal_byte_for_byte_or_not_at_all() {
+    let w = World::start(false, "").await;
+    let v = w.visitor("alice", false).await;
+    let h = header_for(&v, "alice");
+    let cookie = format!("Cookie: __pbxra_sid={}", v.cookie("__pbxra_sid").unwrap());
+    for path in [
+        "/../admin",
+        "/%2e%2e/admin",
+        "/%252e%252e/admin",
+        "/x\\..\\admin",
+        "/about/../admin",
+        "//admin",
+        "/a%00b",
+        "/page;jsessionid=abc",
+        "/%5f_remote/login",
+        "/x/../__remote/login",
+    ] {
+        let before = portal_hits(&w);
+        let r = w
+            .server
+            .inject(
+                &w.device,
+                &h,
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\n{cookie}\r\n\r\n").as_bytes(),
+            )
+            .await;
+        if portal_hits(&w) > before {
+            assert_eq!(
+                w.portal.log.paths.lock().unwrap().last().unwrap(),
+                path,
+                "forwarded byte-for-byte"
+            );
+        } else {
+            assert!(
+                r.starts_with("HTTP/1.1 400"),
+                "{path}: not forwarded, so 400: {r}"
+            );
+        }
+    }
+    // The agent's own prefix never reaches the portal, whatever follows it.
+    let before = portal_hits(&w);
+    let r = w
+        .server
+        .inject(
+            &w.device,
+            &h,
+            format!("GET /__remote/../admin HTTP/1.1\r\nHost: x\r\n{cookie}\r\n\r\n").as_bytes(),
+        )
+        .await;
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    assert_eq!(portal_hits(&w), before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_upgrades_without_a_session_get_401() {
+    let w = World::start(false, "").await;
+    let v = w.granted("alice", false).await;
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("ws://{}:{}/ws", v.host, w.server.public.port()),
+    )
+    .unwrap();
+    req.headers_mut()
+        .insert("cookie", v.cookie_header().parse().unwrap());
+    req.headers_mut()
+        .insert("origin", v.origin.parse().unwrap());
+    let tcp = tokio::net::TcpStream::connect(w.server.public)
+        .await
+        .unwrap();
+    match tokio_tungstenite::client_async(req, tcp).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+        other => panic!("expected 401, got {other:?}"),
+    }
+    assert_eq!(portal_hits(&w), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revocation_cuts_downloads_and_websockets_within_5s() {
+    let w = World::start(true, "").await;
+    let mut v = w.visitor("alice", true).await;
+    let mut ws = open_ws(&w, &v).await;
+    echo(&mut ws, "before").await;
+    let mut download = v.get(&format!("/bytes/{}", 1u64 << 34)).await;
+    assert_eq!(download.status(), 200);
+    assert!(download.chunk().await.unwrap().is_some());
+    let t0 = std::time::Instant::now();
+    pbx_remote::server::admin::device_set(
+        &w.server.data_dir(),
+        &w.device,
+        &pbx_remote::server::db::DeviceChanges {
+            allow_passwordless: Some(false),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    closes_within(&mut ws, Duration::from_secs(5)).await;
+    let cut = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match download.chunk().await {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return,
+            }
+        }
+    })
+    .await;
+    assert!(
+        cut.is_ok(),
+        "a 16 GiB download was still running 5 s after revocation"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(6));
+}

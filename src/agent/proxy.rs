@@ -13,6 +13,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -179,7 +180,42 @@ async fn handle(ctx: &ProxyCtx, h: &StreamHeader, mut req: Request<Incoming>) ->
     parts
         .headers
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let body = EndsWithSession {
+        inner: body,
+        ended: Box::pin(session.ended.clone().cancelled_owned()),
+    };
     Response::from_parts(parts, body.boxed())
+}
+
+/// A response body that stops when its session ends (logout, expiry, revocation), so a
+/// revoked visitor's download is cut rather than left running.
+struct EndsWithSession {
+    inner: Incoming,
+    ended: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl hyper::body::Body for EndsWithSession {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        if self.ended.as_mut().poll(cx).is_ready() {
+            // Ending early breaks the message framing, which aborts the visitor's connection.
+            return std::task::Poll::Ready(None);
+        }
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Copies a WebSocket both ways until either side closes or the session ends. Client data

@@ -193,6 +193,14 @@ async fn portal_route(
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
     if path == "/ws" {
+        // Like a real portal: the Origin must be the portal's own (the agent rewrites it).
+        let origin = req.headers().get("origin").and_then(|o| o.to_str().ok());
+        if origin != Some(format!("http://{addr}").as_str()) {
+            return Response::builder()
+                .status(403)
+                .body(full("foreign origin"))
+                .unwrap();
+        }
         let key = req.headers().get("sec-websocket-key").cloned();
         let Some(key) = key else {
             return Response::builder()
