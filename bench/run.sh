@@ -47,7 +47,7 @@ NGX
 nginx -p "$T/nginx" -c "$T/nginx/nginx.conf" & PIDS+=($!)
 
 "$S" run --data-dir "$T/data" --listen 127.0.0.1:0 --public-listen 127.0.0.1:0 > "$T/server.out" 2> "$T/server.err" & PIDS+=($!)
-for _ in $(seq 100); do grep -q listening "$T/server.out" 2>/dev/null && break; sleep 0.1; done
+for _ in $(seq 100); do [ -s "$T/server.out" ] && break; sleep 0.1; done
 TUNNEL=$(sed -nE 's/.*tunnel=([^ ]+).*/\1/p' "$T/server.out")
 PUBLIC=$(sed -nE 's/.*public=([^ ]+).*/\1/p' "$T/server.out")
 PUBLIC_PORT=${PUBLIC##*:}
@@ -82,8 +82,9 @@ status_file = "$T/status.json"
 assertion_pubkey = "$T/assertion.pub"
 CFG
 "$A" run -c "$T/agent.toml" 2> "$T/agent.err" & AGENT_PID=$!; PIDS+=($AGENT_PID)
-for _ in $(seq 100); do "$A" status --json -c "$T/agent.toml" 2>/dev/null | grep -q '"connected"' && break; sleep 0.1; done
-"$A" status --json -c "$T/agent.toml" | grep -q '"connected"' || { echo "agent did not connect"; cat "$T/agent.err"; exit 1; }
+state() { "$A" status --json -c "$T/agent.toml" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])'; }
+for _ in $(seq 100); do [ "$(state)" = connected ] && break; sleep 0.1; done
+[ "$(state)" = connected ] || { echo "agent did not connect"; cat "$T/agent.err"; exit 1; }
 
 HOST="$DEVICE.localhost"
 VISIT=$("$S" visit "$DEVICE" --as bench --data-dir "$T/data" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["url"])')

@@ -270,3 +270,25 @@ fn disabled_config_reports_disabled_and_stops_cleanly_on_sigterm() {
     let s = pbx_remote::status::read(&status_path).unwrap();
     assert_eq!(s.state.as_str(), "stopped");
 }
+
+#[test]
+fn status_survives_a_closed_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        "[paths]\nstatus_file = \"/nonexistent/status.json\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(AGENT)
+        .args(["status", "--json", "-c"])
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader went away, like `| grep -q`
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}

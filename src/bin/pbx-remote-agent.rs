@@ -7,6 +7,12 @@ use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// Writes to stdout; a closed pipe (`| head`, `| grep -q`) is not an error worth a panic.
+fn out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(text.as_bytes());
+}
+
 /// Exit status for an invalid config or usage (the unit's RestartPreventExitStatus).
 const EXIT_CONFIG: u8 = 64;
 
@@ -110,7 +116,7 @@ fn run(path: &Path) -> ExitCode {
 fn check(path: &Path) -> ExitCode {
     match AgentConfig::load(path) {
         Ok(c) => {
-            print!("{}", summary(&c));
+            out(&summary(&c));
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -195,20 +201,21 @@ fn show_status(path: &Path, json: bool) -> ExitCode {
     match status::read(&file) {
         Ok(s) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                out(&format!(
+                    "{}\n",
+                    serde_json::to_string_pretty(&s).unwrap_or_default()
+                ));
             } else {
-                print!("{}", status::render(&s));
+                out(&status::render(&s));
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"state": "stopped", "message": format!("{e:#}")})
-                );
+                let doc = serde_json::json!({"state": "stopped", "message": format!("{e:#}")});
+                out(&format!("{doc}\n"));
             } else {
-                println!("state:       stopped\nmessage:     {e:#}");
+                out(&format!("state:       stopped\nmessage:     {e:#}\n"));
             }
             ExitCode::FAILURE
         }
@@ -237,7 +244,7 @@ fn hash_password() -> ExitCode {
     }
     match pbx_remote::password::hash(pw) {
         Ok(h) => {
-            println!("{h}");
+            out(&format!("{h}\n"));
             ExitCode::SUCCESS
         }
         Err(e) => {

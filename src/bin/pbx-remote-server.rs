@@ -223,10 +223,9 @@ fn main() -> ExitCode {
     pbx_remote::logging::init(false);
     match dispatch(cli.command) {
         Ok(out) => {
-            print!("{out}");
-            if !out.is_empty() && !out.ends_with('\n') {
-                println!();
-            }
+            use std::io::Write;
+            // A closed pipe (`| head`) is not worth a panic.
+            let _ = std::io::stdout().write_all(out.as_bytes());
             ExitCode::SUCCESS
         }
         Err(e) => {
