@@ -30,6 +30,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 mkdir -p "$T/www" "$T/nginx"
 head -c 1024 /dev/urandom | base64 > "$T/www/small.html"
 head -c $((BIG_MB * 1024 * 1024)) /dev/urandom > "$T/www/big.bin"
+chmod 755 "$T" "$T/www"; chmod 644 "$T/www/"*   # nginx workers run as www-data
 NGINX_PORT=$(free_port)
 cat > "$T/nginx/nginx.conf" <<NGX
 worker_processes 1;
@@ -95,8 +96,10 @@ curl -s -o /dev/null --resolve "$HOST:$PUBLIC_PORT:127.0.0.1" -b "$T/jar" -c "$T
   "http://$HOST:$PUBLIC_PORT/__remote/login"
 COOKIE=$(awk '$6 ~ /cm_visit|pbxra_sid/ {printf "%s%s=%s", (n++ ? "; " : ""), $6, $7}' "$T/jar")
 case "$COOKIE" in *pbxra_sid*) ;; *) echo "login failed: $COOKIE"; exit 1;; esac
-code=$(curl -s -o /dev/null -w '%{http_code}' --resolve "$HOST:$PUBLIC_PORT:127.0.0.1" -H "Cookie: $COOKIE" "http://$HOST:$PUBLIC_PORT/small.html")
-[ "$code" = 200 ] || { echo "gated request answered $code"; exit 1; }
+code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$NGINX_PORT/small.html")
+[ "$code" = 200 ] || { echo "nginx answered $code directly"; exit 1; }
+code=$(curl -s -o "$T/resp" -w '%{http_code}' --resolve "$HOST:$PUBLIC_PORT:127.0.0.1" -H "Cookie: $COOKIE" "http://$HOST:$PUBLIC_PORT/small.html")
+[ "$code" = 200 ] || { echo "gated request answered $code (cookies: ${COOKIE//=*;/=…;})"; cat "$T/resp"; cat "$T/jar"; exit 1; }
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$AGENT_PID/status"; }
 RSS_IDLE=$(rss_kib)

@@ -166,6 +166,17 @@ pub async fn activate(
         return Ok((cred, key));
     }
     match serde_json::from_slice::<ErrorBody>(&body) {
+        // A locked-out account must not be retried with the same password behind the
+        // owner's back: wait for a config change like any other refusal.
+        Ok(err)
+            if err.code == Reason::RateLimited
+                && matches!(config.activation, Activation::Email { .. }) =>
+        {
+            Err(ActivationError::Rejected {
+                reason: err.code,
+                message: err.message,
+            })
+        }
         Ok(err) => Err(classify(err.code, err.message)),
         Err(_) => Err(ActivationError::Retry {
             reason: Reason::ServerUnreachable,

@@ -5,6 +5,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// 2026-01-01T00:00:00Z: no correct clock reads earlier than this release.
+pub const MIN_PLAUSIBLE_UNIX: u64 = 1_767_225_600;
+
 /// Largest difference from the server's clock the agent accepts for token checks.
 pub const MAX_SKEW_MS: i64 = 60_000;
 
@@ -17,6 +20,7 @@ pub struct Clock {
 #[derive(Default)]
 struct Inner {
     advanced_ns: AtomicU64,
+    wall_skew_s: AtomicI64,
     server_offset_ms: AtomicI64,
     server_known: std::sync::atomic::AtomicBool,
 }
@@ -29,8 +33,27 @@ impl Clock {
 
     /// Wall-clock seconds since the epoch, moved by the same test offset (persistent deadlines).
     pub fn unix_now(&self) -> u64 {
-        crate::protocol::now_ms() / 1000
-            + self.inner.advanced_ns.load(Ordering::Relaxed) / 1_000_000_000
+        let t = crate::protocol::now_ms() / 1000
+            + self.inner.advanced_ns.load(Ordering::Relaxed) / 1_000_000_000;
+        t.saturating_add_signed(self.inner.wall_skew_s.load(Ordering::Relaxed))
+    }
+
+    /// Sets the wall clock wrong by `secs` (tests of a PBX without NTP).
+    pub fn skew_wall_clock(&self, secs: i64) {
+        self.inner.wall_skew_s.store(secs, Ordering::Relaxed);
+    }
+
+    /// `Err(message)` when the wall clock reads earlier than this agent could have been built:
+    /// the PBX has no time yet (no NTP), and certificates and tokens cannot be judged.
+    pub fn check_plausible(&self) -> Result<(), String> {
+        let now = self.unix_now();
+        if now < MIN_PLAUSIBLE_UNIX {
+            return Err(format!(
+                "the system clock reads {}, before this agent was released; set the time or enable NTP on the PBX",
+                crate::status::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(now))
+            ));
+        }
+        Ok(())
     }
 
     /// Moves this clock forward (tests).

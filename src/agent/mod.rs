@@ -99,7 +99,32 @@ async fn run_inner(
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
 
     let fingerprint = state::activation_fingerprint(&config);
+    if let Some(device) = state_dir.removed(&fingerprint)? {
+        let message = format!(
+            "the CM removed device {device}; to enrol again, enter a new authentication code (or change the activation settings)"
+        );
+        tracing::error!(%message, "device removed earlier; not activating");
+        status.set(State::Failed, Some(Reason::DeviceRemoved), Some(message));
+        shutdown.cancelled().await;
+        return Ok(());
+    }
     let (credential, key) = loop {
+        if let Err(message) = clock.check_plausible() {
+            tracing::warn!(%message, "clock not set; waiting");
+            if !sleep_retry(
+                status,
+                &mut backoff,
+                State::Reconnecting,
+                Reason::ClockUnsynced,
+                message,
+                shutdown,
+            )
+            .await
+            {
+                return Ok(());
+            }
+            continue;
+        }
         if let Some(found) = state_dir.load(&fingerprint)? {
             tracing::info!(device = %found.0.device_id, "using the stored device credential");
             break found;
@@ -173,6 +198,13 @@ async fn run_inner(
             } => {
                 if reason == Reason::DeviceRemoved {
                     tracing::error!(%message, "device removed from the CM; stopping until reconfigured");
+                    // The credential is worthless now; the marker keeps a restart from retrying
+                    // the spent code.
+                    if let Err(e) = state_dir.forget().and_then(|()| {
+                        state_dir.mark_removed(&fingerprint, &tunnel.credential.device_id)
+                    }) {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot clear the credential");
+                    }
                     status.set(State::Failed, Some(reason), Some(message));
                     shutdown.cancelled().await;
                     return Ok(());

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 const KEY_FILE: &str = "device.key";
 const CREDENTIAL_FILE: &str = "credential.json";
+const REMOVED_FILE: &str = "removed.json";
 
 /// What activation left behind.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -77,6 +78,31 @@ impl StateDir {
             &serde_json::to_vec_pretty(cred)?,
         )?;
         Ok(())
+    }
+
+    /// Records that the CM removed this device, so a restart with the same (spent) settings
+    /// shows `device_removed` instead of trying the code again.
+    pub fn mark_removed(&self, fingerprint: &str, device_id: &str) -> Result<()> {
+        let marker = serde_json::json!({
+            "fingerprint": fingerprint,
+            "device_id": device_id,
+            "removed_at": crate::status::rfc3339(std::time::SystemTime::now()),
+        });
+        fsutil::write_private(&self.path(REMOVED_FILE), marker.to_string().as_bytes())
+    }
+
+    /// The removal marker's device id, if it matches these settings. A marker for other
+    /// settings is deleted: the config changed, so activation may try again.
+    pub fn removed(&self, fingerprint: &str) -> Result<Option<String>> {
+        let Some(raw) = fsutil::read_private(&self.path(REMOVED_FILE))? else {
+            return Ok(None);
+        };
+        let v: serde_json::Value = serde_json::from_slice(&raw).unwrap_or_default();
+        if v["fingerprint"] == fingerprint {
+            return Ok(Some(v["device_id"].as_str().unwrap_or("").to_string()));
+        }
+        std::fs::remove_file(self.path(REMOVED_FILE)).context("removing the removal marker")?;
+        Ok(None)
     }
 
     /// Deletes the credential and key.

@@ -73,6 +73,11 @@ enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// Manage CM accounts (for activation by email/password).
+    Account {
+        #[command(subcommand)]
+        command: AccountCommand,
+    },
     /// Create a one-time visit link (valid 10 minutes) to a device's web portal.
     Visit {
         #[command(flatten)]
@@ -101,6 +106,17 @@ enum Command {
     },
     /// Run server, agent and a demo portal on loopback and print visit links.
     Demo,
+}
+
+#[derive(Subcommand)]
+enum AccountCommand {
+    /// Add (or reset) an account; the password is read from stdin.
+    Add {
+        #[command(flatten)]
+        data: DataDir,
+        /// Account email.
+        email: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -204,6 +220,12 @@ enum DeviceCommand {
         /// New comment.
         #[arg(long)]
         comment: Option<String>,
+        /// Expected serial number ("" clears it).
+        #[arg(long)]
+        serial: Option<String>,
+        /// Expected MAC address ("" clears it).
+        #[arg(long)]
+        mac: Option<String>,
     },
 }
 
@@ -331,12 +353,16 @@ fn dispatch(command: Command) -> anyhow::Result<String> {
                 name,
                 group,
                 comment,
+                serial,
+                mac,
             } => {
                 let changes = db::DeviceChanges {
                     name,
                     group,
                     comment,
                     allow_passwordless: allow_passwordless.map(|v| matches!(v, OnOff::On)),
+                    serial,
+                    mac,
                 };
                 admin::device_set(data.get()?, &device, &changes)
             }
@@ -348,6 +374,12 @@ fn dispatch(command: Command) -> anyhow::Result<String> {
             passwordless,
             json,
         } => admin::visit(data.get()?, &device, &as_user, passwordless, json),
+        Command::Account {
+            command: AccountCommand::Add { data, email },
+        } => {
+            let password = read_password()?;
+            admin::account_add(data.get()?, &email, &password)
+        }
         Command::Capacity {
             command: CapacityCommand::Set { data, value },
         } => admin::capacity_set(data.get()?, &value),
@@ -366,4 +398,21 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
+}
+
+/// A password from stdin (prompted on stderr at a terminal), one trailing newline stripped.
+fn read_password() -> anyhow::Result<String> {
+    use std::io::{IsTerminal, Read};
+    let mut input = String::new();
+    if std::io::stdin().is_terminal() {
+        eprint!("password (input is shown; pipe it in to avoid that): ");
+        std::io::stdin().read_line(&mut input)?;
+    } else {
+        std::io::stdin().read_to_string(&mut input)?;
+    }
+    Ok(input
+        .strip_suffix("\r\n")
+        .or_else(|| input.strip_suffix('\n'))
+        .unwrap_or(&input)
+        .to_string())
 }

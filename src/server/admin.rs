@@ -15,8 +15,14 @@ fn ts(t: Option<i64>) -> String {
 
 /// `device add`.
 pub fn device_add(data_dir: &Path, d: &NewDevice, as_json: bool) -> Result<String> {
+    let mut d = d.clone();
+    if let Some(mac) = &d.mac {
+        d.mac = Some(crate::config::normalize_mac(mac).with_context(|| {
+            format!("--mac {mac:?}: expected a MAC such as 00:11:22:33:44:55 (not all zero)")
+        })?);
+    }
     let db = Db::open(data_dir)?;
-    let (id, code) = db.add_device(d)?;
+    let (id, code) = db.add_device(&d)?;
     let expires = crate::status::rfc3339(std::time::SystemTime::now() + CODE_TTL);
     Ok(if as_json {
         json!({"device_id": id, "auth_code": code, "code_expires_at": expires}).to_string()
@@ -70,7 +76,14 @@ pub fn device_list(data_dir: &Path, as_json: bool) -> Result<String> {
             version
         ));
     }
-    out.push_str(&format!("{} device(s)\n", devices.len()));
+    let (used, cap) = db.capacity()?;
+    let cap = cap
+        .map(|c| c.to_string())
+        .unwrap_or_else(|| "unlimited".into());
+    out.push_str(&format!(
+        "{} device(s); slots used {used}/{cap}\n",
+        devices.len()
+    ));
     Ok(out)
 }
 
@@ -125,8 +138,14 @@ pub fn device_remove(data_dir: &Path, device: &str) -> Result<String> {
 
 /// `device set`.
 pub fn device_set(data_dir: &Path, device: &str, changes: &DeviceChanges) -> Result<String> {
+    let mut changes = changes.clone();
+    if let Some(mac) = changes.mac.as_ref().filter(|m| !m.is_empty()) {
+        changes.mac = Some(crate::config::normalize_mac(mac).with_context(|| {
+            format!("--mac {mac:?}: expected a MAC such as 00:11:22:33:44:55 (not all zero)")
+        })?);
+    }
     let db = Db::open(data_dir)?;
-    db.set_device(device, changes)?;
+    db.set_device(device, &changes)?;
     Ok(format!("updated {device}\n"))
 }
 
@@ -153,6 +172,14 @@ pub fn visit(
     } else {
         format!("{url}\n(one use, valid until {expires})\n")
     })
+}
+
+/// `account add EMAIL`: a CM account agents may activate with (password given once, hashed).
+pub fn account_add(data_dir: &Path, email: &str, password: &str) -> Result<String> {
+    crate::password::check_strength(password)?;
+    let hash = crate::password::hash(password)?;
+    Db::open(data_dir)?.add_account(email, &hash)?;
+    Ok(format!("account {} saved\n", email.trim().to_lowercase()))
 }
 
 /// `capacity set N|unlimited`.

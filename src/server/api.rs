@@ -25,8 +25,19 @@ use tokio_util::sync::CancellationToken;
 pub const MAX_WRONG_CODES: u32 = 10;
 /// Window for [`MAX_WRONG_CODES`].
 pub const WRONG_CODE_WINDOW: Duration = Duration::from_secs(600);
+/// Failed account logins per (email, source) before a lock.
+pub const MAX_ACCOUNT_FAILURES: u32 = 5;
+/// How long such a lock lasts.
+pub const ACCOUNT_LOCK: Duration = Duration::from_secs(15 * 60);
+/// Longest global slowdown applied to account activations while failures pile up.
+pub const MAX_GLOBAL_DELAY: Duration = Duration::from_secs(2);
 /// Concurrent API connections.
 const MAX_CONNECTIONS: usize = 256;
+
+fn dummy_hash() -> &'static str {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DUMMY.get_or_init(|| crate::password::hash("Dummy-password-1").unwrap_or_default())
+}
 
 /// rustls acceptor for the API (ALPN http/1.1).
 pub fn tls_acceptor(keys: &crate::server::keys::ServerKeys) -> Result<tokio_rustls::TlsAcceptor> {
@@ -77,6 +88,71 @@ impl Limiter {
     }
 }
 
+/// Account-login failures: a lock per (email, source address) and a global slowdown, so nobody
+/// can lock a provider out of every PBX just by knowing the email.
+#[derive(Default)]
+struct AccountLimiter {
+    per_key: Mutex<HashMap<(String, IpAddr), (u32, Instant)>>,
+    recent: Mutex<std::collections::VecDeque<Instant>>,
+}
+
+impl AccountLimiter {
+    /// `Err(left)` while locked; otherwise the global delay to apply first.
+    fn admit(&self, email: &str, ip: IpAddr) -> Result<Duration, Duration> {
+        let key = (email.to_string(), Limiter::key(ip));
+        if let Some((n, first)) = self
+            .per_key
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            if let Some(left) = ACCOUNT_LOCK.checked_sub(first.elapsed()) {
+                if *n >= MAX_ACCOUNT_FAILURES {
+                    return Err(left);
+                }
+            }
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        while recent
+            .front()
+            .is_some_and(|t| t.elapsed() > Duration::from_secs(60))
+        {
+            recent.pop_front();
+        }
+        Ok((Duration::from_millis(20) * recent.len() as u32).min(MAX_GLOBAL_DELAY))
+    }
+
+    fn fail(&self, email: &str, ip: IpAddr) {
+        let key = (email.to_string(), Limiter::key(ip));
+        let mut map = self.per_key.lock().unwrap_or_else(|p| p.into_inner());
+        let e = map.entry(key).or_insert((0, Instant::now()));
+        if e.1.elapsed() >= ACCOUNT_LOCK {
+            *e = (0, Instant::now());
+        }
+        e.0 += 1;
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.push_back(Instant::now());
+        if recent.len() > 10_000 {
+            recent.pop_front();
+        }
+    }
+
+    fn succeed(&self, email: &str, ip: IpAddr) {
+        let key = (email.to_string(), Limiter::key(ip));
+        self.per_key
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+    }
+}
+
+/// Both limiters.
+#[derive(Default)]
+struct Limits {
+    codes: Limiter,
+    accounts: AccountLimiter,
+}
+
 /// Serves the API until `shutdown`.
 pub async fn serve(
     state: Arc<ServerState>,
@@ -84,7 +160,7 @@ pub async fn serve(
     tls: tokio_rustls::TlsAcceptor,
     shutdown: CancellationToken,
 ) {
-    let limiter = Arc::new(Limiter::default());
+    let limiter = Arc::new(Limits::default());
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, peer) = tokio::select! {
@@ -150,7 +226,7 @@ fn refuse(code: Reason, message: impl Into<String>) -> Response<Full<Bytes>> {
 
 async fn handle(
     state: &ServerState,
-    limiter: &Limiter,
+    limiter: &Limits,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
@@ -184,7 +260,7 @@ async fn handle(
             "activation request not understood; upgrade the agent",
         );
     };
-    match activate(state, limiter, peer.ip(), request) {
+    match activate(state, limiter, peer.ip(), request).await {
         Ok(Ok(resp)) => json(StatusCode::OK, &resp),
         Ok(Err((code, message))) => {
             tracing::info!(peer = %peer, %code, "activation refused");
@@ -203,9 +279,9 @@ async fn handle(
     }
 }
 
-fn activate(
+async fn activate(
     state: &ServerState,
-    limiter: &Limiter,
+    limiter: &Limits,
     ip: IpAddr,
     req: ActivateRequest,
 ) -> Result<Result<ActivateResponse, (Reason, String)>> {
@@ -257,7 +333,7 @@ fn activate(
     let key_hash = crate::tls::sha256(&spki);
     let device = match &req.proof {
         ActivationProof::AuthCode { code } => {
-            if let Some(left) = limiter.blocked_for(ip) {
+            if let Some(left) = limiter.codes.blocked_for(ip) {
                 return Ok(Err((
                     Reason::RateLimited,
                     format!(
@@ -269,17 +345,54 @@ fn activate(
             match state.db.redeem_code(code.expose(), &key_hash, &req.facts)? {
                 Ok(d) => d,
                 Err((reason, message)) => {
-                    limiter.fail(ip);
+                    if matches!(
+                        reason,
+                        Reason::InvalidCode | Reason::CodeUsed | Reason::CodeExpired
+                    ) {
+                        limiter.codes.fail(ip);
+                    }
                     return Ok(Err((reason, message)));
                 }
             }
         }
-        ActivationProof::Email { .. } => {
-            return Ok(Err((
-                Reason::BadCredentials,
-                "activation by email is not enabled on this server; use an authentication code"
-                    .into(),
-            )))
+        ActivationProof::Email { email, password } => {
+            let email = email.trim().to_lowercase();
+            let delay = match limiter.accounts.admit(&email, ip) {
+                Ok(d) => d,
+                Err(left) => {
+                    return Ok(Err((
+                        Reason::RateLimited,
+                        format!(
+                            "too many failed logins for {email} from this address; try again in {} minutes",
+                            left.as_secs().div_ceil(60)
+                        ),
+                    )))
+                }
+            };
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            // Unknown emails cost the same as wrong passwords.
+            let phc = state.db.account_hash(&email)?;
+            let known = phc.is_some();
+            let phc = phc.unwrap_or_else(|| dummy_hash().to_string());
+            let pw = password.clone();
+            let verified =
+                tokio::task::spawn_blocking(move || crate::password::verify(pw.expose(), &phc))
+                    .await
+                    .unwrap_or(false);
+            if !(verified && known) {
+                limiter.accounts.fail(&email, ip);
+                return Ok(Err((
+                    Reason::BadCredentials,
+                    "the provider's email or password is wrong; correct activation.email and activation.password".into(),
+                )));
+            }
+            limiter.accounts.succeed(&email, ip);
+            match state.db.enrol_by_account(&email, &key_hash, &req.facts)? {
+                Ok(d) => d,
+                Err(refusal) => return Ok(Err(refusal)),
+            }
         }
     };
     tracing::info!(device = %device, serial = %req.facts.serial, "device activated");

@@ -41,7 +41,13 @@ CREATE TABLE IF NOT EXISTS codes (
     device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
     created_at INTEGER NOT NULL,
     expires_at INTEGER NOT NULL,
-    used_at INTEGER
+    used_at INTEGER,
+    used_role TEXT
+);
+CREATE TABLE IF NOT EXISTS accounts (
+    email TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    created_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS nodes (
     device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
@@ -188,6 +194,10 @@ pub struct DeviceChanges {
     pub comment: Option<String>,
     /// Passwordless switch.
     pub allow_passwordless: Option<bool>,
+    /// Expected serial (checked at activation and every connection); "" clears it.
+    pub serial: Option<String>,
+    /// Expected MAC; "" clears it.
+    pub mac: Option<String>,
 }
 
 /// The registry.
@@ -357,6 +367,15 @@ impl Db {
                     params![id, v],
                 )?;
             }
+            for (column, value) in [("serial", &ch.serial), ("mac", &ch.mac)] {
+                if let Some(v) = value {
+                    let v = (!v.is_empty()).then_some(v.as_str());
+                    tx.execute(
+                        &format!("UPDATE devices SET {column} = ?2 WHERE id = ?1"),
+                        params![id, v],
+                    )?;
+                }
+            }
             if let Some(v) = ch.allow_passwordless {
                 tx.execute(
                     "UPDATE devices SET allow_passwordless = ?2 WHERE id = ?1",
@@ -368,7 +387,8 @@ impl Db {
         })
     }
 
-    /// Spends a code for a new node key. Errors carry the reason the agent shows.
+    /// Spends a code for a new node key. Errors carry the reason the agent shows; a refused
+    /// activation (mismatch, capacity) does not spend the code.
     pub fn redeem_code(
         &self,
         code: &str,
@@ -376,40 +396,127 @@ impl Db {
         facts: &DeviceFacts,
     ) -> Result<Result<String, (Reason, String)>> {
         let hash = sha256(normalize_code(code).as_bytes());
+        let role = node_role(facts);
         self.with(|c| {
             let tx = c.transaction()?;
-            let row: Option<(String, i64, Option<i64>)> = tx
+            let row: Option<(String, i64, Option<i64>, Option<String>)> = tx
                 .query_row(
-                    "SELECT device_id, expires_at, used_at FROM codes WHERE code_hash = ?1",
+                    "SELECT device_id, expires_at, used_at, used_role FROM codes WHERE code_hash = ?1",
                     [&hash[..]],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                 )
                 .optional()?;
-            let Some((device, expires, used)) = row else {
+            let Some((device, expires, used, used_role)) = row else {
                 return Ok(Err((Reason::InvalidCode, "the authentication code is not valid; check it or ask the provider for a new one".into())));
             };
-            if used.is_some() {
+            // One code enrols one machine, or both nodes of a Hot Standby pair (one each).
+            let pair_partner = matches!((used_role.as_deref(), role.as_str()), (Some("primary"), "secondary") | (Some("secondary"), "primary"));
+            if used.is_some() && !pair_partner {
                 return Ok(Err((Reason::CodeUsed, "the authentication code was already used; ask the provider for a new one (device code)".into())));
             }
             if expires <= now() {
                 return Ok(Err((Reason::CodeExpired, "the authentication code has expired; ask the provider for a new one (device code)".into())));
             }
-            let role = facts.ha_role.clone().unwrap_or_else(|| "single".into());
-            tx.execute("UPDATE codes SET used_at = ?2 WHERE code_hash = ?1", params![&hash[..], now()])?;
-            // A key already enrolled elsewhere is moved, never duplicated.
-            tx.execute("DELETE FROM nodes WHERE key_hash = ?1", [&key_hash[..]])?;
+            if let Err(refusal) = enrol(&tx, &device, &role, key_hash, facts)? {
+                return Ok(Err(refusal));
+            }
             tx.execute(
-                "INSERT INTO nodes (device_id, role, key_hash, serial, mac, firmware, model, edition)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                 ON CONFLICT (device_id, role) DO UPDATE SET key_hash = excluded.key_hash,
-                   serial = excluded.serial, mac = excluded.mac, firmware = excluded.firmware,
-                   model = excluded.model, edition = excluded.edition, online = 0",
-                params![device, role, &key_hash[..], facts.serial, facts.mac, facts.firmware, facts.model, facts.edition],
+                "UPDATE codes SET used_at = COALESCE(used_at, ?2), used_role = ?3 WHERE code_hash = ?1",
+                params![&hash[..], now(), role],
             )?;
-            tx.execute("UPDATE devices SET activated_at = COALESCE(activated_at, ?2) WHERE id = ?1", params![device, now()])?;
             tx.commit()?;
             Ok(Ok(device))
         })
+    }
+
+    /// Enrols a key for a provider-account activation: the device pre-added with this serial,
+    /// or a new device named after the PBX.
+    pub fn enrol_by_account(
+        &self,
+        email: &str,
+        key_hash: &[u8; 32],
+        facts: &DeviceFacts,
+    ) -> Result<Result<String, (Reason, String)>> {
+        let role = node_role(facts);
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let existing: Option<String> = tx
+                .query_row(
+                    "SELECT id FROM devices WHERE serial = ?1 ORDER BY created_at LIMIT 1",
+                    [&facts.serial],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let device = match existing {
+                Some(d) => d,
+                None => {
+                    let name = format!("{} {}", facts.model, facts.serial);
+                    let id = device_id_for(&name);
+                    tx.execute(
+                        "INSERT INTO devices (id, name, comment, created_at) VALUES (?1, ?2, ?3, ?4)",
+                        params![id, name, format!("activated with the account {email}"), now()],
+                    )?;
+                    id
+                }
+            };
+            if let Err(refusal) = enrol(&tx, &device, &role, key_hash, facts)? {
+                return Ok(Err(refusal));
+            }
+            tx.commit()?;
+            Ok(Ok(device))
+        })
+    }
+
+    /// Adds a CM account (for email activation).
+    pub fn add_account(&self, email: &str, password_hash: &str) -> Result<()> {
+        let email = email.trim().to_lowercase();
+        anyhow::ensure!(email.contains('@'), "{email:?} is not an email address");
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO accounts (email, password_hash, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (email) DO UPDATE SET password_hash = excluded.password_hash",
+                params![email, password_hash, now()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The stored hash for an account.
+    pub fn account_hash(&self, email: &str) -> Result<Option<String>> {
+        let email = email.trim().to_lowercase();
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT password_hash FROM accounts WHERE email = ?1",
+                [email],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })
+    }
+
+    /// Checks a connecting node against the device's recorded serial/MAC.
+    pub fn check_identity(
+        &self,
+        device: &str,
+        facts: &DeviceFacts,
+    ) -> Result<Option<(Reason, String)>> {
+        self.with(|c| {
+            let row: Option<(Option<String>, Option<String>)> = c
+                .query_row(
+                    "SELECT serial, mac FROM devices WHERE id = ?1",
+                    [device],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            Ok(row.and_then(|(serial, mac)| {
+                identity_mismatch(serial.as_deref(), mac.as_deref(), facts)
+            }))
+        })
+    }
+
+    /// Device slots: (used, capacity or None for unlimited).
+    pub fn capacity(&self) -> Result<(u64, Option<u64>)> {
+        self.with(|c| capacity(c))
     }
 
     /// The (device, role) a key belongs to.
@@ -620,6 +727,101 @@ impl Db {
             Ok(())
         })
     }
+}
+
+fn node_role(facts: &DeviceFacts) -> String {
+    facts.ha_role.clone().unwrap_or_else(|| "single".into())
+}
+
+fn capacity(c: &Connection) -> Result<(u64, Option<u64>)> {
+    let used: u64 = c.query_row(
+        "SELECT COUNT(*) FROM devices WHERE activated_at IS NOT NULL",
+        [],
+        |r| r.get(0),
+    )?;
+    let cap: Option<String> = c
+        .query_row(
+            "SELECT value FROM settings WHERE key = 'capacity'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok((used, cap.and_then(|v| v.parse().ok())))
+}
+
+/// Expected vs reported serial/MAC; `None` when they agree (or nothing is recorded).
+pub fn identity_mismatch(
+    serial: Option<&str>,
+    mac: Option<&str>,
+    facts: &DeviceFacts,
+) -> Option<(Reason, String)> {
+    let serial_ok = serial.is_none_or(|s| s.eq_ignore_ascii_case(&facts.serial));
+    let mac_ok =
+        mac.is_none_or(|m| crate::config::normalize_mac(m).as_deref() == Some(facts.mac.as_str()));
+    if serial_ok && mac_ok {
+        return None;
+    }
+    Some((
+        Reason::DeviceMismatch,
+        format!(
+            "this device is registered for serial {} and MAC {}, but this PBX reports serial {} and MAC {}; check the PBX or ask the provider to correct the device",
+            serial.unwrap_or("(any)"),
+            mac.unwrap_or("(any)"),
+            facts.serial,
+            facts.mac
+        ),
+    ))
+}
+
+/// Checks identity and capacity, then records the node. `Ok(Err)` is a refusal to report.
+fn enrol(
+    tx: &rusqlite::Transaction<'_>,
+    device: &str,
+    role: &str,
+    key_hash: &[u8; 32],
+    facts: &DeviceFacts,
+) -> Result<Result<(), (Reason, String)>> {
+    let (serial, mac, activated): (Option<String>, Option<String>, Option<i64>) = tx.query_row(
+        "SELECT serial, mac, activated_at FROM devices WHERE id = ?1",
+        [device],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    if let Some(refusal) = identity_mismatch(serial.as_deref(), mac.as_deref(), facts) {
+        return Ok(Err(refusal));
+    }
+    if activated.is_none() {
+        let (used, cap) = capacity(tx)?;
+        if let Some(cap) = cap.filter(|cap| used >= *cap) {
+            return Ok(Err((
+                Reason::CapacityExceeded,
+                format!("all {cap} device slots of this management server are in use; the provider must remove a device or raise the capacity"),
+            )));
+        }
+    }
+    // A key already enrolled elsewhere is moved, never duplicated.
+    tx.execute("DELETE FROM nodes WHERE key_hash = ?1", [&key_hash[..]])?;
+    tx.execute(
+        "INSERT INTO nodes (device_id, role, key_hash, serial, mac, firmware, model, edition)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (device_id, role) DO UPDATE SET key_hash = excluded.key_hash,
+           serial = excluded.serial, mac = excluded.mac, firmware = excluded.firmware,
+           model = excluded.model, edition = excluded.edition, online = 0",
+        params![
+            device,
+            role,
+            &key_hash[..],
+            facts.serial,
+            facts.mac,
+            facts.firmware,
+            facts.model,
+            facts.edition
+        ],
+    )?;
+    tx.execute(
+        "UPDATE devices SET activated_at = COALESCE(activated_at, ?2) WHERE id = ?1",
+        params![device, now()],
+    )?;
+    Ok(Ok(()))
 }
 
 fn insert_code(tx: &rusqlite::Transaction<'_>, device: &str, ttl: Duration) -> Result<String> {

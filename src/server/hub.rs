@@ -38,36 +38,40 @@ pub struct Link {
     settings_tx: mpsc::UnboundedSender<DeviceSettings>,
 }
 
-/// Connected devices by id.
+/// Connected nodes by (device id, role): the newest connection wins per node, and the two
+/// nodes of a Hot Standby pair do not displace each other.
 #[derive(Default)]
 pub struct Hub {
-    links: Mutex<HashMap<String, Arc<Link>>>,
+    links: Mutex<HashMap<(String, String), Arc<Link>>>,
     generation: AtomicU64,
 }
 
 impl Hub {
-    /// The live link of `device`.
+    /// The node of `device` that visits go to: a lone node, else the primary, else any.
     pub fn get(&self, device: &str) -> Option<Arc<Link>> {
-        self.lock().get(device).cloned()
+        let links = self.lock();
+        ["single", "primary", "secondary"]
+            .iter()
+            .find_map(|role| links.get(&(device.to_string(), role.to_string())))
+            .cloned()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Link>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<Link>>> {
         // Invariant: no panics inside the short critical sections below.
         self.links.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn register(&self, link: Arc<Link>) -> Option<Arc<Link>> {
-        self.lock().insert(link.device_id.clone(), link)
+        self.lock()
+            .insert((link.device_id.clone(), link.role.clone()), link)
     }
 
     /// Removes the link if it is still the current one; true if it was.
-    fn deregister(&self, device: &str, generation: u64) -> bool {
+    fn deregister(&self, device: &str, role: &str, generation: u64) -> bool {
         let mut links = self.lock();
-        if links
-            .get(device)
-            .is_some_and(|l| l.generation == generation)
-        {
-            links.remove(device);
+        let key = (device.to_string(), role.to_string());
+        if links.get(&key).is_some_and(|l| l.generation == generation) {
+            links.remove(&key);
             true
         } else {
             false
@@ -172,6 +176,11 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
         );
         return Ok(());
     }
+    if let Some((reason, message)) = state.db.check_identity(&device, &facts)? {
+        tracing::warn!(%peer, %message, "device identity mismatch refused");
+        refuse(&conn, reason, &message);
+        return Ok(());
+    }
     let Some(flags) = state.db.flags(&device)? else {
         refuse(
             &conn,
@@ -233,7 +242,7 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
             }
         }
     };
-    if state.hub.deregister(&device, link.generation) {
+    if state.hub.deregister(&device, &role, link.generation) {
         state.db.node_disconnected(&device, &role)?;
         tracing::info!(%reason, "device disconnected");
     }
