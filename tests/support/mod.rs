@@ -432,6 +432,15 @@ pub struct TestAgent {
 impl TestAgent {
     /// Starts an agent with the config text written to `dir/agent.toml`.
     pub fn start(dir: &Path, toml: &str) -> TestAgent {
+        Self::start_with_clock(dir, toml, pbx_remote::agent::clock::Clock::default())
+    }
+
+    /// Like `start`, with a clock the test controls.
+    pub fn start_with_clock(
+        dir: &Path,
+        toml: &str,
+        clock: pbx_remote::agent::clock::Clock,
+    ) -> TestAgent {
         std::fs::create_dir_all(dir).unwrap();
         let path = dir.join("agent.toml");
         std::fs::write(&path, toml).unwrap();
@@ -441,7 +450,6 @@ impl TestAgent {
             pbx_remote::agent::initial_status(&config),
         );
         let stop = CancellationToken::new();
-        let clock = pbx_remote::agent::clock::Clock::default();
         let task = tokio::spawn(pbx_remote::agent::run_with_clock(
             config,
             status.clone(),

@@ -1,0 +1,444 @@
+//! Enrolment and fleet rules: email activation, device checks, capacity, removal, clock.
+
+mod support;
+
+use pbx_remote::protocol::Reason;
+use pbx_remote::server::db::{DeviceChanges, NewDevice};
+use pbx_remote::status::State;
+use std::time::Duration;
+use support::*;
+
+const PROVIDER: &str = "provider@example.com";
+const PROVIDER_PW: &str = "Provider-Passw0rd-9";
+
+fn email_toml(
+    server: &TestServer,
+    portal: &str,
+    dir: &std::path::Path,
+    email: &str,
+    password: &str,
+) -> String {
+    agent_toml(server.tunnel, &server.pin, "UNUSED", portal, dir, "").replace(
+        "method = \"auth_code\"\nauth_code = \"UNUSED\"",
+        &format!("method = \"email\"\nemail = \"{email}\"\npassword = \"{password}\""),
+    )
+}
+
+fn grep_dir(dir: &std::path::Path, needle: &str) -> Vec<std::path::PathBuf> {
+    let mut hits = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    let mut files = 0;
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files += 1;
+                let bytes = std::fs::read(&p).unwrap();
+                if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                    hits.push(p);
+                }
+            }
+        }
+    }
+    assert!(files > 0, "searched no files in {}", dir.display());
+    hits
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn email_activation_creates_the_device_and_forgets_the_password() {
+    let server = TestServer::start().await;
+    let portal = PortalFixture::start().await;
+    pbx_remote::server::admin::account_add(&server.data_dir(), PROVIDER, PROVIDER_PW).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(
+        tmp.path(),
+        &email_toml(&server, &portal.url(), tmp.path(), PROVIDER, PROVIDER_PW),
+    );
+    let s = agent.connected().await;
+    let device = server
+        .db()
+        .device(s.device_id.as_deref().unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(device.name, "Test SN0001");
+    assert_eq!(device.nodes[0].serial.as_deref(), Some("SN0001"));
+    // Used once: neither the agent's state nor the server's data holds it.
+    assert!(grep_dir(&tmp.path().join("state"), PROVIDER_PW).is_empty());
+    assert!(grep_dir(&server.data_dir(), PROVIDER_PW).is_empty());
+    // The password may now be removed from the file: the credential carries on.
+    let toml = std::fs::read_to_string(tmp.path().join("agent.toml"))
+        .unwrap()
+        .replace(&format!("password = \"{PROVIDER_PW}\""), "");
+    agent.shutdown().await;
+    let again = TestAgent::start(tmp.path(), &toml);
+    again.connected().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_provider_password_fails_once_and_waits() {
+    let server = TestServer::start().await;
+    pbx_remote::server::admin::account_add(&server.data_dir(), PROVIDER, PROVIDER_PW).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(
+        tmp.path(),
+        &email_toml(
+            &server,
+            "http://127.0.0.1:9",
+            tmp.path(),
+            PROVIDER,
+            "Wrong-Passw0rd-1",
+        ),
+    );
+    let s = agent
+        .wait(Duration::from_secs(10), |s| s.state == State::Failed)
+        .await;
+    assert_eq!(s.reason, Some(Reason::BadCredentials));
+    assert!(s.message.unwrap().contains("activation.password"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        agent.status.get().state,
+        State::Failed,
+        "no automatic retry with the same password"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn account_failures_lock_per_email_and_source_only() {
+    use base64::Engine;
+    let server = TestServer::start().await;
+    pbx_remote::server::admin::account_add(&server.data_dir(), PROVIDER, PROVIDER_PW).unwrap();
+    let pin = pbx_remote::config::parse_pin(&server.pin).unwrap();
+    let client_from = |ip: &str| {
+        let tls = pbx_remote::tls::client_config(
+            &pbx_remote::tls::ServerTrust::Pin(pin),
+            &[b"http/1.1"],
+            None,
+        )
+        .unwrap();
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+            .build()
+            .unwrap()
+    };
+    let attempt = |c: reqwest::Client, pw: &str| {
+        let key = pbx_remote::tls::KeyIdentity::generate(&[]).unwrap();
+        let req = pbx_remote::protocol::ActivateRequest {
+            protocol_version: pbx_remote::protocol::PROTOCOL_VERSION,
+            agent_version: "t".into(),
+            proof: pbx_remote::protocol::ActivationProof::Email {
+                email: PROVIDER.into(),
+                password: pbx_remote::secret::Secret::new(pw),
+            },
+            device_public_key: base64::engine::general_purpose::STANDARD.encode(key.spki_der()),
+            facts: pbx_remote::protocol::DeviceFacts {
+                edition: "software".into(),
+                firmware: "83.19.0.110".into(),
+                model: "m".into(),
+                serial: "S1".into(),
+                mac: "02:00:00:00:00:01".into(),
+                ha_role: None,
+            },
+        };
+        let url = format!(
+            "https://{}{}",
+            server.tunnel,
+            pbx_remote::protocol::ACTIVATE_PATH
+        );
+        async move {
+            let r = c.post(url).json(&req).send().await.unwrap();
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap();
+            (status, body)
+        }
+    };
+    let attacker = client_from("127.0.0.1");
+    for _ in 0..pbx_remote::server::api::MAX_ACCOUNT_FAILURES {
+        let (_, b) = attempt(attacker.clone(), "Guess-Passw0rd-1").await;
+        assert_eq!(b["code"], "bad_credentials");
+    }
+    let (status, b) = attempt(attacker.clone(), PROVIDER_PW).await;
+    assert_eq!(status, 429);
+    assert_eq!(b["code"], "rate_limited");
+    assert!(
+        b["message"]
+            .as_str()
+            .unwrap()
+            .contains("try again in 15 minutes"),
+        "{b}"
+    );
+    // The provider's own PBX elsewhere is not locked out by someone knowing the email.
+    let (status, b) = attempt(client_from("127.0.0.2"), PROVIDER_PW).await;
+    assert_eq!(status, 200, "{b}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serial_and_mac_are_checked_at_activation_and_every_connection() {
+    let server = TestServer::start().await;
+    let (device, code) = server
+        .db()
+        .add_device(&NewDevice {
+            name: "Pinned".into(),
+            serial: Some("OTHER-SN".into()),
+            mac: Some("02:00:00:00:00:99".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let toml = agent_toml(
+        server.tunnel,
+        &server.pin,
+        &code,
+        "http://127.0.0.1:9",
+        tmp.path(),
+        "",
+    );
+    let agent = TestAgent::start(tmp.path(), &toml);
+    let s = agent
+        .wait(Duration::from_secs(10), |s| s.state == State::Failed)
+        .await;
+    assert_eq!(s.reason, Some(Reason::DeviceMismatch));
+    let msg = s.message.unwrap();
+    for needle in [
+        "OTHER-SN",
+        "02:00:00:00:00:99",
+        "SN0001",
+        "02:00:00:00:00:01",
+    ] {
+        assert!(msg.contains(needle), "{msg} lacks {needle}");
+    }
+    agent.shutdown().await;
+
+    // Corrected on the CM: the same (unspent) code works.
+    let dir = server.data_dir();
+    let fix = DeviceChanges {
+        serial: Some("SN0001".into()),
+        mac: Some("02-00-00-00-00-01".into()),
+        ..Default::default()
+    };
+    pbx_remote::server::admin::device_set(&dir, &device, &fix).unwrap();
+    let agent = TestAgent::start(tmp.path(), &toml);
+    agent.connected().await;
+
+    // Changed again while connected: the next connection is refused with the reason.
+    let swap = DeviceChanges {
+        serial: Some("REPLACED-SN".into()),
+        ..Default::default()
+    };
+    pbx_remote::server::admin::device_set(&dir, &device, &swap).unwrap();
+    agent.shutdown().await;
+    let agent = TestAgent::start(tmp.path(), &toml);
+    let s = agent
+        .wait(Duration::from_secs(10), |s| {
+            s.reason == Some(Reason::DeviceMismatch)
+        })
+        .await;
+    assert!(s.message.unwrap().contains("REPLACED-SN"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unusable_macs_are_clear_errors() {
+    let server = TestServer::start().await;
+    let (_, code) = server.add_device(false);
+    let tmp = tempfile::tempdir().unwrap();
+    for (iface, needle) in [
+        ("nosuchif0", "cannot read /sys/class/net/nosuchif0/address"),
+        ("lo", "no usable MAC"),
+    ] {
+        let toml = agent_toml(
+            server.tunnel,
+            &server.pin,
+            &code,
+            "http://127.0.0.1:9",
+            &tmp.path().join(iface),
+            "",
+        )
+        .replace(
+            "mac = \"02:00:00:00:00:01\"",
+            &format!("mac_interface = \"{iface}\""),
+        );
+        let agent = TestAgent::start(&tmp.path().join(iface), &toml);
+        let s = agent
+            .wait(Duration::from_secs(10), |s| s.state == State::Failed)
+            .await;
+        let msg = s.message.unwrap();
+        assert!(
+            msg.contains("pbx.mac_interface") && msg.contains(needle),
+            "{msg}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn capacity_counts_activated_devices() {
+    let server = TestServer::start().await;
+    pbx_remote::server::admin::capacity_set(&server.data_dir(), "1").unwrap();
+    let (_, first) = server.add_device(false);
+    let (_, second) = server.add_device(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let a = TestAgent::start(
+        &tmp.path().join("a"),
+        &agent_toml(
+            server.tunnel,
+            &server.pin,
+            &first,
+            "http://127.0.0.1:9",
+            &tmp.path().join("a"),
+            "",
+        ),
+    );
+    a.connected().await;
+    let b = TestAgent::start(
+        &tmp.path().join("b"),
+        &agent_toml(
+            server.tunnel,
+            &server.pin,
+            &second,
+            "http://127.0.0.1:9",
+            &tmp.path().join("b"),
+            "",
+        ),
+    );
+    let s = b
+        .wait(Duration::from_secs(10), |s| s.state == State::Failed)
+        .await;
+    assert_eq!(s.reason, Some(Reason::CapacityExceeded));
+    assert!(s.message.unwrap().contains("1 device slots"));
+    let list = pbx_remote::server::admin::device_list(&server.data_dir(), false).unwrap();
+    assert!(list.contains("slots used 1/1"), "{list}");
+    // Adding devices and codes ahead stays allowed.
+    server.add_device(false);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_device_forgets_its_credential_and_stays_removed_across_restarts() {
+    let w = World::start(false, "").await;
+    pbx_remote::server::admin::device_remove(&w.server.data_dir(), &w.device).unwrap();
+    w.agent
+        .wait(Duration::from_secs(5), |s| {
+            s.reason == Some(Reason::DeviceRemoved)
+        })
+        .await;
+    let state = w.agent.dir.join("state");
+    assert!(!state.join("credential.json").exists() && !state.join("device.key").exists());
+    let toml = std::fs::read_to_string(w.agent.dir.join("agent.toml")).unwrap();
+    let dir = w.agent.dir.clone();
+    w.agent.shutdown().await;
+
+    let again = TestAgent::start(&dir, &toml);
+    let s = again
+        .wait(Duration::from_secs(5), |s| s.state == State::Failed)
+        .await;
+    assert_eq!(
+        s.reason,
+        Some(Reason::DeviceRemoved),
+        "not code_used: {s:?}"
+    );
+    assert!(s.message.unwrap().contains("new authentication code"));
+    again.shutdown().await;
+
+    // A new code re-enrols.
+    let (_, code) = w.server.add_device(false);
+    let old_code = toml
+        .split("auth_code = \"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    let fresh = TestAgent::start(&dir, &toml.replace(&old_code, &code));
+    fresh.connected().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clock_without_ntp_reads_clock_unsynced_and_recovers() {
+    let server = TestServer::start().await;
+    let (_, code) = server.add_device(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = pbx_remote::agent::clock::Clock::default();
+    clock.skew_wall_clock(-20 * 365 * 86_400);
+    let agent = TestAgent::start_with_clock(
+        tmp.path(),
+        &agent_toml(
+            server.tunnel,
+            &server.pin,
+            &code,
+            "http://127.0.0.1:9",
+            tmp.path(),
+            "",
+        ),
+        clock.clone(),
+    );
+    let s = agent
+        .wait(Duration::from_secs(5), |s| {
+            s.reason == Some(Reason::ClockUnsynced)
+        })
+        .await;
+    assert_eq!(s.state, State::Reconnecting, "retried, not terminal");
+    assert!(s.message.unwrap().contains("NTP"));
+    clock.skew_wall_clock(0);
+    agent
+        .wait(Duration::from_secs(20), |s| s.state == State::Connected)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn both_hot_standby_nodes_enrol_with_one_code_under_one_device() {
+    let server = TestServer::start().await;
+    pbx_remote::server::admin::capacity_set(&server.data_dir(), "1").unwrap();
+    let (device, code) = server.add_device(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut agents = vec![];
+    for role in ["primary", "secondary"] {
+        let dir = tmp.path().join(role);
+        let ha = format!(
+            "\n[ha]\nrole = \"{role}\"\nstate_file = \"{}\"\n",
+            dir.join("ha-state").display()
+        );
+        let toml = agent_toml(
+            server.tunnel,
+            &server.pin,
+            &code,
+            "http://127.0.0.1:9",
+            &dir,
+            &ha,
+        );
+        let a = TestAgent::start(&dir, &toml);
+        a.connected().await;
+        agents.push(a);
+    }
+    let d = server.db().device(&device).unwrap().unwrap();
+    let roles: Vec<_> = d.nodes.iter().map(|n| n.role.as_str()).collect();
+    assert_eq!(roles, ["primary", "secondary"]);
+    assert!(
+        d.nodes.iter().all(|n| n.online),
+        "neither node displaces the other"
+    );
+    assert_eq!(
+        server.db().capacity().unwrap(),
+        (1, Some(1)),
+        "a pair holds one slot"
+    );
+    // The code is spent for anyone else.
+    let third = TestAgent::start(
+        &tmp.path().join("x"),
+        &agent_toml(
+            server.tunnel,
+            &server.pin,
+            &code,
+            "http://127.0.0.1:9",
+            &tmp.path().join("x"),
+            "",
+        ),
+    );
+    assert_eq!(
+        third
+            .wait(Duration::from_secs(10), |s| s.state == State::Failed)
+            .await
+            .reason,
+        Some(Reason::CodeUsed)
+    );
+}
