@@ -236,6 +236,9 @@ pub enum Control {
         agent_version: String,
         /// Device facts.
         facts: DeviceFacts,
+        /// Hot Standby state ("active"/"standby") of this node, when it is one.
+        #[serde(default)]
+        ha_state: Option<String>,
     },
     /// Server → agent, answer to hello.
     Welcome {
@@ -253,6 +256,9 @@ pub enum Control {
     },
     /// Agent → server, every heartbeat: liveness and telemetry.
     Heartbeat {
+        /// Hot Standby state, re-read every heartbeat so a failover shows within one.
+        #[serde(default)]
+        ha_state: Option<String>,
         /// Free-form telemetry (issue #5 fills it).
         #[serde(default)]
         telemetry: serde_json::Value,
@@ -340,6 +346,7 @@ mod tests {
     async fn frames_round_trip_over_a_duplex() {
         let (mut a, mut b) = tokio::io::duplex(1024);
         let hello = Control::Heartbeat {
+            ha_state: None,
             telemetry: serde_json::json!({"cpu": 1}),
         };
         write_frame(&mut a, &hello).await.unwrap();

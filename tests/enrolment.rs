@@ -306,7 +306,7 @@ async fn capacity_counts_activated_devices() {
         .await;
     assert_eq!(s.reason, Some(Reason::CapacityExceeded));
     assert!(s.message.unwrap().contains("1 device slots"));
-    let list = pbx_remote::server::admin::device_list(&server.data_dir(), false).unwrap();
+    let list = pbx_remote::server::admin::device_list(&server.data_dir(), None, false).unwrap();
     assert!(list.contains("slots used 1/1"), "{list}");
     // Adding devices and codes ahead stays allowed.
     server.add_device(false);
@@ -440,5 +440,138 @@ async fn both_hot_standby_nodes_enrol_with_one_code_under_one_device() {
             .await
             .reason,
         Some(Reason::CodeUsed)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn visits_follow_the_active_hot_standby_node() {
+    let server = TestServer::start().await;
+    let (device, code) = server.add_device(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = vec![];
+    for (role, state) in [("primary", "active"), ("secondary", "standby")] {
+        let dir = tmp.path().join(role);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ha-state"), format!("{state}\n")).unwrap();
+        let portal = PortalFixture::start().await;
+        let ha = format!(
+            "\n[ha]\nrole = \"{role}\"\nstate_file = \"{}\"\n",
+            dir.join("ha-state").display()
+        );
+        let agent = TestAgent::start(
+            &dir,
+            &agent_toml(server.tunnel, &server.pin, &code, &portal.url(), &dir, &ha),
+        );
+        let s = agent.connected().await;
+        assert_eq!(s.ha_role.as_deref(), Some(role));
+        assert_eq!(s.ha_state.as_deref(), Some(state));
+        nodes.push((dir, portal, agent));
+    }
+    let hits = |i: usize| {
+        nodes[i]
+            .1
+            .log
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let url = server.visit(&device, "alice", false);
+    let mut v = Visitor::new(server.public, &device);
+    v.open_visit(&url).await;
+    v.login(USER, PASSWORD).await;
+    assert_eq!(v.get("/").await.status(), 200);
+    assert_eq!((hits(0), hits(1)), (1, 0), "the active primary serves");
+    let shown = pbx_remote::server::admin::device_show(&server.data_dir(), &device, false).unwrap();
+    assert!(
+        shown.contains("node primary (active)") && shown.contains("node secondary (standby)"),
+        "{shown}"
+    );
+
+    // Failover: the secondary becomes active; reported within a heartbeat (1 s here).
+    std::fs::write(nodes[0].0.join("ha-state"), "standby\n").unwrap();
+    std::fs::write(nodes[1].0.join("ha-state"), "active\n").unwrap();
+    let t0 = std::time::Instant::now();
+    let mut routed = false;
+    while t0.elapsed() < Duration::from_secs(5) {
+        // Sessions live on a node: after failover the visitor logs in on the new one.
+        if v.get("/__remote/session").await.status() == 401 {
+            routed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(routed, "visits did not follow the failover");
+    v.login(USER, PASSWORD).await;
+    assert_eq!(v.get("/").await.status(), 200);
+    assert_eq!(hits(1), 1, "the new active node serves");
+
+    // One node down: the pair is flagged.
+    let (_, _, agent) = nodes.remove(0);
+    agent.shutdown().await;
+    let mut warned = false;
+    for _ in 0..50 {
+        if server
+            .db()
+            .device(&device)
+            .unwrap()
+            .unwrap()
+            .warning
+            .is_some()
+        {
+            warned = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(warned, "a pair with one reachable node is flagged");
+}
+
+#[test]
+fn device_show_json_and_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let new = |name: &str, group: Option<&str>| NewDevice {
+        name: name.into(),
+        group: group.map(str::to_string),
+        comment: Some("rack 3".into()),
+        allow_passwordless: true,
+        ..Default::default()
+    };
+    let out =
+        pbx_remote::server::admin::device_add(data, &new("Acme HQ", Some("acme")), true).unwrap();
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["device_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    pbx_remote::server::admin::device_add(data, &new("Acme Branch", Some("acme")), true).unwrap();
+    pbx_remote::server::admin::device_add(data, &new("Other", None), true).unwrap();
+    let show: serde_json::Value =
+        serde_json::from_str(&pbx_remote::server::admin::device_show(data, &id, true).unwrap())
+            .unwrap();
+    for field in [
+        "id",
+        "name",
+        "group",
+        "comment",
+        "allow_passwordless",
+        "allow_provisioning",
+        "nodes",
+        "online",
+        "created_at",
+    ] {
+        assert!(show.get(field).is_some(), "{field} in {show}");
+    }
+    assert_eq!(show["group"], "acme");
+    assert_eq!(show["comment"], "rack 3");
+    let groups: serde_json::Value =
+        serde_json::from_str(&pbx_remote::server::admin::device_groups(data, true).unwrap())
+            .unwrap();
+    assert_eq!(
+        groups,
+        serde_json::json!([{"group": "", "devices": 1}, {"group": "acme", "devices": 2}])
+    );
+    let list = pbx_remote::server::admin::device_list(data, Some("acme"), false).unwrap();
+    assert!(
+        list.contains("Acme HQ") && list.contains("Acme Branch") && !list.contains("Other"),
+        "{list}"
     );
 }

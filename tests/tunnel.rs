@@ -56,7 +56,7 @@ async fn activation_stores_a_private_credential_and_the_page_loads() {
     assert!(resp.text().await.unwrap().contains("PBX portal home"));
 
     // The device list shows it online with its agent version.
-    let list = pbx_remote::server::admin::device_list(&w.server.data_dir(), false).unwrap();
+    let list = pbx_remote::server::admin::device_list(&w.server.data_dir(), None, false).unwrap();
     let line = list.lines().find(|l| l.starts_with(&w.device)).unwrap();
     assert!(
         line.contains("online") && line.contains(env!("CARGO_PKG_VERSION")),

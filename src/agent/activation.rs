@@ -74,6 +74,18 @@ pub fn device_facts(config: &AgentConfig) -> anyhow::Result<DeviceFacts> {
     })
 }
 
+/// This node's Hot Standby state from `[ha] state_file`: "active", "standby" or "unknown".
+pub fn ha_state(config: &AgentConfig) -> Option<String> {
+    let ha = config.ha.as_ref()?;
+    let state = std::fs::read_to_string(&ha.state_file)
+        .map(|s| s.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    Some(match state.as_str() {
+        "active" | "standby" => state,
+        _ => "unknown".to_string(),
+    })
+}
+
 /// Activates and stores the credential. Nothing is written unless the server accepted.
 pub async fn activate(
     config: &AgentConfig,

@@ -118,6 +118,7 @@ impl Tunnel {
             s.since = Some(now.clone());
             s.last_connected = Some(now.clone());
             s.device_id = Some(self.credential.device_id.clone());
+            s.ha_state = crate::agent::activation::ha_state(&self.config);
             s.rtt_ms = Some(conn.rtt().as_millis() as u64);
         });
         tracing::info!(device = %self.credential.device_id, server = %self.config.server.address, "tunnel connected");
@@ -128,7 +129,7 @@ impl Tunnel {
             self.proxy.gate.clone(),
             conn.clone(),
             (send, recv),
-            self.config.tunnel.heartbeat,
+            self.config.clone(),
             self.status.clone(),
             control_stop.clone(),
         ));
@@ -217,6 +218,7 @@ impl Tunnel {
                     protocol_version: PROTOCOL_VERSION,
                     agent_version: env!("CARGO_PKG_VERSION").to_string(),
                     facts: self.facts.clone(),
+                    ha_state: crate::agent::activation::ha_state(&self.config),
                 },
             )
             .await?;
@@ -345,24 +347,28 @@ async fn control_loop(
     gate: Arc<crate::agent::gate::Gate>,
     conn: quinn::Connection,
     (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
-    heartbeat: Duration,
+    config: Arc<AgentConfig>,
     status: StatusHandle,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(heartbeat);
+    let mut tick = tokio::time::interval(config.tunnel.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {
-                let hb = Control::Heartbeat { telemetry: serde_json::Value::Null };
+                let ha_state = crate::agent::activation::ha_state(&config);
+                let hb = Control::Heartbeat { ha_state: ha_state.clone(), telemetry: serde_json::Value::Null };
                 if let Err(e) = write_frame(&mut send, &hb).await {
                     tracing::debug!(error = %e, "heartbeat not sent");
                     return;
                 }
                 let rtt = conn.rtt().as_millis() as u64;
-                status.update(|s| s.rtt_ms = Some(rtt));
+                status.update(|s| {
+                    s.rtt_ms = Some(rtt);
+                    s.ha_state = ha_state;
+                });
             }
             frame = read_frame::<_, Control>(&mut recv) => match frame {
                 Ok(Some(Control::Settings { settings: new })) => {

@@ -168,6 +168,17 @@ enum DeviceCommand {
     List {
         #[command(flatten)]
         data: DataDir,
+        /// Only devices of this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List groups with their device counts.
+    Groups {
+        #[command(flatten)]
+        data: DataDir,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -330,7 +341,10 @@ fn dispatch(command: Command) -> anyhow::Result<String> {
                 };
                 admin::device_add(data.get()?, &new, json)
             }
-            DeviceCommand::List { data, json } => admin::device_list(data.get()?, json),
+            DeviceCommand::List { data, group, json } => {
+                admin::device_list(data.get()?, group.as_deref(), json)
+            }
+            DeviceCommand::Groups { data, json } => admin::device_groups(data.get()?, json),
             DeviceCommand::Show { data, device, json } => {
                 admin::device_show(data.get()?, &device, json)
             }

@@ -42,10 +42,14 @@ pub fn device_code(data_dir: &Path, device: &str, ttl: Duration, as_json: bool) 
     })
 }
 
-/// `device list`.
-pub fn device_list(data_dir: &Path, as_json: bool) -> Result<String> {
+/// `device list [--group G]`.
+pub fn device_list(data_dir: &Path, group: Option<&str>, as_json: bool) -> Result<String> {
     let db = Db::open(data_dir)?;
-    let devices = db.list_devices()?;
+    let devices: Vec<Device> = db
+        .list_devices()?
+        .into_iter()
+        .filter(|d| group.is_none_or(|g| d.group.as_deref() == Some(g)))
+        .collect();
     if as_json {
         return Ok(serde_json::to_string_pretty(&devices)?);
     }
@@ -99,10 +103,17 @@ fn show_text(d: &Device) -> String {
         ts(Some(d.created_at)),
         ts(d.activated_at),
     );
+    if let Some(w) = &d.warning {
+        out.push_str(&format!("warning:            {w}\n"));
+    }
     for n in &d.nodes {
         out.push_str(&format!(
-            "node {}: {} serial {} mac {} firmware {} agent {} last seen {}\n",
+            "node {}{}: {} serial {} mac {} firmware {} agent {} last seen {}\n",
             n.role,
+            n.ha_state
+                .as_deref()
+                .map(|s| format!(" ({s})"))
+                .unwrap_or_default(),
             if n.online { "online" } else { "offline" },
             n.serial.as_deref().unwrap_or("-"),
             n.mac.as_deref().unwrap_or("-"),
@@ -112,6 +123,25 @@ fn show_text(d: &Device) -> String {
         ));
     }
     out
+}
+
+/// `device groups`: each group with its device count.
+pub fn device_groups(data_dir: &Path, as_json: bool) -> Result<String> {
+    let mut groups: std::collections::BTreeMap<String, usize> = Default::default();
+    for d in Db::open(data_dir)?.list_devices()? {
+        *groups.entry(d.group.unwrap_or_default()).or_default() += 1;
+    }
+    if as_json {
+        let list: Vec<_> = groups
+            .iter()
+            .map(|(g, n)| json!({"group": g, "devices": n}))
+            .collect();
+        return Ok(serde_json::to_string_pretty(&list)?);
+    }
+    Ok(groups
+        .iter()
+        .map(|(g, n)| format!("{:<24} {n}\n", if g.is_empty() { "(none)" } else { g }))
+        .collect())
 }
 
 /// `device show`.

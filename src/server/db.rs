@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     key_hash BLOB NOT NULL UNIQUE,
     serial TEXT, mac TEXT, firmware TEXT, model TEXT, edition TEXT,
     agent_version TEXT,
+    ha_state TEXT,
     online INTEGER NOT NULL DEFAULT 0,
     connected_at INTEGER,
     last_seen INTEGER,
@@ -115,6 +116,9 @@ pub struct Device {
     pub nodes: Vec<Node>,
     /// Any node online.
     pub online: bool,
+    /// Something the provider should know (e.g. one node of a pair unreachable).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// One enrolled machine of a device.
@@ -132,6 +136,8 @@ pub struct Node {
     pub model: Option<String>,
     /// Agent version.
     pub agent_version: Option<String>,
+    /// Hot Standby state ("active"/"standby") as last reported.
+    pub ha_state: Option<String>,
     /// Online now.
     pub online: bool,
     /// Last heartbeat (Unix seconds).
@@ -218,6 +224,13 @@ impl Db {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)
             .with_context(|| format!("{}: cannot create schema", path.display()))?;
+        // Columns added after the first schema; "duplicate column" just means already there.
+        for alter in [
+            "ALTER TABLE codes ADD COLUMN used_role TEXT",
+            "ALTER TABLE nodes ADD COLUMN ha_state TEXT",
+        ] {
+            let _ = conn.execute(alter, []);
+        }
         Ok(Db {
             conn: Mutex::new(conn),
         })
@@ -303,11 +316,12 @@ impl Db {
                         activated_at: r.get(9)?,
                         nodes: vec![],
                         online: false,
+                        warning: None,
                     })
                 })?
                 .collect::<Result<_, _>>()?;
             let mut stmt = c.prepare(
-                "SELECT role, serial, mac, firmware, model, agent_version, online, last_seen FROM nodes WHERE device_id = ?1 ORDER BY role",
+                "SELECT role, serial, mac, firmware, model, agent_version, online, last_seen, ha_state FROM nodes WHERE device_id = ?1 ORDER BY role",
             )?;
             let fresh = now() - ONLINE_WINDOW.as_secs() as i64;
             for d in &mut devices {
@@ -322,12 +336,18 @@ impl Db {
                             firmware: r.get(3)?,
                             model: r.get(4)?,
                             agent_version: r.get(5)?,
+                            ha_state: r.get(8)?,
                             online: online && last_seen.is_some_and(|t| t >= fresh),
                             last_seen,
                         })
                     })?
                     .collect::<Result<_, _>>()?;
                 d.online = d.nodes.iter().any(|n| n.online);
+                let pair = d.nodes.iter().any(|n| n.role != "single");
+                let reachable = d.nodes.iter().filter(|n| n.online).count();
+                if pair && reachable == 1 {
+                    d.warning = Some("only one node of the Hot Standby pair is reachable".into());
+                }
             }
             Ok(devices)
         })
@@ -554,24 +574,25 @@ impl Db {
         role: &str,
         facts: &DeviceFacts,
         agent_version: &str,
+        ha_state: Option<&str>,
     ) -> Result<()> {
         self.with(|c| {
             c.execute(
                 "UPDATE nodes SET online = 1, connected_at = ?3, last_seen = ?3, agent_version = ?4,
-                   serial = ?5, mac = ?6, firmware = ?7, model = ?8, edition = ?9
+                   serial = ?5, mac = ?6, firmware = ?7, model = ?8, edition = ?9, ha_state = ?10
                  WHERE device_id = ?1 AND role = ?2",
-                params![device, role, now(), agent_version, facts.serial, facts.mac, facts.firmware, facts.model, facts.edition],
+                params![device, role, now(), agent_version, facts.serial, facts.mac, facts.firmware, facts.model, facts.edition, ha_state],
             )?;
             Ok(())
         })
     }
 
     /// Records a heartbeat.
-    pub fn node_seen(&self, device: &str, role: &str) -> Result<()> {
+    pub fn node_seen(&self, device: &str, role: &str, ha_state: Option<&str>) -> Result<()> {
         self.with(|c| {
             c.execute(
-                "UPDATE nodes SET last_seen = ?3, online = 1 WHERE device_id = ?1 AND role = ?2",
-                params![device, role, now()],
+                "UPDATE nodes SET last_seen = ?3, online = 1, ha_state = ?4 WHERE device_id = ?1 AND role = ?2",
+                params![device, role, now(), ha_state],
             )?;
             Ok(())
         })

@@ -34,6 +34,7 @@ pub struct Link {
     /// Request streams in use (try_acquire fails → 503).
     pub streams: Arc<Semaphore>,
     key_hash: [u8; 32],
+    ha_state: Mutex<Option<String>>,
     flags: Mutex<DeviceFlags>,
     settings_tx: mpsc::UnboundedSender<DeviceSettings>,
 }
@@ -47,13 +48,18 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// The node of `device` that visits go to: a lone node, else the primary, else any.
+    /// The node of `device` that visits go to: the one reporting "active", else a lone node,
+    /// else the primary, else any.
     pub fn get(&self, device: &str) -> Option<Arc<Link>> {
         let links = self.lock();
-        ["single", "primary", "secondary"]
+        let nodes: Vec<&Arc<Link>> = ["single", "primary", "secondary"]
             .iter()
-            .find_map(|role| links.get(&(device.to_string(), role.to_string())))
-            .cloned()
+            .filter_map(|role| links.get(&(device.to_string(), role.to_string())))
+            .collect();
+        let active = nodes
+            .iter()
+            .find(|l| lock(&l.ha_state).as_deref() == Some("active"));
+        active.or(nodes.first()).map(|l| Arc::clone(l))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<Link>>> {
@@ -163,6 +169,7 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
         protocol_version,
         agent_version,
         facts,
+        ha_state,
     }) = hello
     else {
         refuse(&conn, Reason::ProtocolMismatch, "expected hello");
@@ -191,7 +198,7 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
     };
     state
         .db
-        .node_connected(&device, &role, &facts, &agent_version)?;
+        .node_connected(&device, &role, &facts, &agent_version, ha_state.as_deref())?;
     let (settings_tx, mut settings_rx) = mpsc::unbounded_channel();
     let link = Arc::new(Link {
         device_id: device.clone(),
@@ -200,6 +207,7 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
         generation: state.hub.generation.fetch_add(1, Ordering::Relaxed),
         streams: Arc::new(Semaphore::new(MAX_REQUEST_STREAMS as usize)),
         key_hash,
+        ha_state: Mutex::new(ha_state.clone()),
         flags: Mutex::new(flags.clone()),
         settings_tx,
     });
@@ -227,8 +235,15 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
         tokio::select! {
             e = conn.closed() => break e.to_string(),
             frame = read_frame::<_, Control>(&mut recv) => match frame {
-                Ok(Some(Control::Heartbeat { .. })) => {
-                    if let Err(e) = state.db.node_seen(&device, &role) {
+                Ok(Some(Control::Heartbeat { ha_state, .. })) => {
+                    let changed = {
+                        let mut current = lock(&link.ha_state);
+                        std::mem::replace(&mut *current, ha_state.clone()) != ha_state
+                    };
+                    if changed {
+                        tracing::warn!(ha_state = ?ha_state, "hot standby state changed; visits follow the active node");
+                    }
+                    if let Err(e) = state.db.node_seen(&device, &role, ha_state.as_deref()) {
                         tracing::warn!(error = %format!("{e:#}"), "cannot record heartbeat");
                     }
                     write_frame(&mut send, &Control::HeartbeatAck { server_time_ms: crate::protocol::now_ms() }).await?;
@@ -247,6 +262,11 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
         tracing::info!(%reason, "device disconnected");
     }
     Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Invariant: no panics while these short-lived locks are held.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn refuse(conn: &quinn::Connection, reason: Reason, message: &str) {
