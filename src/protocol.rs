@@ -268,7 +268,26 @@ pub enum Control {
         /// Server clock, ms since the Unix epoch.
         server_time_ms: u64,
     },
+    /// Server → agent: a provisioning template to hand to the PBX's apply unit.
+    Provision {
+        /// Task name, `Provision-{device name}-{serial}`.
+        task: String,
+        /// Template text (at most [`MAX_TEMPLATE`] bytes).
+        template: String,
+    },
+    /// Agent → server: what became of a provisioning task.
+    ProvisionResult {
+        /// Task name.
+        task: String,
+        /// `executing`, `finished`, `failed` or `unsupported`.
+        state: String,
+        /// Tail of the apply output, or why.
+        output: String,
+    },
 }
+
+/// Largest provisioning template (it travels in one control frame).
+pub const MAX_TEMPLATE: usize = 48 * 1024;
 
 /// Written by the front at the start of every request stream, before the HTTP bytes.
 #[derive(Debug, Clone, Serialize, Deserialize)]

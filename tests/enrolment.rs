@@ -575,3 +575,177 @@ fn device_show_json_and_groups() {
         "{list}"
     );
 }
+
+fn provisioned_device(server: &TestServer) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("t.xml");
+    std::fs::write(&template, "<config><ext>100</ext></config>").unwrap();
+    let out = pbx_remote::server::admin::device_add(
+        &server.data_dir(),
+        &NewDevice {
+            name: "Prov PBX".into(),
+            allow_provisioning: true,
+            template: Some(std::fs::read_to_string(&template).unwrap()),
+            serial: Some("SN0001".into()),
+            mac: Some("02:00:00:00:00:01".into()),
+            ..Default::default()
+        },
+        true,
+    )
+    .unwrap();
+    serde_json::from_str::<serde_json::Value>(&out)
+        .unwrap()
+        .to_string()
+}
+
+fn task_state(server: &TestServer, device: &str) -> (String, Option<String>) {
+    let t = server
+        .db()
+        .device(device)
+        .unwrap()
+        .unwrap()
+        .provisioning
+        .unwrap();
+    (t.state, t.output)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn provisioning_templates_are_dropped_once_and_results_reported() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = TestServer::start().await;
+    let added: serde_json::Value = serde_json::from_str(&provisioned_device(&server)).unwrap();
+    let (device, code) = (
+        added["device_id"].as_str().unwrap().to_string(),
+        added["auth_code"].as_str().unwrap().to_string(),
+    );
+    assert_eq!(task_state(&server, &device).0, "pending");
+    let tmp = tempfile::tempdir().unwrap();
+    let drop_dir = tmp.path().join("drop");
+    let extra = format!("\n[provisioning]\ndrop_dir = \"{}\"\n", drop_dir.display());
+    let toml = agent_toml(
+        server.tunnel,
+        &server.pin,
+        &code,
+        "http://127.0.0.1:9",
+        tmp.path(),
+        &extra,
+    );
+    let agent = TestAgent::start(tmp.path(), &toml);
+    agent.connected().await;
+    let file = drop_dir.join("Provision-Prov_PBX-SN0001.template");
+    let mut dropped = false;
+    for _ in 0..100 {
+        if file.exists() {
+            dropped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(dropped, "template not dropped");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "<config><ext>100</ext></config>"
+    );
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(task_state(&server, &device).0, "executing");
+
+    // The root unit's part, played by the test: apply and write the result.
+    std::fs::write(
+        drop_dir.join("Provision-Prov_PBX-SN0001.result"),
+        r#"{"status": "ok", "output": "backup ok\napplied 1 extension"}"#,
+    )
+    .unwrap();
+    let mut finished = None;
+    for _ in 0..100 {
+        let (state, output) = task_state(&server, &device);
+        if state == "finished" {
+            finished = output;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(finished.as_deref(), Some("backup ok\napplied 1 extension"));
+
+    // Never applied twice: a restart does not drop the template again.
+    std::fs::remove_file(&file).unwrap();
+    agent.shutdown().await;
+    let again = TestAgent::start(tmp.path(), &toml);
+    again.connected().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!file.exists());
+    assert_eq!(task_state(&server, &device).0, "finished");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_provisioning_section_nothing_reaches_the_pbx() {
+    let server = TestServer::start().await;
+    let added: serde_json::Value = serde_json::from_str(&provisioned_device(&server)).unwrap();
+    let (device, code) = (
+        added["device_id"].as_str().unwrap().to_string(),
+        added["auth_code"].as_str().unwrap().to_string(),
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(
+        tmp.path(),
+        &agent_toml(
+            server.tunnel,
+            &server.pin,
+            &code,
+            "http://127.0.0.1:9",
+            tmp.path(),
+            "",
+        ),
+    );
+    agent.connected().await;
+    let mut state = String::new();
+    for _ in 0..100 {
+        state = task_state(&server, &device).0;
+        if state == "unsupported" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(state, "unsupported");
+    assert!(task_state(&server, &device)
+        .1
+        .unwrap()
+        .contains("not enabled"));
+}
+
+#[test]
+fn the_apply_script_backs_up_applies_and_writes_a_result_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let drop = dir.path().join("drop");
+    std::fs::create_dir(&drop).unwrap();
+    std::fs::write(drop.join("t1.template"), "cfg").unwrap();
+    let log = dir.path().join("log");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/provision-apply");
+    let run = || {
+        std::process::Command::new(script)
+            .arg(&drop)
+            .env(
+                "PBX_BACKUP_CMD",
+                format!("echo backup >> {}", log.display()),
+            )
+            .env(
+                "PBX_APPLY_CMD",
+                format!("echo \"apply \\\"x\\\"\" >> {} && cat", log.display()),
+            )
+            .status()
+            .unwrap()
+    };
+    assert!(run().success());
+    assert!(run().success());
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(drop.join("t1.result")).unwrap()).unwrap();
+    assert_eq!(result["status"], "ok");
+    assert_eq!(result["output"], "cfg");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "backup\napply \"x\"\n",
+        "applied exactly once"
+    );
+}

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod gate;
 pub mod lockout;
 pub mod portal;
+pub mod provision;
 pub mod proxy;
 pub mod state;
 pub mod tunnel;

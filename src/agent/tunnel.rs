@@ -351,6 +351,7 @@ async fn control_loop(
     status: StatusHandle,
     stop: CancellationToken,
 ) {
+    let provisioner = crate::agent::provision::Provisioner::new(&config);
     let mut tick = tokio::time::interval(config.tunnel.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -363,6 +364,11 @@ async fn control_loop(
                 if let Err(e) = write_frame(&mut send, &hb).await {
                     tracing::debug!(error = %e, "heartbeat not sent");
                     return;
+                }
+                for report in provisioner.poll() {
+                    if write_frame(&mut send, &report).await.is_err() {
+                        return;
+                    }
                 }
                 let rtt = conn.rtt().as_millis() as u64;
                 status.update(|s| {
@@ -379,6 +385,12 @@ async fn control_loop(
                     gate.clock().learn_server_time(server_time_ms);
                     let skew = server_time_ms as i64 - protocol::now_ms() as i64;
                     tracing::trace!(skew_ms = skew, "heartbeat acknowledged");
+                }
+                Ok(Some(Control::Provision { task, template })) => {
+                    let report = provisioner.receive(&task, &template);
+                    if write_frame(&mut send, &report).await.is_err() {
+                        return;
+                    }
                 }
                 Ok(Some(other)) => tracing::debug!(?other, "unexpected control frame ignored"),
                 Ok(None) | Err(_) => return,

@@ -154,6 +154,12 @@ enum DeviceCommand {
         /// Allow passwordless (super admin) visits.
         #[arg(long)]
         allow_passwordless: bool,
+        /// Push --template to the device on its first connection (needs --serial and --mac).
+        #[arg(long, requires_all = ["template", "serial", "mac"])]
+        allow_provisioning: bool,
+        /// Provisioning template file.
+        #[arg(long, requires = "allow_provisioning")]
+        template: Option<PathBuf>,
         /// Expected serial number.
         #[arg(long, requires = "mac")]
         serial: Option<String>,
@@ -326,6 +332,8 @@ fn dispatch(command: Command) -> anyhow::Result<String> {
                 group,
                 comment,
                 allow_passwordless,
+                allow_provisioning,
+                template,
                 serial,
                 mac,
                 json,
@@ -337,7 +345,13 @@ fn dispatch(command: Command) -> anyhow::Result<String> {
                     allow_passwordless,
                     serial,
                     mac,
-                    ..Default::default()
+                    allow_provisioning,
+                    template: template
+                        .map(|t| {
+                            std::fs::read_to_string(&t)
+                                .map_err(|e| anyhow::anyhow!("--template {}: {e}", t.display()))
+                        })
+                        .transpose()?,
                 };
                 admin::device_add(data.get()?, &new, json)
             }

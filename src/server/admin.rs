@@ -16,6 +16,14 @@ fn ts(t: Option<i64>) -> String {
 /// `device add`.
 pub fn device_add(data_dir: &Path, d: &NewDevice, as_json: bool) -> Result<String> {
     let mut d = d.clone();
+    if let Some(t) = &d.template {
+        anyhow::ensure!(
+            t.len() <= crate::protocol::MAX_TEMPLATE,
+            "--template is {} bytes; at most {} fit in one delivery",
+            t.len(),
+            crate::protocol::MAX_TEMPLATE
+        );
+    }
     if let Some(mac) = &d.mac {
         d.mac = Some(crate::config::normalize_mac(mac).with_context(|| {
             format!("--mac {mac:?}: expected a MAC such as 00:11:22:33:44:55 (not all zero)")

@@ -82,6 +82,13 @@ CREATE TABLE IF NOT EXISTS grants (
     ended_at INTEGER
 );
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS provision_tasks (
+    device_id TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    output TEXT,
+    updated_at INTEGER NOT NULL
+);
 ";
 
 /// Seconds since the Unix epoch.
@@ -116,6 +123,9 @@ pub struct Device {
     pub nodes: Vec<Node>,
     /// Any node online.
     pub online: bool,
+    /// The provisioning task, if the device has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provisioning: Option<Task>,
     /// Something the provider should know (e.g. one node of a pair unreachable).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
@@ -142,6 +152,19 @@ pub struct Node {
     pub online: bool,
     /// Last heartbeat (Unix seconds).
     pub last_seen: Option<i64>,
+}
+
+/// A provisioning task: pending → executing → finished / failed (or unsupported).
+#[derive(Debug, Clone, Serialize)]
+pub struct Task {
+    /// `Provision-{name}-{serial}`.
+    pub name: String,
+    /// State.
+    pub state: String,
+    /// Tail of the apply output.
+    pub output: Option<String>,
+    /// Last change (Unix seconds).
+    pub updated_at: i64,
 }
 
 /// Per-device settings the hub watches.
@@ -236,6 +259,9 @@ impl Db {
         })
     }
 
+    /// Runs `f` on the connection. Write transactions in `f` start IMMEDIATE: a deferred one
+    /// that reads and then writes fails with SQLITE_BUSY_SNAPSHOT when an admin command (or the
+    /// server) wrote in between, and no busy timeout can wait that out.
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
         // Invariant: no code panics while holding the connection; if one did, the connection
         // itself is still consistent (SQLite rolls back the open transaction on drop).
@@ -252,7 +278,7 @@ impl Db {
     pub fn add_device(&self, d: &NewDevice) -> Result<(String, String)> {
         anyhow::ensure!(!d.name.trim().is_empty(), "--name must not be empty");
         self.with(|c| {
-            let tx = c.transaction()?;
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let id = loop {
                 let id = device_id_for(&d.name);
                 let taken: bool = tx
@@ -268,6 +294,13 @@ impl Db {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![id, d.name.trim(), d.group, d.comment, d.allow_passwordless, d.allow_provisioning, d.template, d.serial, d.mac, now()],
             )?;
+            if d.allow_provisioning {
+                let serial = d.serial.as_deref().unwrap_or("");
+                tx.execute(
+                    "INSERT INTO provision_tasks (device_id, name, state, updated_at) VALUES (?1, ?2, 'pending', ?3)",
+                    params![id, format!("Provision-{}-{serial}", d.name.trim()), now()],
+                )?;
+            }
             let code = insert_code(&tx, &id, CODE_TTL)?;
             tx.commit()?;
             Ok((id, code))
@@ -278,7 +311,7 @@ impl Db {
     pub fn new_code(&self, device: &str, ttl: Duration) -> Result<String> {
         let device = device.to_ascii_lowercase();
         self.with(|c| {
-            let tx = c.transaction()?;
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let exists: Option<i64> = tx
                 .query_row("SELECT 1 FROM devices WHERE id = ?1", [&device], |r| {
                     r.get(0)
@@ -316,6 +349,7 @@ impl Db {
                         activated_at: r.get(9)?,
                         nodes: vec![],
                         online: false,
+                        provisioning: None,
                         warning: None,
                     })
                 })?
@@ -343,6 +377,13 @@ impl Db {
                     })?
                     .collect::<Result<_, _>>()?;
                 d.online = d.nodes.iter().any(|n| n.online);
+                d.provisioning = c
+                    .query_row(
+                        "SELECT name, state, output, updated_at FROM provision_tasks WHERE device_id = ?1",
+                        [&d.id],
+                        |r| Ok(Task { name: r.get(0)?, state: r.get(1)?, output: r.get(2)?, updated_at: r.get(3)? }),
+                    )
+                    .optional()?;
                 let pair = d.nodes.iter().any(|n| n.role != "single");
                 let reachable = d.nodes.iter().filter(|n| n.online).count();
                 if pair && reachable == 1 {
@@ -369,7 +410,7 @@ impl Db {
     pub fn set_device(&self, id: &str, ch: &DeviceChanges) -> Result<()> {
         let id = id.to_ascii_lowercase();
         self.with(|c| {
-            let tx = c.transaction()?;
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let n: usize =
                 tx.query_row("SELECT COUNT(*) FROM devices WHERE id = ?1", [&id], |r| {
                     r.get(0)
@@ -418,7 +459,7 @@ impl Db {
         let hash = sha256(normalize_code(code).as_bytes());
         let role = node_role(facts);
         self.with(|c| {
-            let tx = c.transaction()?;
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let row: Option<(String, i64, Option<i64>, Option<String>)> = tx
                 .query_row(
                     "SELECT device_id, expires_at, used_at, used_role FROM codes WHERE code_hash = ?1",
@@ -459,7 +500,7 @@ impl Db {
     ) -> Result<Result<String, (Reason, String)>> {
         let role = node_role(facts);
         self.with(|c| {
-            let tx = c.transaction()?;
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let existing: Option<String> = tx
                 .query_row(
                     "SELECT id FROM devices WHERE serial = ?1 ORDER BY created_at LIMIT 1",
@@ -656,7 +697,7 @@ impl Db {
     pub fn redeem_visit(&self, token: &str, device: &str) -> Result<Option<(Grant, String)>> {
         let hash = sha256(token.as_bytes());
         self.with(|c| {
-            let tx = c.transaction()?;
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let spent = tx.execute(
                 "UPDATE visits SET used_at = ?2 WHERE token_hash = ?1 AND used_at IS NULL AND expires_at > ?2 AND device_id = ?3",
                 params![&hash[..], now(), device],
@@ -723,6 +764,37 @@ impl Db {
                 "UPDATE grants SET redeemed = 1 WHERE id = ?1 AND redeemed = 0",
                 [id],
             )? == 1)
+        })
+    }
+
+    /// The device's provisioning task and template while it is still to be delivered.
+    pub fn pending_task(&self, device: &str) -> Result<Option<(String, String)>> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT t.name, d.template FROM provision_tasks t JOIN devices d ON d.id = t.device_id
+                 WHERE t.device_id = ?1 AND t.state = 'pending' AND d.allow_provisioning = 1 AND d.template IS NOT NULL",
+                [device],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+        })
+    }
+
+    /// Records a task's progress; a finished or failed task never goes back.
+    pub fn set_task_state(
+        &self,
+        device: &str,
+        task: &str,
+        state: &str,
+        output: &str,
+    ) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE provision_tasks SET state = ?3, output = ?4, updated_at = ?5
+                 WHERE device_id = ?1 AND name = ?2 AND state NOT IN ('finished', 'failed')",
+                params![device, task, state, output, now()],
+            )?;
+            Ok(())
         })
     }
 
@@ -991,5 +1063,36 @@ mod tests {
             .grant_by_cookie(&format!("{}.forged", grant.id))
             .unwrap()
             .is_none());
+    }
+}
+
+#[cfg(test)]
+mod concurrency {
+    use super::*;
+
+    #[test]
+    fn admin_writes_beside_a_busy_writer_do_not_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        Db::open(&path).unwrap();
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let db = Db::open(&path).unwrap();
+                for i in 0..200 {
+                    db.set_setting("noise", &i.to_string()).unwrap();
+                }
+            })
+        };
+        let db = Db::open(&path).unwrap();
+        for i in 0..50 {
+            db.add_device(&NewDevice {
+                name: format!("d{i}"),
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        writer.join().unwrap();
+        assert_eq!(db.list_devices().unwrap().len(), 50);
     }
 }

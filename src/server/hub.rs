@@ -231,6 +231,20 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
         },
     )
     .await?;
+    if let Some((task, template)) = state.db.pending_task(&device)? {
+        tracing::info!(%task, "sending provisioning template");
+        write_frame(
+            &mut send,
+            &Control::Provision {
+                task: task.clone(),
+                template,
+            },
+        )
+        .await?;
+        state
+            .db
+            .set_task_state(&device, &task, "executing", "delivered to the agent")?;
+    }
     let reason = loop {
         tokio::select! {
             e = conn.closed() => break e.to_string(),
@@ -247,6 +261,11 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
                         tracing::warn!(error = %format!("{e:#}"), "cannot record heartbeat");
                     }
                     write_frame(&mut send, &Control::HeartbeatAck { server_time_ms: crate::protocol::now_ms() }).await?;
+                }
+                Ok(Some(Control::ProvisionResult { task, state: task_state, output })) => {
+                    tracing::info!(%task, state = %task_state, "provisioning result");
+                    let output: String = output.chars().rev().take(4096).collect::<Vec<_>>().into_iter().rev().collect();
+                    state.db.set_task_state(&device, &task, &task_state, &output)?;
                 }
                 Ok(Some(other)) => tracing::debug!(?other, "unexpected control frame"),
                 Ok(None) => break "control stream closed".to_string(),
