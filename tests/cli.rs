@@ -292,3 +292,64 @@ fn status_survives_a_closed_pipe() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn sighup_reloads_and_refuses_a_broken_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = example()
+        .replace(
+            "/var/lib/pbx-remote-agent",
+            &dir.path().join("state").display().to_string(),
+        )
+        .replace(
+            "/run/pbx-remote-agent/status.json",
+            &dir.path().join("status.json").display().to_string(),
+        );
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    let mut child = Command::new(AGENT)
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status_path = dir.path().join("status.json");
+    let wait_for = |f: &dyn Fn(&pbx_remote::status::Status) -> bool| {
+        for _ in 0..200 {
+            if let Ok(s) = pbx_remote::status::read(&status_path) {
+                if f(&s) {
+                    return s;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        panic!(
+            "status condition not met; last {:?}",
+            pbx_remote::status::read(&status_path).ok()
+        );
+    };
+    wait_for(&|s| s.state.as_str() == "disabled");
+    std::fs::write(
+        &cfg,
+        text.replace("auto_logout_minutes = 15", "auto_logout_minutes = 1"),
+    )
+    .unwrap();
+    Command::new("kill")
+        .arg("-HUP")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let s = wait_for(&|s| s.config_error.is_some());
+    assert!(s.config_error.unwrap().contains("auto_logout_minutes"));
+    assert_eq!(
+        s.state.as_str(),
+        "disabled",
+        "still running on the old config"
+    );
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

@@ -52,17 +52,52 @@ pub async fn run(
     status: StatusHandle,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    run_with_clock(config, status, shutdown, clock::Clock::default()).await
+    let (_no_reloads, reloads) = tokio::sync::mpsc::unbounded_channel();
+    run_with(config, status, shutdown, clock::Clock::default(), reloads).await
 }
 
-/// [`run`] with a clock the caller can move (tests of idle logout, lockouts, token expiry).
-pub async fn run_with_clock(
+/// [`run`] with reloads (one message per SIGHUP) and a clock the caller can move (tests of
+/// idle logout, lockouts, token expiry).
+pub async fn run_with(
     config: AgentConfig,
     status: StatusHandle,
     shutdown: CancellationToken,
     clock: clock::Clock,
+    mut reloads: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) -> Result<()> {
-    let result = run_inner(Arc::new(config), &status, &shutdown, clock).await;
+    let mut config = Arc::new(config);
+    let live: LiveGate = Arc::new(std::sync::Mutex::new(None));
+    let result = 'outer: loop {
+        let session = shutdown.child_token();
+        let run = run_inner(
+            config.clone(),
+            &status,
+            &session,
+            clock.clone(),
+            live.clone(),
+        );
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                r = &mut run => break 'outer r,
+                Some(()) = reloads.recv() => {
+                    match reload(&config, &status, &live) {
+                        Reload::Refused | Reload::Live(None) => {}
+                        Reload::Live(Some(new)) => config = new,
+                        Reload::Restart(new) => {
+                            tracing::info!("config changed beyond access rules; restarting the tunnel");
+                            session.cancel();
+                            if let Err(e) = (&mut run).await {
+                                tracing::warn!(error = %format!("{e:#}"), "previous run ended with an error");
+                            }
+                            config = new;
+                            continue 'outer;
+                        }
+                    }
+                }
+            }
+        }
+    };
     let message = match &result {
         Ok(()) => "the agent stopped".to_string(),
         Err(e) => format!("the agent stopped on an error: {e:#}"),
@@ -79,11 +114,53 @@ pub async fn run_with_clock(
     result
 }
 
+/// The running gate, for access-rule changes applied live.
+type LiveGate = Arc<std::sync::Mutex<Option<Arc<gate::Gate>>>>;
+
+enum Reload {
+    /// Invalid file: the old config stays, `config_error` says why.
+    Refused,
+    /// Applied without touching the tunnel (the new config, if anything changed).
+    Live(Option<Arc<AgentConfig>>),
+    /// Needs a new run (server, activation, PBX facts, paths, tunnel settings changed).
+    Restart(Arc<AgentConfig>),
+}
+
+fn reload(current: &Arc<AgentConfig>, status: &StatusHandle, live: &LiveGate) -> Reload {
+    let new = match AgentConfig::load(&current.source) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "reloaded config refused; the previous one stays in force");
+            status.update(|s| s.config_error = Some(e.0.clone()));
+            return Reload::Refused;
+        }
+    };
+    status.update(|s| s.config_error = None);
+    if new == **current {
+        tracing::info!("config reloaded; nothing changed");
+        return Reload::Live(None);
+    }
+    // Access rules, logging and metrics change without touching the tunnel.
+    let mut same_plane = new.clone();
+    same_plane.remote_access = current.remote_access.clone();
+    same_plane.log_format = current.log_format;
+    same_plane.metrics_listen = current.metrics_listen;
+    if same_plane != **current {
+        return Reload::Restart(Arc::new(new));
+    }
+    if let Some(gate) = live.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        gate.apply_rules(gate::Rules::from_config(&new));
+    }
+    tracing::info!("config reloaded; access rules applied live");
+    Reload::Live(Some(Arc::new(new)))
+}
+
 async fn run_inner(
     config: Arc<AgentConfig>,
     status: &StatusHandle,
     shutdown: &CancellationToken,
     clock: clock::Clock,
+    live: LiveGate,
 ) -> Result<()> {
     if !config.server.enabled {
         status.set(
@@ -171,6 +248,7 @@ async fn run_inner(
         clock,
         status.clone(),
     )?);
+    *live.lock().unwrap_or_else(|p| p.into_inner()) = Some(gate.clone());
     let proxy = Arc::new(proxy::ProxyCtx {
         portal,
         gate: gate.clone(),

@@ -61,6 +61,10 @@ pub async fn serve_stream(
             }
         };
     let header = Arc::new(header);
+    let send = AckedSend {
+        inner: send,
+        acked: None,
+    };
     let io = TokioIo::new(tokio::io::join(recv, send));
     let svc = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
@@ -78,6 +82,55 @@ pub async fn serve_stream(
         .with_upgrades();
     if let Err(e) = conn.await {
         tracing::debug!(error = %e, "tunnel stream ended with an error");
+    }
+}
+
+/// The tunnel side of a request stream. Shutting it down finishes the stream and completes only
+/// once the front has read everything, so a connection closed right after (graceful stop) loses
+/// no response bytes still in flight.
+struct AckedSend {
+    inner: quinn::SendStream,
+    acked: Option<Acked>,
+}
+
+/// Resolves when the peer has read the finished stream (or stopped it, or the connection died).
+type Acked = std::pin::Pin<
+    Box<dyn Future<Output = Result<Option<quinn::VarInt>, quinn::StoppedError>> + Send + Sync>,
+>;
+
+impl AsyncWrite for AckedSend {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        AsyncWrite::poll_write(std::pin::Pin::new(&mut self.inner), cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        AsyncWrite::poll_flush(std::pin::Pin::new(&mut self.inner), cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.acked.is_none() {
+            std::task::ready!(AsyncWrite::poll_shutdown(
+                std::pin::Pin::new(&mut self.inner),
+                cx
+            ))?;
+            let acked = self.inner.stopped();
+            self.acked = Some(Box::pin(acked));
+        }
+        match self.acked.as_mut() {
+            // Acknowledged, stopped by the peer, or the connection is gone: done either way.
+            Some(f) => f.as_mut().poll(cx).map(|_| Ok(())),
+            None => std::task::Poll::Ready(Ok(())),
+        }
     }
 }
 

@@ -98,10 +98,11 @@ fn run(path: &Path) -> ExitCode {
     };
     let result = runtime.block_on(async {
         let root = tokio_util::sync::CancellationToken::new();
-        let _reloads = pbx_remote::signals::install(root.clone())?;
+        let reloads = pbx_remote::signals::install(root.clone())?;
         let status = StatusHandle::new(config.paths.status_file.clone(), pbx_remote::agent::initial_status(&config));
         tracing::info!(config = %path.display(), version = env!("CARGO_PKG_VERSION"), "agent starting");
-        pbx_remote::agent::run(config, status, root).await
+        let clock = pbx_remote::agent::clock::Clock::default();
+        pbx_remote::agent::run_with(config, status, root, clock, reloads).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

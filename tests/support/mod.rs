@@ -189,6 +189,10 @@ async fn portal_route(
             .body(full(""))
             .unwrap();
     }
+    if let Some(ms) = path.strip_prefix("/delay/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+        return Response::new(full("delayed"));
+    }
     if path == "/slow" {
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
@@ -423,6 +427,8 @@ assertion_pubkey = "{pubkey}"
 /// An agent running in-process.
 pub struct TestAgent {
     pub dir: PathBuf,
+    /// Sends a reload, as SIGHUP does.
+    pub reload: tokio::sync::mpsc::UnboundedSender<()>,
     pub clock: pbx_remote::agent::clock::Clock,
     pub status: StatusHandle,
     pub stop: CancellationToken,
@@ -450,15 +456,18 @@ impl TestAgent {
             pbx_remote::agent::initial_status(&config),
         );
         let stop = CancellationToken::new();
-        let task = tokio::spawn(pbx_remote::agent::run_with_clock(
+        let (reload, reloads) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(pbx_remote::agent::run_with(
             config,
             status.clone(),
             stop.clone(),
             clock.clone(),
+            reloads,
         ));
         TestAgent {
             dir: dir.to_path_buf(),
             clock,
+            reload,
             status,
             stop,
             task,

@@ -1,0 +1,288 @@
+//! Appliance operations: reload (SIGHUP) and graceful shutdown.
+
+mod support;
+
+use pbx_remote::status::State;
+use std::time::{Duration, Instant};
+use support::*;
+
+fn rewrite(agent: &TestAgent, f: impl FnOnce(String) -> String) {
+    let path = agent.dir.join("agent.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let new = f(text.clone());
+    assert_ne!(new, text, "the edit changed nothing");
+    std::fs::write(&path, new).unwrap();
+}
+
+async fn reload_and_settle(agent: &TestAgent) {
+    agent.reload.send(()).unwrap();
+    // The reload is handled on the agent's task; a status write follows it either way.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_rule_changes_apply_live_without_dropping_the_tunnel() {
+    let w = World::start(true, "").await;
+    let since = w.agent.status.get().since;
+    let mut admin = w.visitor("alice", false).await;
+    let mut super_admin = w.visitor("bob", true).await;
+
+    rewrite(&w.agent, |t| {
+        t.replace("auto_logout_minutes = 15", "auto_logout_minutes = 30")
+    });
+    reload_and_settle(&w.agent).await;
+    assert_eq!(
+        admin.get("/").await.status(),
+        200,
+        "unrelated rule change keeps sessions"
+    );
+    assert_eq!(w.agent.status.get().since, since, "same QUIC connection");
+
+    let new_hash = pbx_remote::password::hash("Changed-Passw0rd-2").unwrap();
+    rewrite(&w.agent, |t| t.replace(password_hash(), &new_hash));
+    let t0 = Instant::now();
+    w.agent.reload.send(()).unwrap();
+    w.agent
+        .wait(Duration::from_secs(5), |s| s.active_sessions.len() == 1)
+        .await;
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        admin.get("/").await.status(),
+        303,
+        "password change ends account sessions"
+    );
+    assert_eq!(
+        super_admin.get("/").await.status(),
+        200,
+        "passwordless sessions stay"
+    );
+    assert_eq!(
+        admin.login(USER, "Changed-Passw0rd-2").await.status(),
+        303,
+        "the new password works"
+    );
+
+    rewrite(&w.agent, |t| {
+        t.replace(
+            "[remote_access.passwordless]\nenabled = true",
+            "[remote_access.passwordless]\nenabled = false",
+        )
+    });
+    w.agent.reload.send(()).unwrap();
+    w.agent
+        .wait(Duration::from_secs(5), |s| {
+            s.active_sessions.iter().all(|x| x.role != "super_admin")
+        })
+        .await;
+    assert_eq!(super_admin.get("/").await.status(), 303);
+    assert_eq!(admin.get("/").await.status(), 200);
+
+    rewrite(&w.agent, |t| {
+        t.replace(
+            "[remote_access.account]\nenabled = true",
+            "[remote_access.account]\nenabled = false",
+        )
+    });
+    w.agent.reload.send(()).unwrap();
+    w.agent
+        .wait(Duration::from_secs(5), |s| s.active_sessions.is_empty())
+        .await;
+    assert_eq!(
+        w.agent.status.get().since,
+        since,
+        "still the same connection after all of it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_reload_is_refused_and_the_old_config_stays() {
+    let w = World::start(false, "").await;
+    let since = w.agent.status.get().since;
+    let mut v = w.visitor("alice", false).await;
+    let good = std::fs::read_to_string(w.agent.dir.join("agent.toml")).unwrap();
+    rewrite(&w.agent, |t| {
+        t.replace("auto_logout_minutes = 15", "auto_logout_minutes = 500")
+    });
+    w.agent.reload.send(()).unwrap();
+    let s = w
+        .agent
+        .wait(Duration::from_secs(5), |s| s.config_error.is_some())
+        .await;
+    let err = s.config_error.unwrap();
+    assert!(
+        err.contains("agent.toml") && err.contains("remote_access.auto_logout_minutes"),
+        "{err}"
+    );
+    assert_eq!(s.state, State::Connected);
+    assert_eq!(s.since, since);
+    assert_eq!(v.get("/").await.status(), 200, "old rules still in force");
+    let raw: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(w.agent.dir.join("status.json")).unwrap())
+            .unwrap();
+    assert!(raw["config_error"].is_string());
+
+    std::fs::write(w.agent.dir.join("agent.toml"), good).unwrap();
+    w.agent.reload.send(()).unwrap();
+    w.agent
+        .wait(Duration::from_secs(5), |s| s.config_error.is_none())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn activation_changes_reactivate_and_other_changes_keep_the_credential() {
+    let w = World::start(false, "").await;
+    let first = w.agent.status.get();
+    rewrite(&w.agent, |t| {
+        t.replace("heartbeat_secs = 1", "heartbeat_secs = 2")
+    });
+    w.agent.reload.send(()).unwrap();
+    let s = w
+        .agent
+        .wait(Duration::from_secs(10), |s| {
+            s.state == State::Connected && s.since != first.since
+        })
+        .await;
+    assert_eq!(
+        s.device_id, first.device_id,
+        "same credential, no re-activation"
+    );
+    assert_eq!(
+        w.server
+            .db()
+            .device(&w.device)
+            .unwrap()
+            .unwrap()
+            .nodes
+            .len(),
+        1
+    );
+
+    let (other, code) = w.server.add_device(false);
+    let old_code = std::fs::read_to_string(w.agent.dir.join("agent.toml"))
+        .unwrap()
+        .split("auth_code = \"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    rewrite(&w.agent, |t| t.replace(&old_code, &code));
+    w.agent.reload.send(()).unwrap();
+    let s = w
+        .agent
+        .wait(Duration::from_secs(10), |s| {
+            s.state == State::Connected && s.device_id.as_deref() == Some(other.as_str())
+        })
+        .await;
+    assert_ne!(s.device_id, first.device_id, "a new code activates again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_agent_recovers_when_the_config_is_fixed() {
+    let server = TestServer::start().await;
+    let (_, code) = server.add_device(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = agent_toml(
+        server.tunnel,
+        &server.pin,
+        "ZZZZ-ZZZZ-ZZZZ-ZZZZ",
+        "http://127.0.0.1:9",
+        tmp.path(),
+        "",
+    );
+    let agent = TestAgent::start(tmp.path(), &bad);
+    agent
+        .wait(Duration::from_secs(10), |s| s.state == State::Failed)
+        .await;
+    rewrite(&agent, |t| t.replace("ZZZZ-ZZZZ-ZZZZ-ZZZZ", &code));
+    agent.reload.send(()).unwrap();
+    agent.connected().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_drains_in_flight_requests_then_stops() {
+    let w = World::start(false, "").await;
+    let v = w.visitor("alice", false).await;
+    let in_flight = v.request(reqwest::Method::GET, "/delay/1200");
+    let req = tokio::spawn(async move { in_flight.send().await.unwrap().text().await });
+    // Let the request reach the portal before stopping.
+    for _ in 0..100 {
+        if w.portal
+            .log
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t0 = Instant::now();
+    w.agent.stop.cancel();
+    assert_eq!(
+        req.await.unwrap().unwrap(),
+        "delayed",
+        "the in-flight request finished"
+    );
+    tokio::time::timeout(Duration::from_secs(10), w.agent.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "drain_secs = 2 bounds the stop"
+    );
+    let s = pbx_remote::status::read(&w.agent.dir.join("status.json")).unwrap();
+    assert_eq!(s.state, State::Stopped);
+    // Closed on purpose: the server sees the node offline at once, not after an idle timeout.
+    let mut offline = false;
+    for _ in 0..50 {
+        if !w.server.db().device(&w.device).unwrap().unwrap().online {
+            offline = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(offline);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_drain_deadline_bounds_a_stuck_request() {
+    let w = World::start(false, "").await;
+    let v = w.visitor("alice", false).await;
+    let stuck = v.request(reqwest::Method::GET, "/slow");
+    let req = tokio::spawn(async move { stuck.send().await.map(|r| r.status().as_u16()) });
+    for _ in 0..100 {
+        if w.portal
+            .log
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t0 = Instant::now();
+    w.agent.stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), w.agent.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(10), req)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        answer.map(|s| s >= 500).unwrap_or(true),
+        "a clear error, not a hang"
+    );
+}
