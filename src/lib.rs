@@ -15,6 +15,7 @@ pub mod secret;
 pub mod server;
 pub mod signals;
 pub mod status;
+pub mod systemd;
 pub mod tls;
 pub mod token;
 pub mod web;

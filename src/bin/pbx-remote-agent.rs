@@ -102,7 +102,11 @@ fn run(path: &Path) -> ExitCode {
         let status = StatusHandle::new(config.paths.status_file.clone(), pbx_remote::agent::initial_status(&config));
         tracing::info!(config = %path.display(), version = env!("CARGO_PKG_VERSION"), "agent starting");
         let clock = pbx_remote::agent::clock::Clock::default();
-        pbx_remote::agent::run_with(config, status, root, clock, reloads).await
+        pbx_remote::systemd::spawn(status.clone(), root.clone());
+        pbx_remote::systemd::ready();
+        let result = pbx_remote::agent::run_with(config, status, root, clock, reloads).await;
+        pbx_remote::systemd::stopping();
+        result
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
