@@ -347,27 +347,6 @@ impl ClientCertVerifier for DeviceKeyVerifier {
     }
 }
 
-/// Finds the first `rustls::Error` in an error chain.
-pub fn find_rustls_error<'a>(
-    err: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a rustls::Error> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(r) = e.downcast_ref::<rustls::Error>() {
-            return Some(r);
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if let Some(inner) = io.get_ref() {
-                if let Some(r) = inner.downcast_ref::<rustls::Error>() {
-                    return Some(r);
-                }
-            }
-        }
-        cur = e.source();
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
