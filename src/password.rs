@@ -36,6 +36,13 @@ pub fn hash(pw: &str) -> Result<String> {
         .to_string())
 }
 
+/// A hash of no real password, computed once: checking a wrong username or unknown email
+/// against it costs what a real check costs, so timing does not tell them apart.
+pub fn dummy_hash() -> &'static str {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DUMMY.get_or_init(|| hash("Dummy-password-1").unwrap_or_default())
+}
+
 /// Checks a password against a PHC string (parameters come from the string).
 pub fn verify(pw: &str, phc: &str) -> bool {
     PasswordHash::new(phc)

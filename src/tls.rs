@@ -55,6 +55,22 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
     out
 }
 
+/// The Ed25519 key kept (PKCS#8, 0600) at `path`, generated there on first use.
+pub fn load_or_create_ed25519(path: &Path) -> Result<ring::signature::Ed25519KeyPair> {
+    use ring::signature::Ed25519KeyPair;
+    let doc = match crate::fsutil::read_private(path)? {
+        Some(d) => d,
+        None => {
+            let doc = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+                .map_err(|_| anyhow!("cannot generate {}", path.display()))?;
+            crate::fsutil::write_private(path, doc.as_ref())?;
+            doc.as_ref().to_vec()
+        }
+    };
+    Ed25519KeyPair::from_pkcs8(&doc)
+        .map_err(|_| anyhow!("{}: not an Ed25519 PKCS#8 key", path.display()))
+}
+
 /// A random URL-safe token of `N` bytes.
 pub fn random_token<const N: usize>() -> String {
     use base64::Engine;

@@ -357,24 +357,6 @@ async fn a_copied_cookie_under_another_grant_is_refused_and_audited() {
     assert_eq!(e["user"], USER);
 }
 
-async fn open_ws(
-    w: &World,
-    v: &Visitor,
-) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-        format!("ws://{}:{}/ws", v.host, w.server.public.port()),
-    )
-    .unwrap();
-    req.headers_mut()
-        .insert("cookie", v.cookie_header().parse().unwrap());
-    req.headers_mut()
-        .insert("origin", v.origin.parse().unwrap());
-    let tcp = tokio::net::TcpStream::connect(w.server.public)
-        .await
-        .unwrap();
-    tokio_tungstenite::client_async(req, tcp).await.unwrap().0
-}
-
 async fn echo(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, text: &str) {
     ws.send(Message::text(text.to_string())).await.unwrap();
     let back = tokio::time::timeout(Duration::from_secs(5), ws.next())
@@ -406,7 +388,7 @@ async fn closes_within(
 async fn idle_logout_counts_websocket_data_not_pings_and_closes_sockets() {
     let w = World::start(false, "").await;
     let mut v = w.visitor("alice", false).await;
-    let mut ws = open_ws(&w, &v).await;
+    let mut ws = v.websocket(&v.origin).await.unwrap().0;
     echo(&mut ws, "one").await;
     w.agent.clock.advance(Duration::from_secs(14 * 60));
     echo(&mut ws, "two").await; // a data frame: activity
@@ -424,7 +406,7 @@ async fn idle_logout_counts_websocket_data_not_pings_and_closes_sockets() {
 async fn logout_closes_websockets_within_a_second() {
     let w = World::start(false, "").await;
     let mut v = w.visitor("alice", false).await;
-    let mut ws = open_ws(&w, &v).await;
+    let mut ws = v.websocket(&v.origin).await.unwrap().0;
     echo(&mut ws, "hi").await;
     let mut other = Visitor::new(w.server.public, &w.device);
     other.cookies = v.cookies.clone();
@@ -572,18 +554,7 @@ async fn injected_requests_cannot_choose_the_destination_or_smuggle() {
 async fn cross_site_websockets_are_refused() {
     let w = World::start(false, "").await;
     let v = w.visitor("alice", false).await;
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-        format!("ws://{}:{}/ws", v.host, w.server.public.port()),
-    )
-    .unwrap();
-    req.headers_mut()
-        .insert("cookie", v.cookie_header().parse().unwrap());
-    req.headers_mut()
-        .insert("origin", "http://evil.example".parse().unwrap());
-    let tcp = tokio::net::TcpStream::connect(w.server.public)
-        .await
-        .unwrap();
-    match tokio_tungstenite::client_async(req, tcp).await {
+    match v.websocket("http://evil.example").await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403),
         other => panic!("expected 403, got {other:?}"),
     }
@@ -680,18 +651,7 @@ async fn paths_reach_the_portal_byte_for_byte_or_not_at_all() {
 async fn websocket_upgrades_without_a_session_get_401() {
     let w = World::start(false, "").await;
     let v = w.granted("alice", false).await;
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-        format!("ws://{}:{}/ws", v.host, w.server.public.port()),
-    )
-    .unwrap();
-    req.headers_mut()
-        .insert("cookie", v.cookie_header().parse().unwrap());
-    req.headers_mut()
-        .insert("origin", v.origin.parse().unwrap());
-    let tcp = tokio::net::TcpStream::connect(w.server.public)
-        .await
-        .unwrap();
-    match tokio_tungstenite::client_async(req, tcp).await {
+    match v.websocket(&v.origin).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
         other => panic!("expected 401, got {other:?}"),
     }
@@ -702,7 +662,7 @@ async fn websocket_upgrades_without_a_session_get_401() {
 async fn revocation_cuts_downloads_and_websockets_within_5s() {
     let w = World::start(true, "").await;
     let mut v = w.visitor("alice", true).await;
-    let mut ws = open_ws(&w, &v).await;
+    let mut ws = v.websocket(&v.origin).await.unwrap().0;
     echo(&mut ws, "before").await;
     let mut download = v.get(&format!("/bytes/{}", 1u64 << 34)).await;
     assert_eq!(download.status(), 200);

@@ -150,18 +150,7 @@ async fn download_64_mib_upload_and_websocket_are_byte_exact() {
     assert_eq!(j["len"], up);
     assert_eq!(j["sha256"], pattern_sha256(up));
 
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-        format!("ws://{}:{}/ws", v.host, w.server.public.port()),
-    )
-    .unwrap();
-    req.headers_mut()
-        .insert("cookie", v.cookie_header().parse().unwrap());
-    req.headers_mut()
-        .insert("origin", v.origin.parse().unwrap());
-    let tcp = tokio::net::TcpStream::connect(w.server.public)
-        .await
-        .unwrap();
-    let (mut ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    let (mut ws, resp) = v.websocket(&v.origin).await.unwrap();
     assert_eq!(resp.status(), 101);
     for i in 0..50 {
         let msg = format!("hello {i}");

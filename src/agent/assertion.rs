@@ -25,19 +25,7 @@ pub struct Assertions {
 impl Assertions {
     /// Loads (or creates) `state_dir/assertion.key` and publishes the public key at `pubkey`.
     pub fn load_or_create(state_dir: &Path, pubkey: &Path, device_id: &str) -> Result<Assertions> {
-        let key_path = state_dir.join("assertion.key");
-        let doc = match fsutil::read_private(&key_path)? {
-            Some(d) => d,
-            None => {
-                let rng = ring::rand::SystemRandom::new();
-                let doc = Ed25519KeyPair::generate_pkcs8(&rng)
-                    .map_err(|_| anyhow::anyhow!("cannot generate the assertion key"))?;
-                fsutil::write_private(&key_path, doc.as_ref())?;
-                doc.as_ref().to_vec()
-            }
-        };
-        let key = Ed25519KeyPair::from_pkcs8(&doc)
-            .map_err(|_| anyhow::anyhow!("{}: not an Ed25519 key", key_path.display()))?;
+        let key = crate::tls::load_or_create_ed25519(&state_dir.join("assertion.key"))?;
         if let Some(dir) = pubkey.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;

@@ -520,7 +520,7 @@ impl Gate {
         let phc = if user_ok {
             account.password_hash.expose().to_string()
         } else {
-            dummy_hash().to_string()
+            crate::password::dummy_hash().to_string()
         };
         let ok = match self.verify_slots.acquire().await {
             Ok(_permit) => {
@@ -540,17 +540,13 @@ impl Gate {
             }
             return self.login_page(StatusCode::UNAUTHORIZED, &next, Some(GENERIC));
         }
-        let (id, s) = self.create_session(h, &account.username, Role::Administrator);
-        self.audit.record(Event {
-            event: "login_ok",
-            cm_user: &h.cm_user,
-            client_addr: &h.client_addr,
-            user: Some(&s.user),
-            role: Some(s.role.as_str()),
-            session: Some(&s.id_hash),
-            reason: None,
-        });
-        redirect_with_cookie(&safe_next(&next), &session_cookie(h, &id))
+        self.open_session(
+            h,
+            &account.username,
+            Role::Administrator,
+            "login_ok",
+            &safe_next(&next),
+        )
     }
 
     fn passwordless(&self, h: &StreamHeader) -> Response<Body> {
@@ -633,9 +629,27 @@ impl Gate {
             }
             nonces.insert(claims.nonce.clone(), claims.exp_ms);
         }
-        let (id, s) = self.create_session(h, &rules.super_admin, Role::SuperAdmin);
+        self.open_session(
+            h,
+            &rules.super_admin,
+            Role::SuperAdmin,
+            "passwordless_ok",
+            "/",
+        )
+    }
+
+    /// A successful login of either kind: new session, audit line, cookie and redirect.
+    fn open_session(
+        &self,
+        h: &StreamHeader,
+        user: &str,
+        role: Role,
+        event: &str,
+        location: &str,
+    ) -> Response<Body> {
+        let (id, s) = self.create_session(h, user, role);
         self.audit.record(Event {
-            event: "passwordless_ok",
+            event,
             cm_user: &h.cm_user,
             client_addr: &h.client_addr,
             user: Some(&s.user),
@@ -643,7 +657,7 @@ impl Gate {
             session: Some(&s.id_hash),
             reason: None,
         });
-        redirect_with_cookie("/", &session_cookie(h, &id))
+        redirect_with_cookie(location, &session_cookie(h, &id))
     }
 
     fn logout(&self, h: &StreamHeader, headers: &HeaderMap) -> Response<Body> {
@@ -695,11 +709,6 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
         .header(header::CONTENT_TYPE, "application/json")
         .body(web::full(v.to_string()))
         .unwrap_or_else(|_| web::page(StatusCode::INTERNAL_SERVER_ERROR, "Error", ""))
-}
-
-fn dummy_hash() -> &'static str {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DUMMY.get_or_init(|| crate::password::hash("Dummy-password-1").unwrap_or_default())
 }
 
 /// The session cookie's name for this visitor-facing scheme.

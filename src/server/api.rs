@@ -34,11 +34,6 @@ pub const MAX_GLOBAL_DELAY: Duration = Duration::from_secs(2);
 /// Concurrent API connections.
 const MAX_CONNECTIONS: usize = 256;
 
-fn dummy_hash() -> &'static str {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DUMMY.get_or_init(|| crate::password::hash("Dummy-password-1").unwrap_or_default())
-}
-
 /// rustls acceptor for the API (ALPN http/1.1).
 pub fn tls_acceptor(keys: &crate::server::keys::ServerKeys) -> Result<tokio_rustls::TlsAcceptor> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
@@ -375,7 +370,7 @@ async fn activate(
             // Unknown emails cost the same as wrong passwords.
             let phc = state.db.account_hash(&email)?;
             let known = phc.is_some();
-            let phc = phc.unwrap_or_else(|| dummy_hash().to_string());
+            let phc = phc.unwrap_or_else(|| crate::password::dummy_hash().to_string());
             let pw = password.clone();
             let verified =
                 tokio::task::spawn_blocking(move || crate::password::verify(pw.expose(), &phc))

@@ -46,20 +46,7 @@ impl ServerKeys {
             None => generated_tls(data_dir, &source.names)?,
         };
         let pin = tls::spki_sha256(&certs[0])?;
-        let signing_path = data_dir.join("signing.key");
-        let signing_doc = match fsutil::read_private(&signing_path)? {
-            Some(d) => d,
-            None => {
-                let rng = ring::rand::SystemRandom::new();
-                let doc = Ed25519KeyPair::generate_pkcs8(&rng)
-                    .map_err(|_| anyhow::anyhow!("cannot generate the signing key"))?;
-                fsutil::write_private(&signing_path, doc.as_ref())?;
-                doc.as_ref().to_vec()
-            }
-        };
-        let signing = Ed25519KeyPair::from_pkcs8(&signing_doc).map_err(|_| {
-            anyhow::anyhow!("{}: not an Ed25519 PKCS#8 key", signing_path.display())
-        })?;
+        let signing = tls::load_or_create_ed25519(&data_dir.join("signing.key"))?;
         let quic_path = data_dir.join("quic.keys");
         let quic = match fsutil::read_private(&quic_path)? {
             Some(k) if k.len() == 72 => k,

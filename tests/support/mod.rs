@@ -679,6 +679,28 @@ impl Visitor {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Opens `/ws` through the front with this visitor's cookies and the given `Origin`.
+    pub async fn websocket(
+        &self,
+        origin: &str,
+    ) -> Result<
+        (
+            tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+            tokio_tungstenite::tungstenite::handshake::client::Response,
+        ),
+        tokio_tungstenite::tungstenite::Error,
+    > {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("ws://{}:{}/ws", self.host, self.public.port())
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("cookie", self.cookie_header().parse().unwrap());
+        req.headers_mut().insert("origin", origin.parse().unwrap());
+        let tcp = tokio::net::TcpStream::connect(self.public).await.unwrap();
+        tokio_tungstenite::client_async(req, tcp).await
+    }
+
     pub async fn post_visit(&mut self, url: &str) -> reqwest::Response {
         let resp = self
             .client
