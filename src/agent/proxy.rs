@@ -154,6 +154,15 @@ async fn handle(ctx: &ProxyCtx, h: &StreamHeader, mut req: Request<Incoming>) ->
             "Only origin paths are forwarded.",
         );
     };
+    // hyper's buffer limit only bites while a head is incomplete; a head that arrived in one
+    // read can exceed it, so the bound is enforced on the parsed head as well.
+    if head_size(&req) > MAX_HEAD_BYTES {
+        return page(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "Request headers too large",
+            "The request's headers exceed 64 KiB.",
+        );
+    }
     // Only the path is used from here on: an absolute-form target names no destination.
     if req.uri().path().starts_with(REMOTE_PREFIX) {
         return ctx.gate.handle_remote(h, req).await;
@@ -310,6 +319,17 @@ where
 
 /// The agent's own pages; nothing under it reaches the portal.
 pub const REMOTE_PREFIX: &str = "/__remote/";
+
+/// Bytes of a request head as sent: request line plus `name: value\r\n` per header.
+fn head_size<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    line + headers + 2
+}
 
 /// A plain page (shared helper).
 pub fn page(status: StatusCode, title: &str, detail: &str) -> Response<Body> {
