@@ -224,6 +224,59 @@ pub struct DeviceSettings {
     pub allow_passwordless: bool,
 }
 
+/// One health sample of a node, sent with every heartbeat. Every field has a default so either
+/// side may be newer than the other.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Telemetry {
+    /// CPU use over the last heartbeat period, 0–100.
+    pub cpu_percent: f32,
+    /// Memory in use (total minus available), bytes.
+    pub memory_used_bytes: u64,
+    /// Memory installed, bytes.
+    pub memory_total_bytes: u64,
+    /// Space used on the filesystem of the agent's state directory, bytes.
+    pub disk_used_bytes: u64,
+    /// Size of that filesystem, bytes.
+    pub disk_total_bytes: u64,
+    /// Seconds since the PBX booted.
+    pub uptime_secs: u64,
+    /// Load averages over 1, 5 and 15 minutes.
+    pub load: [f64; 3],
+    /// PBX firmware (from the config).
+    pub firmware: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// The local web portal accepted a connection (TCP, and TLS for an https portal).
+    pub portal_reachable: bool,
+    /// How long that took, ms.
+    pub portal_latency_ms: Option<f64>,
+    /// Why the portal was not reachable.
+    pub portal_error: Option<String>,
+    /// Hot Standby state, if in a pair.
+    pub ha_state: Option<String>,
+}
+
+impl Telemetry {
+    /// Memory in use, percent of installed.
+    pub fn memory_percent(&self) -> f64 {
+        percent(self.memory_used_bytes, self.memory_total_bytes)
+    }
+
+    /// Disk in use, percent of the filesystem.
+    pub fn disk_percent(&self) -> f64 {
+        percent(self.disk_used_bytes, self.disk_total_bytes)
+    }
+}
+
+fn percent(used: u64, total: u64) -> f64 {
+    if total == 0 {
+        0.0
+    } else {
+        used as f64 * 100.0 / total as f64
+    }
+}
+
 /// Frames on the control stream (the first bi-stream, opened by the agent).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -259,9 +312,9 @@ pub enum Control {
         /// Hot Standby state, re-read every heartbeat so a failover shows within one.
         #[serde(default)]
         ha_state: Option<String>,
-        /// Free-form telemetry (issue #5 fills it).
+        /// This node's health sample; `None` from agents that do not send one.
         #[serde(default)]
-        telemetry: serde_json::Value,
+        telemetry: Option<Telemetry>,
     },
     /// Server → agent, answer to heartbeat.
     HeartbeatAck {
@@ -366,12 +419,20 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(1024);
         let hello = Control::Heartbeat {
             ha_state: None,
-            telemetry: serde_json::json!({"cpu": 1}),
+            telemetry: Some(Telemetry {
+                cpu_percent: 1.5,
+                ..Telemetry::default()
+            }),
         };
         write_frame(&mut a, &hello).await.unwrap();
         drop(a);
         let got: Control = read_frame(&mut b).await.unwrap().unwrap();
-        assert!(matches!(got, Control::Heartbeat { .. }));
+        match got {
+            Control::Heartbeat { telemetry, .. } => {
+                assert_eq!(telemetry.map(|t| t.cpu_percent), Some(1.5))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
         assert!(read_frame::<_, Control>(&mut b).await.unwrap().is_none());
     }
 

@@ -286,3 +286,120 @@ async fn the_drain_deadline_bounds_a_stuck_request() {
         "a clear error, not a hang"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn heartbeats_carry_telemetry_and_the_server_flags_health() {
+    let w = World::start(false, "").await;
+    let db = w.server.db();
+    let device = w.device.clone();
+    let node =
+        |db: &pbx_remote::server::db::Db| db.device(&device).unwrap().unwrap().nodes[0].clone();
+
+    let n = eventually(Duration::from_secs(10), "a telemetry sample", || {
+        Some(node(&db)).filter(|n| n.telemetry.is_some())
+    })
+    .await;
+    let t = n.telemetry.clone().unwrap();
+    assert_eq!(n.health, "normal", "{:?}", n.abnormal);
+    assert!(t.memory_total_bytes > 0 && t.memory_used_bytes <= t.memory_total_bytes);
+    assert!(t.disk_total_bytes > 0 && t.disk_used_bytes <= t.disk_total_bytes);
+    assert!(t.uptime_secs > 0);
+    assert!((0.0..=100.0).contains(&t.cpu_percent));
+    assert_eq!(t.agent_version, env!("CARGO_PKG_VERSION"));
+    assert!(!t.firmware.is_empty());
+    assert!(t.portal_reachable && t.portal_latency_ms.is_some(), "{t:?}");
+
+    let json =
+        pbx_remote::server::admin::device_show(&w.server.data_dir(), &w.device, true).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["nodes"][0]["health"], "normal");
+    assert!(
+        v["nodes"][0]["telemetry"]["cpu_percent"].is_number(),
+        "{json}"
+    );
+    assert!(v["nodes"][0]["telemetry"]["load"].is_array(), "{json}");
+
+    // The portal going away shows within a heartbeat or two, and the tunnel stays up.
+    w.portal.stop();
+    let n = eventually(Duration::from_secs(10), "portal down flagged", || {
+        Some(node(&db)).filter(|n| n.health == "abnormal")
+    })
+    .await;
+    assert!(
+        n.abnormal
+            .iter()
+            .any(|a| a.contains("web portal unreachable")),
+        "{:?}",
+        n.abnormal
+    );
+    assert_eq!(w.agent.status.get().state, State::Connected);
+
+    // Offline: health unknown, the last sample kept for the record.
+    let World {
+        agent,
+        server,
+        device,
+        ..
+    } = w;
+    agent.shutdown().await;
+    let db = server.db();
+    let n = eventually(Duration::from_secs(10), "offline node", || {
+        let n = db.device(&device).unwrap().unwrap().nodes[0].clone();
+        Some(n).filter(|n| !n.online)
+    })
+    .await;
+    assert_eq!(n.health, "unknown");
+    assert!(n.telemetry.is_some());
+}
+
+#[test]
+fn health_thresholds_follow_the_design() {
+    use pbx_remote::protocol::Telemetry;
+    use pbx_remote::server::db::health;
+    let ok = Telemetry {
+        cpu_percent: 85.0,
+        memory_used_bytes: 85,
+        memory_total_bytes: 100,
+        disk_used_bytes: 95,
+        disk_total_bytes: 100,
+        portal_reachable: true,
+        ..Telemetry::default()
+    };
+    assert_eq!(health(true, Some(&ok)), ("normal".to_string(), vec![]));
+    assert_eq!(health(false, Some(&ok)).0, "unknown");
+    assert_eq!(health(true, None).0, "unknown");
+    for (t, what) in [
+        (
+            Telemetry {
+                cpu_percent: 85.5,
+                ..ok.clone()
+            },
+            "cpu",
+        ),
+        (
+            Telemetry {
+                memory_used_bytes: 86,
+                ..ok.clone()
+            },
+            "memory",
+        ),
+        (
+            Telemetry {
+                disk_used_bytes: 96,
+                ..ok.clone()
+            },
+            "disk",
+        ),
+        (
+            Telemetry {
+                portal_reachable: false,
+                ..ok.clone()
+            },
+            "portal",
+        ),
+    ] {
+        let (state, why) = health(true, Some(&t));
+        assert_eq!(state, "abnormal");
+        assert!(why.len() == 1 && why[0].contains(what), "{why:?}");
+    }
+}

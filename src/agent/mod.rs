@@ -11,6 +11,7 @@ pub mod portal;
 pub mod provision;
 pub mod proxy;
 pub mod state;
+pub mod telemetry;
 pub mod tunnel;
 pub mod wsframe;
 

@@ -157,6 +157,19 @@ impl Portal {
         Err(PortalError::Unreachable("connection closed".into()))
     }
 
+    /// Opens (and drops) a fresh connection: TCP, and TLS for an https portal. Returns how long
+    /// that took. Telemetry uses it; no HTTP request reaches the portal's logs. Bounded by 5 s
+    /// (or the portal timeout if shorter) so a stuck portal cannot hold up the heartbeat.
+    pub async fn probe(&self) -> Result<Duration, PortalError> {
+        let limit = self.timeout.min(Duration::from_secs(5));
+        let started = tokio::time::Instant::now();
+        let sender = tokio::time::timeout(limit, self.connect(true))
+            .await
+            .map_err(|_| PortalError::Timeout(limit))??;
+        drop(sender);
+        Ok(started.elapsed())
+    }
+
     fn take_ready(&self) -> Option<SendRequest<Incoming>> {
         // Invariant: the lock is never held across an await; poisoning would need a panic in
         // the few lines below, and the pool content stays valid even then.

@@ -126,7 +126,7 @@ impl Tunnel {
         let streams = TaskTracker::new();
         let control_stop = CancellationToken::new();
         let control = tokio::spawn(control_loop(
-            self.proxy.gate.clone(),
+            self.proxy.clone(),
             conn.clone(),
             (send, recv),
             self.config.clone(),
@@ -344,14 +344,16 @@ fn is_crypto(code: TransportErrorCode) -> bool {
 }
 
 async fn control_loop(
-    gate: Arc<crate::agent::gate::Gate>,
+    ctx: Arc<ProxyCtx>,
     conn: quinn::Connection,
     (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
     config: Arc<AgentConfig>,
     status: StatusHandle,
     stop: CancellationToken,
 ) {
+    let gate = &ctx.gate;
     let provisioner = crate::agent::provision::Provisioner::new(&config);
+    let mut sampler = crate::agent::telemetry::Sampler::new(&config);
     let mut tick = tokio::time::interval(config.tunnel.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -360,7 +362,8 @@ async fn control_loop(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {
                 let ha_state = crate::agent::activation::ha_state(&config);
-                let hb = Control::Heartbeat { ha_state: ha_state.clone(), telemetry: serde_json::Value::Null };
+                let telemetry = sampler.sample(&ctx.portal, ha_state.clone()).await;
+                let hb = Control::Heartbeat { ha_state: ha_state.clone(), telemetry: Some(telemetry) };
                 if let Err(e) = write_frame(&mut send, &hb).await {
                     tracing::debug!(error = %e, "heartbeat not sent");
                     return;

@@ -129,6 +129,28 @@ fn show_text(d: &Device) -> String {
             n.agent_version.as_deref().unwrap_or("-"),
             ts(n.last_seen)
         ));
+        out.push_str(&format!("  health: {}", n.health));
+        if !n.abnormal.is_empty() {
+            out.push_str(&format!(" ({})", n.abnormal.join("; ")));
+        }
+        out.push('\n');
+        if let Some(t) = &n.telemetry {
+            out.push_str(&format!(
+                "  cpu {:.1}%  memory {:.1}%  disk {:.1}%  load {:.2} {:.2} {:.2}  uptime {}  portal {}\n",
+                t.cpu_percent,
+                t.memory_percent(),
+                t.disk_percent(),
+                t.load[0],
+                t.load[1],
+                t.load[2],
+                humantime::format_duration(std::time::Duration::from_secs(t.uptime_secs)),
+                match (t.portal_reachable, t.portal_latency_ms) {
+                    (true, Some(ms)) => format!("up ({ms:.1} ms)"),
+                    (true, None) => "up".to_string(),
+                    (false, _) => "down".to_string(),
+                }
+            ));
+        }
     }
     out
 }

@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     serial TEXT, mac TEXT, firmware TEXT, model TEXT, edition TEXT,
     agent_version TEXT,
     ha_state TEXT,
+    telemetry TEXT,
     online INTEGER NOT NULL DEFAULT 0,
     connected_at INTEGER,
     last_seen INTEGER,
@@ -152,6 +153,44 @@ pub struct Node {
     pub online: bool,
     /// Last heartbeat (Unix seconds).
     pub last_seen: Option<i64>,
+    /// "normal", "abnormal" or "unknown" (offline, or no sample yet).
+    pub health: String,
+    /// What is abnormal, e.g. "cpu 91.0% > 85%"; empty unless `health` is "abnormal".
+    pub abnormal: Vec<String>,
+    /// The last telemetry sample (kept while offline, for the record).
+    pub telemetry: Option<crate::protocol::Telemetry>,
+}
+
+/// Thresholds above which a node is flagged Abnormal: CPU %, memory %, disk %.
+pub const ABNORMAL_CPU: f64 = 85.0;
+/// Memory threshold, percent.
+pub const ABNORMAL_MEMORY: f64 = 85.0;
+/// Disk threshold, percent.
+pub const ABNORMAL_DISK: f64 = 95.0;
+
+/// Health of a node from its last sample: ("normal" | "abnormal" | "unknown", reasons).
+pub fn health(online: bool, t: Option<&crate::protocol::Telemetry>) -> (String, Vec<String>) {
+    let Some(t) = t.filter(|_| online) else {
+        return ("unknown".into(), vec![]);
+    };
+    let mut why = vec![];
+    for (what, value, limit) in [
+        ("cpu", f64::from(t.cpu_percent), ABNORMAL_CPU),
+        ("memory", t.memory_percent(), ABNORMAL_MEMORY),
+        ("disk", t.disk_percent(), ABNORMAL_DISK),
+    ] {
+        if value > limit {
+            why.push(format!("{what} {value:.1}% > {limit}%"));
+        }
+    }
+    if !t.portal_reachable {
+        why.push(format!(
+            "web portal unreachable: {}",
+            t.portal_error.as_deref().unwrap_or("no connection")
+        ));
+    }
+    let state = if why.is_empty() { "normal" } else { "abnormal" };
+    (state.into(), why)
 }
 
 /// A provisioning task: pending → executing → finished / failed (or unsupported).
@@ -251,6 +290,7 @@ impl Db {
         for alter in [
             "ALTER TABLE codes ADD COLUMN used_role TEXT",
             "ALTER TABLE nodes ADD COLUMN ha_state TEXT",
+            "ALTER TABLE nodes ADD COLUMN telemetry TEXT",
         ] {
             let _ = conn.execute(alter, []);
         }
@@ -355,7 +395,7 @@ impl Db {
                 })?
                 .collect::<Result<_, _>>()?;
             let mut stmt = c.prepare(
-                "SELECT role, serial, mac, firmware, model, agent_version, online, last_seen, ha_state FROM nodes WHERE device_id = ?1 ORDER BY role",
+                "SELECT role, serial, mac, firmware, model, agent_version, online, last_seen, ha_state, telemetry FROM nodes WHERE device_id = ?1 ORDER BY role",
             )?;
             let fresh = now() - ONLINE_WINDOW.as_secs() as i64;
             for d in &mut devices {
@@ -363,6 +403,11 @@ impl Db {
                     .query_map([&d.id], |r| {
                         let online: bool = r.get(6)?;
                         let last_seen: Option<i64> = r.get(7)?;
+                        let online = online && last_seen.is_some_and(|t| t >= fresh);
+                        let telemetry: Option<crate::protocol::Telemetry> = r
+                            .get::<_, Option<String>>(9)?
+                            .and_then(|j| serde_json::from_str(&j).ok());
+                        let (health, abnormal) = health(online, telemetry.as_ref());
                         Ok(Node {
                             role: r.get(0)?,
                             serial: r.get(1)?,
@@ -371,8 +416,11 @@ impl Db {
                             model: r.get(4)?,
                             agent_version: r.get(5)?,
                             ha_state: r.get(8)?,
-                            online: online && last_seen.is_some_and(|t| t >= fresh),
+                            online,
                             last_seen,
+                            health,
+                            abnormal,
+                            telemetry,
                         })
                     })?
                     .collect::<Result<_, _>>()?;
@@ -628,12 +676,20 @@ impl Db {
         })
     }
 
-    /// Records a heartbeat.
-    pub fn node_seen(&self, device: &str, role: &str, ha_state: Option<&str>) -> Result<()> {
+    /// Records a heartbeat and its telemetry sample (the last one is kept per node).
+    pub fn node_seen(
+        &self,
+        device: &str,
+        role: &str,
+        ha_state: Option<&str>,
+        telemetry: Option<&crate::protocol::Telemetry>,
+    ) -> Result<()> {
+        let telemetry = telemetry.map(serde_json::to_string).transpose()?;
         self.with(|c| {
             c.execute(
-                "UPDATE nodes SET last_seen = ?3, online = 1, ha_state = ?4 WHERE device_id = ?1 AND role = ?2",
-                params![device, role, now(), ha_state],
+                "UPDATE nodes SET last_seen = ?3, online = 1, ha_state = ?4, telemetry = COALESCE(?5, telemetry)
+                 WHERE device_id = ?1 AND role = ?2",
+                params![device, role, now(), ha_state, telemetry],
             )?;
             Ok(())
         })

@@ -249,7 +249,7 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
         tokio::select! {
             e = conn.closed() => break e.to_string(),
             frame = read_frame::<_, Control>(&mut recv) => match frame {
-                Ok(Some(Control::Heartbeat { ha_state, .. })) => {
+                Ok(Some(Control::Heartbeat { ha_state, telemetry })) => {
                     let changed = {
                         let mut current = lock(&link.ha_state);
                         std::mem::replace(&mut *current, ha_state.clone()) != ha_state
@@ -257,7 +257,7 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
                     if changed {
                         tracing::warn!(ha_state = ?ha_state, "hot standby state changed; visits follow the active node");
                     }
-                    if let Err(e) = state.db.node_seen(&device, &role, ha_state.as_deref()) {
+                    if let Err(e) = state.db.node_seen(&device, &role, ha_state.as_deref(), telemetry.as_ref()) {
                         tracing::warn!(error = %format!("{e:#}"), "cannot record heartbeat");
                     }
                     write_frame(&mut send, &Control::HeartbeatAck { server_time_ms: crate::protocol::now_ms() }).await?;
