@@ -32,6 +32,18 @@ pub enum State {
 }
 
 impl State {
+    /// Every state, in lifecycle order.
+    pub const ALL: [State; 8] = [
+        State::Disabled,
+        State::NotActivated,
+        State::Activating,
+        State::Connecting,
+        State::Connected,
+        State::Reconnecting,
+        State::Failed,
+        State::Stopped,
+    ];
+
     /// snake_case name.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -403,3 +403,123 @@ fn health_thresholds_follow_the_design() {
         assert!(why.len() == 1 && why[0].contains(what), "{why:?}");
     }
 }
+
+/// A loopback port free right now (the metrics listener has no way to report a port 0 bind).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn scrape(port: u16, path: &str) -> Result<(u16, String), reqwest::Error> {
+    pbx_remote::tls::install_default_provider();
+    let r = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .send()
+        .await?;
+    let code = r.status().as_u16();
+    Ok((code, r.text().await?))
+}
+
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_and_ready_are_served_locally_and_never_through_the_tunnel() {
+    let port = free_port();
+    let w = World::start(
+        false,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .await;
+
+    let (code, body) = scrape(port, "/ready").await.unwrap();
+    assert_eq!((code, body.trim()), (200, "connected"));
+    let (code, m) = scrape(port, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(
+        sample(&m, "pbxra_state{state=\"connected\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(sample(&m, "pbxra_state{state=\"reconnecting\"}"), Some(0.0));
+    assert_eq!(sample(&m, "pbxra_connections_total"), Some(1.0));
+    assert_eq!(sample(&m, "pbxra_reconnects_total"), Some(0.0));
+    assert!(sample(&m, "pbxra_rtt_seconds").is_some(), "{m}");
+    assert!(sample(&m, "pbxra_tunnel_bytes_total{direction=\"sent\"}").unwrap() > 0.0);
+    assert_eq!(sample(&m, "pbxra_login_failures_total"), Some(0.0));
+    assert_eq!(scrape(port, "/other").await.unwrap().0, 404);
+
+    let mut v = w.granted("alice", false).await;
+    assert_eq!(v.login(USER, "wrong-password-1").await.status(), 401);
+    let mut v = w.visitor("bob", false).await;
+    assert_eq!(v.get("/").await.status(), 200);
+    // Through the tunnel, /metrics and /ready are the portal's paths, not ours.
+    let r = v.get("/metrics").await;
+    assert!(!r.text().await.unwrap().contains("pbxra_"));
+    let r = v.get("/ready").await;
+    assert!(!r.text().await.unwrap().contains("connected"));
+
+    let (_, m) = scrape(port, "/metrics").await.unwrap();
+    assert_eq!(sample(&m, "pbxra_login_failures_total"), Some(1.0), "{m}");
+    assert_eq!(
+        sample(&m, "pbxra_active_sessions{role=\"administrator\"}"),
+        Some(1.0)
+    );
+    assert!(
+        sample(&m, "pbxra_requests_total{code=\"200\"}").unwrap() >= 1.0,
+        "{m}"
+    );
+
+    // A reload that restarts the tunnel: a reconnect, counters kept.
+    rewrite(&w.agent, |t| {
+        t.replace("heartbeat_secs = 1", "heartbeat_secs = 2")
+    });
+    w.agent.reload.send(()).unwrap();
+    let m = eventually_async(port, |m| sample(m, "pbxra_connections_total") == Some(2.0)).await;
+    assert_eq!(sample(&m, "pbxra_reconnects_total"), Some(1.0));
+    assert_eq!(sample(&m, "pbxra_login_failures_total"), Some(1.0));
+
+    // Not connected → 503 with the state.
+    let World { agent, server, .. } = w;
+    server.shutdown().await;
+    agent
+        .wait(Duration::from_secs(30), |s| s.state != State::Connected)
+        .await;
+    let (code, body) = scrape(port, "/ready").await.unwrap();
+    assert_eq!(code, 503, "{body}");
+
+    // Turning metrics off on reload closes the listener.
+    rewrite(&agent, |t| {
+        t.replace(&format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"), "")
+    });
+    agent.reload.send(()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while scrape(port, "/ready").await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "metrics still served after being turned off"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.shutdown().await;
+}
+
+async fn eventually_async(port: u16, f: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, m) = scrape(port, "/metrics").await.unwrap();
+        if f(&m) {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "metrics never matched:\n{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -126,6 +126,7 @@ pub struct Gate {
     audit: AuditLog,
     clock: Clock,
     status: StatusHandle,
+    metrics: Arc<crate::agent::metrics::Metrics>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -141,6 +142,7 @@ impl Gate {
         server_signing_key_b64: &str,
         clock: Clock,
         status: StatusHandle,
+        metrics: Arc<crate::agent::metrics::Metrics>,
     ) -> Result<Gate> {
         use base64::Engine;
         let server_key = base64::engine::general_purpose::STANDARD
@@ -166,6 +168,7 @@ impl Gate {
             audit: AuditLog::new(state.join("audit.log")),
             clock,
             status,
+            metrics,
         })
     }
 
@@ -503,6 +506,7 @@ impl Gate {
         match self.lockout.reserve(&key, &username) {
             Admission::Locked { left } => {
                 audit("login_failed", Some("locked out"));
+                self.metrics.login_failed();
                 let msg = format!(
                     "Too many failed attempts. Try again in {}.",
                     human_duration(left)
@@ -535,6 +539,7 @@ impl Gate {
         let locked_now = self.lockout.finish(&key, &username, ok);
         if !ok {
             audit("login_failed", Some("wrong username or password"));
+            self.metrics.login_failed();
             if locked_now {
                 audit("lockout", Some("3 failed logins; locked for 10 minutes"));
             }
@@ -855,6 +860,7 @@ assertion_pubkey = "{d}/assertion.pub"
             "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
             Clock::default(),
             status,
+            Default::default(),
         )
         .unwrap()
     }

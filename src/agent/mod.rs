@@ -7,6 +7,7 @@ pub mod audit;
 pub mod clock;
 pub mod gate;
 pub mod lockout;
+pub mod metrics;
 pub mod portal;
 pub mod provision;
 pub mod proxy;
@@ -68,6 +69,12 @@ pub async fn run_with(
 ) -> Result<()> {
     let mut config = Arc::new(config);
     let live: LiveGate = Arc::new(std::sync::Mutex::new(None));
+    let metrics = Arc::new(metrics::Metrics::default());
+    let mut endpoint = Some(metrics::Endpoint::start(
+        config.metrics_listen,
+        &metrics,
+        &status,
+    ));
     let result = 'outer: loop {
         let session = shutdown.child_token();
         let run = run_inner(
@@ -76,13 +83,20 @@ pub async fn run_with(
             &session,
             clock.clone(),
             live.clone(),
+            metrics.clone(),
         );
         tokio::pin!(run);
         loop {
             tokio::select! {
                 r = &mut run => break 'outer r,
                 Some(()) = reloads.recv() => {
-                    match reload(&config, &status, &live) {
+                    let outcome = reload(&config, &status, &live);
+                    if let Reload::Live(Some(new)) | Reload::Restart(new) = &outcome {
+                        endpoint = endpoint
+                            .take()
+                            .map(|e| e.reconfigure(new.metrics_listen, &metrics, &status));
+                    }
+                    match outcome {
                         Reload::Refused | Reload::Live(None) => {}
                         Reload::Live(Some(new)) => config = new,
                         Reload::Restart(new) => {
@@ -162,6 +176,7 @@ async fn run_inner(
     shutdown: &CancellationToken,
     clock: clock::Clock,
     live: LiveGate,
+    metrics: Arc<metrics::Metrics>,
 ) -> Result<()> {
     if !config.server.enabled {
         status.set(
@@ -248,11 +263,13 @@ async fn run_inner(
         &credential.signing_key,
         clock,
         status.clone(),
+        metrics.clone(),
     )?);
     *live.lock().unwrap_or_else(|p| p.into_inner()) = Some(gate.clone());
     let proxy = Arc::new(proxy::ProxyCtx {
         portal,
         gate: gate.clone(),
+        metrics,
     });
     let tunnel = tunnel::Tunnel::new(
         config.clone(),

@@ -39,6 +39,8 @@ pub struct ProxyCtx {
     pub portal: Portal,
     /// Who may reach it.
     pub gate: Arc<Gate>,
+    /// Request counters.
+    pub metrics: Arc<crate::agent::metrics::Metrics>,
 }
 
 /// Serves one request stream until the request (or WebSocket) ends.
@@ -69,7 +71,11 @@ pub async fn serve_stream(
     let svc = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         let header = header.clone();
-        async move { Ok::<_, Infallible>(handle(&ctx, &header, req).await) }
+        async move {
+            let resp = handle(&ctx, &header, req).await;
+            ctx.metrics.request(resp.status());
+            Ok::<_, Infallible>(resp)
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

@@ -122,6 +122,7 @@ impl Tunnel {
             s.rtt_ms = Some(conn.rtt().as_millis() as u64);
         });
         tracing::info!(device = %self.credential.device_id, server = %self.config.server.address, "tunnel connected");
+        self.proxy.metrics.connected(&conn);
 
         let streams = TaskTracker::new();
         let control_stop = CancellationToken::new();
@@ -148,6 +149,9 @@ impl Tunnel {
         control_stop.cancel();
         let _ = control.await;
         streams.close();
+        // Drops the connection from the metrics at whatever point we leave (bytes of a
+        // draining connection are counted up to here).
+        let _metrics_link = DisconnectOnDrop(&self.proxy.metrics);
         match end {
             None => {
                 // Drain in-flight requests, then close on purpose so the server sees it at once.
@@ -336,6 +340,14 @@ pub fn classify(e: &ConnectionError) -> (Reason, String) {
         ),
         ConnectionError::LocallyClosed => (Reason::ServerUnreachable, "closed locally".to_string()),
         ConnectionError::CidsExhausted => (Reason::ServerUnreachable, e.to_string()),
+    }
+}
+
+struct DisconnectOnDrop<'a>(&'a crate::agent::metrics::Metrics);
+
+impl Drop for DisconnectOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.disconnected();
     }
 }
 

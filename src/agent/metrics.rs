@@ -1,0 +1,333 @@
+//! Metrics and health for local monitoring: Prometheus text on `/metrics` and `/ready` (200
+//! when the tunnel is connected, else 503), served only on `[metrics] listen`. The listener is
+//! a separate local socket; the tunnel's request streams go to the portal proxy and can never
+//! reach it.
+
+use crate::status::{State, StatusHandle};
+use crate::web::{full, Body};
+use http::{Response, StatusCode};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Counters shared by the tunnel, proxy and gate. Lives as long as the agent process, across
+/// reloads that restart the tunnel, so counters only go up.
+#[derive(Default)]
+pub struct Metrics {
+    connections: AtomicU64,
+    login_failures: AtomicU64,
+    requests: Mutex<BTreeMap<u16, u64>>,
+    /// The live connection (for RTT and bytes) and the byte totals of finished ones.
+    link: Mutex<Link>,
+}
+
+#[derive(Default)]
+struct Link {
+    current: Option<quinn::Connection>,
+    sent_before: u64,
+    received_before: u64,
+}
+
+impl Metrics {
+    /// A tunnel connection came up.
+    pub fn connected(&self, conn: &quinn::Connection) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.lock_link().current = Some(conn.clone());
+    }
+
+    /// The tunnel connection ended; its bytes move to the totals.
+    pub fn disconnected(&self) {
+        let mut link = self.lock_link();
+        if let Some(conn) = link.current.take() {
+            let stats = conn.stats();
+            link.sent_before += stats.udp_tx.bytes;
+            link.received_before += stats.udp_rx.bytes;
+        }
+    }
+
+    /// A proxied request was answered with `status`.
+    pub fn request(&self, status: StatusCode) {
+        let mut map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry(status.as_u16()).or_default() += 1;
+    }
+
+    /// A remote-account login failed (wrong credentials or locked out).
+    pub fn login_failed(&self) {
+        self.login_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn lock_link(&self) -> std::sync::MutexGuard<'_, Link> {
+        // Invariant: nothing panics while the lock is held; the data stays valid regardless.
+        self.link.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Prometheus text exposition (format 0.0.4).
+    pub fn render(&self, status: &StatusHandle) -> String {
+        let s = status.get();
+        let mut o = String::with_capacity(2048);
+        help(&mut o, "pbxra_build_info", "gauge", "Agent version.");
+        let _ = writeln!(
+            o,
+            "pbxra_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        help(
+            &mut o,
+            "pbxra_state",
+            "gauge",
+            "Agent state (1 for the current one), as in status.json.",
+        );
+        for state in State::ALL {
+            let _ = writeln!(
+                o,
+                "pbxra_state{{state=\"{}\"}} {}",
+                state.as_str(),
+                u8::from(s.state == state)
+            );
+        }
+        let connections = self.connections.load(Ordering::Relaxed);
+        help(
+            &mut o,
+            "pbxra_connections_total",
+            "counter",
+            "Tunnel connections established.",
+        );
+        let _ = writeln!(o, "pbxra_connections_total {connections}");
+        help(
+            &mut o,
+            "pbxra_reconnects_total",
+            "counter",
+            "Tunnel connections established after the first.",
+        );
+        let _ = writeln!(
+            o,
+            "pbxra_reconnects_total {}",
+            connections.saturating_sub(1)
+        );
+        let (rtt, sent, received) = {
+            let link = self.lock_link();
+            match &link.current {
+                Some(c) => {
+                    let stats = c.stats();
+                    (
+                        Some(c.rtt()),
+                        link.sent_before + stats.udp_tx.bytes,
+                        link.received_before + stats.udp_rx.bytes,
+                    )
+                }
+                None => (None, link.sent_before, link.received_before),
+            }
+        };
+        if let Some(rtt) = rtt.filter(|_| s.state == State::Connected) {
+            help(
+                &mut o,
+                "pbxra_rtt_seconds",
+                "gauge",
+                "Round-trip time to the server (QUIC estimate).",
+            );
+            let _ = writeln!(o, "pbxra_rtt_seconds {}", rtt.as_secs_f64());
+        }
+        help(
+            &mut o,
+            "pbxra_tunnel_bytes_total",
+            "counter",
+            "UDP payload bytes of the tunnel.",
+        );
+        let _ = writeln!(o, "pbxra_tunnel_bytes_total{{direction=\"sent\"}} {sent}");
+        let _ = writeln!(
+            o,
+            "pbxra_tunnel_bytes_total{{direction=\"received\"}} {received}"
+        );
+        help(
+            &mut o,
+            "pbxra_active_sessions",
+            "gauge",
+            "Remote sessions by role.",
+        );
+        for role in ["administrator", "super_admin"] {
+            let n = s.active_sessions.iter().filter(|x| x.role == role).count();
+            let _ = writeln!(o, "pbxra_active_sessions{{role=\"{role}\"}} {n}");
+        }
+        help(
+            &mut o,
+            "pbxra_requests_total",
+            "counter",
+            "Requests through the tunnel by response status.",
+        );
+        for (code, n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(o, "pbxra_requests_total{{code=\"{code}\"}} {n}");
+        }
+        help(
+            &mut o,
+            "pbxra_login_failures_total",
+            "counter",
+            "Failed remote-account logins.",
+        );
+        let _ = writeln!(
+            o,
+            "pbxra_login_failures_total {}",
+            self.login_failures.load(Ordering::Relaxed)
+        );
+        o
+    }
+}
+
+fn help(o: &mut String, name: &str, kind: &str, text: &str) {
+    let _ = writeln!(o, "# HELP {name} {text}\n# TYPE {name} {kind}");
+}
+
+/// Serves `/metrics` and `/ready` on `listener` until `stop`.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    status: StatusHandle,
+    stop: CancellationToken,
+) {
+    let tasks = tokio_util::task::TaskTracker::new();
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, "metrics accept failed");
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        let status = status.clone();
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let svc = hyper::service::service_fn(move |req: http::Request<_>| {
+                let answer = respond(req.method(), req.uri().path(), &metrics, &status);
+                async move { Ok::<_, Infallible>(answer) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = conn => {}
+            }
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+fn respond(
+    method: &http::Method,
+    path: &str,
+    metrics: &Metrics,
+    status: &StatusHandle,
+) -> Response<Body> {
+    let text = |code: StatusCode, ctype: &str, body: String| {
+        Response::builder()
+            .status(code)
+            .header(http::header::CONTENT_TYPE, ctype)
+            .header(http::header::CACHE_CONTROL, "no-store")
+            .body(full(body))
+            .unwrap_or_default()
+    };
+    if method != http::Method::GET && method != http::Method::HEAD {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
+    }
+    match path {
+        "/metrics" => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(status),
+        ),
+        "/ready" => {
+            let s = status.get();
+            if s.state == State::Connected {
+                text(StatusCode::OK, "text/plain", "connected\n".into())
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("{}\n", s.state.as_str()),
+                )
+            }
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /metrics or /ready\n".into(),
+        ),
+    }
+}
+
+/// The metrics listener, restarted when `[metrics] listen` changes on reload.
+pub struct Endpoint {
+    listen: Option<SocketAddr>,
+    stop: CancellationToken,
+}
+
+impl Endpoint {
+    /// Starts serving on `listen` (if set). A bind failure is logged, not fatal: monitoring must
+    /// not take remote management down.
+    pub fn start(
+        listen: Option<SocketAddr>,
+        metrics: &Arc<Metrics>,
+        status: &StatusHandle,
+    ) -> Endpoint {
+        let stop = CancellationToken::new();
+        if let Some(addr) = listen {
+            match std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(TcpListener::from_std)
+            {
+                Ok(listener) => {
+                    tracing::info!(%addr, "metrics listening on /metrics and /ready");
+                    tokio::spawn(serve(
+                        listener,
+                        metrics.clone(),
+                        status.clone(),
+                        stop.clone(),
+                    ));
+                }
+                Err(e) => {
+                    tracing::error!(%addr, error = %e, "metrics.listen: cannot listen; metrics are off")
+                }
+            }
+        }
+        Endpoint { listen, stop }
+    }
+
+    /// Applies a reloaded `[metrics] listen`.
+    pub fn reconfigure(
+        self,
+        listen: Option<SocketAddr>,
+        metrics: &Arc<Metrics>,
+        status: &StatusHandle,
+    ) -> Endpoint {
+        if listen == self.listen {
+            return self;
+        }
+        self.stop.cancel();
+        Endpoint::start(listen, metrics, status)
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
