@@ -12,13 +12,8 @@ pub fn ready() {
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
 }
 
-/// Tells systemd the service is stopping.
-pub fn stopping() {
-    let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
-}
-
 /// Mirrors status into `STATUS=` and feeds the watchdog (if `WatchdogSec=` is set) until
-/// `shutdown`.
+/// `shutdown`, then says `STOPPING=1` (at the start of the drain, as systemd expects).
 pub fn spawn(status: StatusHandle, shutdown: CancellationToken) {
     let mut rx = status.subscribe();
     let stop = shutdown.clone();
@@ -34,7 +29,10 @@ pub fn spawn(status: StatusHandle, shutdown: CancellationToken) {
             };
             let _ = sd_notify::notify(false, &[NotifyState::Status(&line)]);
             tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => {
+                    let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+                    return;
+                }
                 r = rx.changed() => if r.is_err() { return },
             }
         }

@@ -104,9 +104,7 @@ fn run(path: &Path) -> ExitCode {
         let clock = pbx_remote::agent::clock::Clock::default();
         pbx_remote::systemd::spawn(status.clone(), root.clone());
         pbx_remote::systemd::ready();
-        let result = pbx_remote::agent::run_with(config, status, root, clock, reloads).await;
-        pbx_remote::systemd::stopping();
-        result
+        pbx_remote::agent::run_with(config, status, root, clock, reloads).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,250 @@
+//! The agent binary under a fake systemd: a NOTIFY_SOCKET we read, WATCHDOG_USEC set, and stop
+//! signals sent the way systemd sends them.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+use tokio::net::UnixDatagram;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_pbx-remote-agent");
+
+/// The notify socket and everything received on it so far.
+struct Notify {
+    sock: UnixDatagram,
+    seen: Vec<String>,
+}
+
+impl Notify {
+    fn bind(dir: &Path) -> Notify {
+        Notify {
+            sock: UnixDatagram::bind(dir.join("notify.sock")).unwrap(),
+            seen: vec![],
+        }
+    }
+
+    /// Reads datagrams until one line equals `want` (counting from message `from`); returns the
+    /// index of that message.
+    async fn until(&mut self, from: usize, want: &str, limit: Duration) -> usize {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(i) =
+                (from..self.seen.len()).find(|&i| self.seen[i].lines().any(|l| l == want))
+            {
+                return i;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut buf = [0u8; 4096];
+            match tokio::time::timeout(left, self.sock.recv(&mut buf)).await {
+                Ok(Ok(n)) => self
+                    .seen
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Ok(Err(e)) => panic!("notify socket: {e}"),
+                Err(_) => panic!("no {want:?} within {limit:?}; got {:?}", self.seen),
+            }
+        }
+    }
+}
+
+/// The agent as systemd starts it: NOTIFY_SOCKET, and WATCHDOG_USEC with WATCHDOG_PID naming
+/// the agent itself (the shell execs the agent, so `$$` is its pid).
+fn spawn_agent(dir: &Path, config: &Path, watchdog_usec: u64) -> Agent {
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg("WATCHDOG_PID=$$ exec \"$0\" run -c \"$1\"")
+        .arg(AGENT)
+        .arg(config)
+        .env("NOTIFY_SOCKET", dir.join("notify.sock"))
+        .env("WATCHDOG_USEC", watchdog_usec.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Agent(child)
+}
+
+/// Kills the agent if a test fails before it exits (an orphan would outlive the test run).
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(child: &Agent, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.0.id().to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} failed");
+}
+
+/// Waits for the child to exit, up to `limit`.
+async fn exit_code(child: &mut Agent, limit: Duration) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            return status.code();
+        }
+        if Instant::now() > deadline {
+            panic!("the agent did not exit within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ready_status_watchdog_and_stopping_reach_systemd() {
+    let server = TestServer::start().await;
+    let portal = PortalFixture::start().await;
+    let (_device, code) = server.add_device(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let config = dir.join("agent.toml");
+    let agent_dir = dir.join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    std::fs::write(
+        &config,
+        agent_toml(
+            server.tunnel,
+            &server.pin,
+            &code,
+            &portal.url(),
+            &agent_dir,
+            "",
+        ),
+    )
+    .unwrap();
+    let mut notify = Notify::bind(dir);
+    let mut child = spawn_agent(dir, &config, 200_000);
+
+    let ready = notify.until(0, "READY=1", Duration::from_secs(10)).await;
+    let connected = notify
+        .until(0, "STATUS=connected", Duration::from_secs(20))
+        .await;
+    notify.until(0, "WATCHDOG=1", Duration::from_secs(5)).await;
+    assert!(
+        ready <= connected,
+        "READY comes once the config is loaded: {:?}",
+        notify.seen
+    );
+
+    // The server going away must not starve the watchdog: connectivity is not health.
+    server.shutdown().await;
+    let lost = notify
+        .until(
+            connected,
+            "STATUS=reconnecting (server_unreachable)",
+            Duration::from_secs(30),
+        )
+        .await;
+    let mut at = lost;
+    for _ in 0..3 {
+        at = notify
+            .until(at + 1, "WATCHDOG=1", Duration::from_secs(5))
+            .await;
+    }
+
+    signal(&child, "TERM");
+    notify.until(at, "STOPPING=1", Duration::from_secs(5)).await;
+    assert_eq!(
+        exit_code(&mut child, Duration::from_secs(15)).await,
+        Some(0)
+    );
+    let s = pbx_remote::status::read(&agent_dir.join("status.json")).unwrap();
+    assert_eq!(s.state.as_str(), "stopped");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_config_exits_64_without_ready() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(&config, "[server]\nenabled = maybe\n").unwrap();
+    let mut notify = Notify::bind(tmp.path());
+    let mut child = spawn_agent(tmp.path(), &config, 0);
+    assert_eq!(
+        exit_code(&mut child, Duration::from_secs(10)).await,
+        Some(64)
+    );
+    let mut buf = [0u8; 512];
+    let got = notify.sock.try_recv(&mut buf);
+    assert!(
+        got.is_err(),
+        "nothing may be sent: {:?}",
+        got.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+    );
+    notify.seen.clear();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_stop_signal_exits_at_once_during_the_drain() {
+    let w_server = TestServer::start().await;
+    let portal = PortalFixture::start().await;
+    let (device, code) = w_server.add_device(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let config = dir.join("agent.toml");
+    let agent_dir = dir.join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let toml = agent_toml(
+        w_server.tunnel,
+        &w_server.pin,
+        &code,
+        &portal.url(),
+        &agent_dir,
+        "",
+    )
+    .replace("drain_secs = 2", "drain_secs = 60");
+    std::fs::write(&config, toml).unwrap();
+    let mut notify = Notify::bind(dir);
+    let mut child = spawn_agent(dir, &config, 0);
+    notify
+        .until(0, "STATUS=connected", Duration::from_secs(20))
+        .await;
+
+    // A request the portal never answers keeps the drain busy.
+    let url = w_server.visit(&device, "alice", false);
+    let mut v = Visitor::new(w_server.public, &device);
+    v.open_visit(&url).await;
+    assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
+    let pending = tokio::spawn({
+        let req = v.request(reqwest::Method::GET, "/slow");
+        async move { req.send().await }
+    });
+    let served = Instant::now() + Duration::from_secs(10);
+    while !portal
+        .log
+        .paths
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|p| p == "/slow")
+    {
+        assert!(
+            Instant::now() < served,
+            "the slow request never reached the portal"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    signal(&child, "TERM");
+    notify.until(0, "STOPPING=1", Duration::from_secs(5)).await;
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "the first signal drains (60 s allowed)"
+    );
+    signal(&child, "INT");
+    // Well inside the 60 s drain: the second signal did not wait for it.
+    assert_eq!(
+        exit_code(&mut child, Duration::from_secs(10)).await,
+        Some(pbx_remote::signals::FORCED_EXIT)
+    );
+    pending.abort();
+}
