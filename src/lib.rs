@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod backoff;
+pub mod cli;
 pub mod config;
 pub mod fsutil;
 pub mod logging;

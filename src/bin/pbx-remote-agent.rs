@@ -1,6 +1,7 @@
 //! `pbx-remote-agent`: parses the CLI, sets up logging, loads the config and calls the library.
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use pbx_remote::cli::{Cli, Command};
 use pbx_remote::config::{self, AgentConfig};
 use pbx_remote::status::{self, StatusHandle};
 use std::io::{IsTerminal, Read};
@@ -15,44 +16,6 @@ fn out(text: &str) {
 
 /// Exit status for an invalid config or usage (the unit's RestartPreventExitStatus).
 const EXIT_CONFIG: u8 = 64;
-
-#[derive(Parser)]
-#[command(
-    name = "pbx-remote-agent",
-    version,
-    about = "PBX side of Remote Management: activation, QUIC tunnel and session gate for the PBX web portal"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the daemon (systemd ExecStart).
-    Run {
-        /// Config file [default: $PBX_REMOTE_AGENT_CONFIG or /etc/pbx-remote-agent/agent.toml]
-        #[arg(short, long)]
-        config: Option<PathBuf>,
-    },
-    /// Validate the config and print a summary; exit 0 or 64.
-    Check {
-        /// Config file.
-        #[arg(short, long)]
-        config: Option<PathBuf>,
-    },
-    /// Show the daemon's status (works even when the config is broken).
-    Status {
-        /// Config file (only [paths].status_file is read).
-        #[arg(short, long)]
-        config: Option<PathBuf>,
-        /// Print the status document as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Read a password on stdin and print its argon2id PHC string.
-    HashPassword,
-}
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {

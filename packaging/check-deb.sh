@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Checks a built .deb: contents and modes, the conffile, the maintainer scripts, a stripped
+# binary, and that the unpacked binary accepts the shipped config. Usage: check-deb.sh FILE.deb
+set -euo pipefail
+deb=$1
+fail() { echo "FAIL: $*"; exit 1; }
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+
+listing=$(dpkg-deb -c "$deb")
+expect() { # expect MODE PATH
+  grep -qE "^$1 (root/root|0/0) +[0-9]+ [0-9-]+ [0-9:]+ \./$2\$" <<<"$listing" || fail "$2 missing or not $1"
+}
+expect '-rwxr-xr-x' 'usr/bin/pbx-remote-agent'
+expect '-rw-r-----' 'etc/pbx-remote-agent/agent.toml'
+expect '-rw-r--r--' 'usr/lib/systemd/system/pbx-remote-agent.service'
+expect '-rw-r--r--' 'usr/lib/systemd/system/pbx-remote-provision.path'
+expect '-rw-r--r--' 'usr/lib/systemd/system/pbx-remote-provision.service'
+expect '-rwxr-xr-x' 'usr/libexec/pbx-remote-agent/provision-apply'
+expect '-rw-r--r--' 'usr/lib/sysusers.d/pbx-remote-agent.conf'
+expect '-rw-r--r--' 'usr/lib/tmpfiles.d/pbx-remote-agent.conf'
+expect '-rw-r--r--' 'usr/share/man/man8/pbx-remote-agent.8.gz'
+expect '-rw-r--r--' 'usr/share/bash-completion/completions/pbx-remote-agent'
+expect '-rw-r--r--' 'usr/share/zsh/vendor-completions/_pbx-remote-agent'
+expect '-rw-r--r--' 'usr/share/fish/vendor_completions.d/pbx-remote-agent.fish'
+echo "contents and modes: ok"
+
+dpkg-deb -e "$deb" "$scratch/DEBIAN"
+grep -qx '/etc/pbx-remote-agent/agent.toml' "$scratch/DEBIAN/conffiles" || fail "agent.toml is not a conffile"
+for s in postinst prerm postrm; do [ -x "$scratch/DEBIAN/$s" ] || fail "no $s"; sh -n "$scratch/DEBIAN/$s" || fail "$s: syntax"; done
+grep -q 'install -d -m 0700 -o pbx-remote-agent' "$scratch/DEBIAN/postinst" || fail "postinst does not create the 0700 state dir"
+grep -q 'useradd --system' "$scratch/DEBIAN/postinst" || fail "postinst does not create the system user"
+grep -q 'systemctl stop pbx-remote-agent.service' "$scratch/DEBIAN/prerm" || fail "prerm does not stop the service"
+grep -q '0700 pbx-remote-agent' <(dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/lib/tmpfiles.d/pbx-remote-agent.conf) || fail "tmpfiles: state dir not 0700"
+echo "conffile and scripts: ok"
+
+dpkg-deb -x "$deb" "$scratch/root"
+bin="$scratch/root/usr/bin/pbx-remote-agent"
+if nm "$bin" >/dev/null 2>&1 && [ -n "$(nm "$bin" 2>/dev/null | head -1)" ]; then fail "binary is not stripped"; fi
+grep -qx 'enabled = false' "$scratch/root/etc/pbx-remote-agent/agent.toml" || fail "shipped config is not enabled = false"
+zcat "$scratch/root/usr/share/man/man8/pbx-remote-agent.8.gz" | grep -q 'hash\\-password' || fail "man page lacks the subcommands"
+grep -q 'hash-password' "$scratch/root/usr/share/bash-completion/completions/pbx-remote-agent" || fail "bash completion lacks the subcommands"
+"$bin" check -c "$scratch/root/etc/pbx-remote-agent/agent.toml"
+echo "unpacked binary accepts the shipped config: ok"
+printf 'stripped agent: %s bytes\n' "$(stat -c %s "$bin")"
+
+# Optionally install it for real (CI does, on its throwaway machine): user, modes, an upgrade
+# that keeps config and credential, removal that keeps state, purge that deletes it.
+if [ "${PBXRA_INSTALL_TEST:-0}" = 1 ]; then
+  if dpkg -s pbx-remote-agent >/dev/null 2>&1; then dpkg -P pbx-remote-agent >/dev/null; fi
+  dpkg -i "$deb" >/dev/null
+  getent passwd pbx-remote-agent >/dev/null || fail "no pbx-remote-agent user after install"
+  [ "$(stat -c '%a %U' /var/lib/pbx-remote-agent)" = "700 pbx-remote-agent" ] || fail "state dir: $(stat -c '%a %U' /var/lib/pbx-remote-agent)"
+  [ "$(stat -c '%a %U:%G' /etc/pbx-remote-agent/agent.toml)" = "640 root:pbx-remote-agent" ] || fail "config: $(stat -c '%a %U:%G' /etc/pbx-remote-agent/agent.toml)"
+  sed -i 's/^enabled = false$/enabled = false # edited by the PBX page/' /etc/pbx-remote-agent/agent.toml
+  echo '{"device_id":"kept"}' >/var/lib/pbx-remote-agent/credential.json
+  dpkg -i "$deb" >/dev/null  # same version again: the upgrade path of the scripts
+  grep -q 'edited by the PBX page' /etc/pbx-remote-agent/agent.toml || fail "upgrade replaced the edited config"
+  grep -q kept /var/lib/pbx-remote-agent/credential.json || fail "upgrade lost the credential"
+  pbx-remote-agent check -c /etc/pbx-remote-agent/agent.toml >/dev/null || fail "installed binary rejects the config"
+  dpkg -r pbx-remote-agent >/dev/null
+  [ ! -e /usr/bin/pbx-remote-agent ] || fail "binary left after removal"
+  [ -f /var/lib/pbx-remote-agent/credential.json ] || fail "removal (not purge) deleted the credential"
+  dpkg -P pbx-remote-agent >/dev/null
+  [ ! -e /var/lib/pbx-remote-agent ] || fail "purge left the state dir"
+  echo "install, upgrade, remove, purge: ok"
+fi

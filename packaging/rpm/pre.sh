@@ -1,0 +1,2 @@
+#COMMON#
+pbxra_user
