@@ -2,6 +2,8 @@
 //! visitor that talks to the front like a browser would (Host header, cookies by hand).
 #![allow(dead_code)]
 
+pub mod relay;
+
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, Response, StatusCode};
