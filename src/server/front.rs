@@ -378,6 +378,13 @@ async fn forward(
             "This PBX is not connected to the management platform right now. Check its network and its Remote Management status.",
         );
     };
+    let Some(grant_slot) = link.grant_slot(&grant.id) else {
+        return web::page(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many requests",
+            "This session has too many requests in flight to the PBX; wait for some to finish.",
+        );
+    };
     let Ok(permit) = link.streams.clone().try_acquire_owned() else {
         return web::page(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -432,7 +439,7 @@ async fn forward(
         );
     };
     tokio::spawn(async move {
-        let _permit = permit;
+        let _slots = (permit, grant_slot);
         let _ = conn.with_upgrades().await;
     });
     let visitor_upgrade = req

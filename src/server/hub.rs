@@ -33,6 +33,8 @@ pub struct Link {
     pub generation: u64,
     /// Request streams in use (try_acquire fails → 503).
     pub streams: Arc<Semaphore>,
+    /// Streams in use per visit grant, so one session cannot take the whole tunnel.
+    per_grant: Mutex<HashMap<String, usize>>,
     key_hash: [u8; 32],
     ha_state: Mutex<Option<String>>,
     flags: Mutex<DeviceFlags>,
@@ -206,6 +208,7 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
         conn: conn.clone(),
         generation: state.hub.generation.fetch_add(1, Ordering::Relaxed),
         streams: Arc::new(Semaphore::new(MAX_REQUEST_STREAMS as usize)),
+        per_grant: Mutex::new(HashMap::new()),
         key_hash,
         ha_state: Mutex::new(ha_state.clone()),
         flags: Mutex::new(flags.clone()),
@@ -281,6 +284,45 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
         tracing::info!(%reason, "device disconnected");
     }
     Ok(())
+}
+
+/// In-flight request streams one visit grant (one visitor's session) may hold on a link: a
+/// quarter of the link's streams, far above what a browser opens, so a runaway tab or a flood
+/// from one session leaves room for everyone else.
+pub const MAX_STREAMS_PER_GRANT: usize = MAX_REQUEST_STREAMS as usize / 4;
+
+/// One of a grant's stream slots; released on drop.
+pub struct GrantSlot {
+    link: Arc<Link>,
+    grant: String,
+}
+
+impl Link {
+    /// Takes a stream slot for `grant`, or `None` if it holds [`MAX_STREAMS_PER_GRANT`].
+    pub fn grant_slot(self: &Arc<Self>, grant: &str) -> Option<GrantSlot> {
+        let mut map = lock(&self.per_grant);
+        let n = map.entry(grant.to_string()).or_insert(0);
+        if *n >= MAX_STREAMS_PER_GRANT {
+            return None;
+        }
+        *n += 1;
+        Some(GrantSlot {
+            link: self.clone(),
+            grant: grant.to_string(),
+        })
+    }
+}
+
+impl Drop for GrantSlot {
+    fn drop(&mut self) {
+        let mut map = lock(&self.link.per_grant);
+        if let Some(n) = map.get_mut(&self.grant) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.grant);
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1,0 +1,342 @@
+//! The tunnel under a bad network (the impairment relay between agent and server), a broken
+//! portal, and hostile visitors. Every test is bounded in time; the relay prints its seed when
+//! one fails.
+
+mod support;
+
+use pbx_remote::status::State;
+use std::time::{Duration, Instant};
+use support::relay::{Impair, Relay};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Server, portal, relay and an agent that dials the server through the relay.
+struct Net {
+    server: TestServer,
+    portal: PortalFixture,
+    relay: Relay,
+    agent: TestAgent,
+    device: String,
+    _tmp: tempfile::TempDir,
+}
+
+impl Net {
+    /// Everything started; `before` impairs the path before the agent's first packet.
+    async fn start(before: Impair, extra: &str) -> Net {
+        let server = TestServer::start().await;
+        let portal = PortalFixture::start().await;
+        let relay = Relay::start(server.tunnel).await;
+        relay.set_both(before);
+        let (device, code) = server.add_device(false);
+        let tmp = tempfile::tempdir().unwrap();
+        let toml = agent_toml(
+            relay.addr,
+            &server.pin,
+            &code,
+            &portal.url(),
+            &tmp.path().join("agent"),
+            extra,
+        );
+        let agent = TestAgent::start(&tmp.path().join("agent"), &toml);
+        Net {
+            server,
+            portal,
+            relay,
+            agent,
+            device,
+            _tmp: tmp,
+        }
+    }
+
+    async fn visitor(&self) -> Visitor {
+        let url = self.server.visit(&self.device, "alice", false);
+        let mut v = Visitor::new(self.server.public, &self.device);
+        v.open_visit(&url).await;
+        assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
+        v
+    }
+}
+
+/// Downloads `path`, returning (bytes, sha256 hex).
+async fn download(v: &mut Visitor, path: &str) -> (u64, String) {
+    let mut resp = v.get(path).await;
+    assert_eq!(resp.status(), 200);
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut got = 0u64;
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        got += chunk.len() as u64;
+        ctx.update(&chunk);
+    }
+    (got, hex::encode(ctx.finish().as_ref()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn handshakes_complete_at_30_percent_loss_each_way() {
+    let net = Net::start(Impair::loss(30.0), "").await;
+    let t0 = Instant::now();
+    net.agent
+        .wait(Duration::from_secs(90), |s| s.state == State::Connected)
+        .await;
+    eprintln!("connected at 30% loss in {:?}", t0.elapsed());
+    let mut v = net.visitor().await;
+    let r = tokio::time::timeout(Duration::from_secs(60), v.get("/")).await;
+    assert_eq!(r.expect("page within 60 s at 30% loss").status(), 200);
+    assert!(
+        net.relay
+            .stats
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_1_mib_download_is_byte_exact_at_10_percent_loss() {
+    let net = Net::start(Impair::default(), "").await;
+    net.agent.connected().await;
+    let mut v = net.visitor().await;
+    net.relay.set_both(Impair {
+        drop_pct: 10.0,
+        burst_max: 3,
+        reorder_pct: 2.0,
+        dup_pct: 1.0,
+        jitter: Duration::from_millis(2),
+        ..Impair::default()
+    });
+    let n = 1 << 20;
+    let (got, sha) = tokio::time::timeout(
+        Duration::from_secs(60),
+        download(&mut v, &format!("/bytes/{n}")),
+    )
+    .await
+    .expect("1 MiB within 60 s at 10% loss");
+    assert_eq!((got, sha), (n, pattern_sha256(n)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn source_port_rebinding_mid_download_keeps_the_connection() {
+    let net = Net::start(Impair::default(), "").await;
+    let since = net.agent.connected().await.since;
+    let mut v = net.visitor().await;
+    let before = net
+        .server
+        .state
+        .hub
+        .get(&net.device)
+        .unwrap()
+        .conn
+        .remote_address();
+    let n: u64 = 32 << 20;
+    let mut resp = v.get(&format!("/bytes/{n}")).await;
+    assert_eq!(resp.status(), 200);
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut got = 0u64;
+    let mut rebound = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        got += chunk.len() as u64;
+        ctx.update(&chunk);
+        if !rebound && got >= 2 << 20 {
+            net.relay.rebind();
+            rebound = true;
+        }
+        assert!(Instant::now() < deadline, "download stalled at {got} bytes");
+    }
+    assert!(rebound && got == n, "got {got}");
+    assert_eq!(hex::encode(ctx.finish().as_ref()), pattern_sha256(n));
+    let link = net.server.state.hub.get(&net.device).unwrap();
+    assert_ne!(
+        link.conn.remote_address(),
+        before,
+        "the server saw the new address"
+    );
+    assert_eq!(net.agent.status.get().since, since, "no reconnect");
+    assert_eq!(net.agent.status.get().state, State::Connected);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blackhole_gives_502_is_detected_and_the_agent_returns_within_10s() {
+    let net = Net::start(Impair::default(), "").await;
+    net.agent.connected().await;
+    let mut v = net.visitor().await;
+    assert_eq!(v.get("/").await.status(), 200);
+
+    net.relay.blackhole(true);
+    let t0 = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(30), v.get("/delay/100"))
+        .await
+        .expect("in-flight request ends, not hangs");
+    assert_eq!(r.status(), 502);
+    eprintln!("in-flight request → 502 after {:?}", t0.elapsed());
+    let idle = pbx_remote::protocol::IDLE_TIMEOUT;
+    net.agent
+        .wait(idle + Duration::from_secs(5), |s| {
+            s.state != State::Connected
+        })
+        .await;
+    let detected = t0.elapsed();
+    eprintln!("blackhole detected after {detected:?} (idle timeout {idle:?})");
+    assert!(detected <= idle + Duration::from_secs(5));
+
+    // Leave it dark long enough for the backoff to grow, then restore the path.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    net.relay.blackhole(false);
+    let back = Instant::now();
+    net.agent
+        .wait(Duration::from_secs(10), |s| s.state == State::Connected)
+        .await;
+    eprintln!("reconnected {:?} after the path returned", back.elapsed());
+    assert_eq!(v.get("/").await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_portal_gives_504_within_the_portal_timeout_while_the_tunnel_stays() {
+    let w = World::start_with_toml(false, |t| {
+        t.replace("drain_secs = 2", "drain_secs = 2\nportal_timeout_secs = 2")
+    })
+    .await;
+    let since = w.agent.status.get().since;
+    let mut v = w.visitor("alice", false).await;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(10), v.get("/slow"))
+            .await
+            .expect("answered");
+        assert_eq!(r.status(), 504);
+        // The portal timeout is 2 s; allow scheduling slack but not a second timeout.
+        assert!(
+            t0.elapsed() < Duration::from_secs(4),
+            "504 after {:?}",
+            t0.elapsed()
+        );
+    }
+    assert_eq!(v.get("/").await.status(), 200);
+    assert_eq!(w.agent.status.get().since, since, "tunnel stayed up");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resetting_portal_gives_502_while_the_tunnel_stays() {
+    let resetting = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let reset_addr = resetting.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = resetting.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s.set_linger(Some(Duration::ZERO));
+            drop(s);
+        }
+    });
+    let server = TestServer::start().await;
+    let (device, code) = server.add_device(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let toml = agent_toml(
+        server.tunnel,
+        &server.pin,
+        &code,
+        &format!("http://{reset_addr}"),
+        &tmp.path().join("agent"),
+        "",
+    );
+    let agent = TestAgent::start(&tmp.path().join("agent"), &toml);
+    let since = agent.connected().await.since;
+    let url = server.visit(&device, "alice", false);
+    let mut v = Visitor::new(server.public, &device);
+    v.open_visit(&url).await;
+    assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
+    for _ in 0..5 {
+        let r = tokio::time::timeout(Duration::from_secs(10), v.get("/"))
+            .await
+            .expect("answered");
+        assert_eq!(r.status(), 502);
+    }
+    assert_eq!(agent.status.get().since, since, "tunnel stayed up");
+    assert_eq!(agent.status.get().state, State::Connected);
+}
+
+/// Sends raw bytes to the front as `v`'s browser would and returns the status line.
+async fn raw_front(v: &Visitor, head: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(v.public).await.unwrap();
+    let _ = s.write_all(head).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_heads_and_floods_get_limits_and_others_keep_working() {
+    let w = World::start(false, "").await;
+    let mut other = w.visitor("bob", false).await;
+    let v = w.visitor("mallory", false).await;
+    let rss_before = proc_mem_kib(std::process::id(), "VmRSS");
+    let base = format!(
+        "GET / HTTP/1.1\r\nHost: {}\r\nCookie: {}\r\n",
+        v.host,
+        v.cookie_header()
+    );
+
+    // A 1 MiB header and 10 000 headers: refused with a 4xx, no hang.
+    let big = format!("{base}X-Big: {}\r\n\r\n", "a".repeat(1 << 20));
+    let line = raw_front(&v, big.as_bytes()).await;
+    assert!(
+        line.contains(" 431 ") || line.contains(" 400 ") || line.is_empty(),
+        "{line}"
+    );
+    let many: String = (0..10_000).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let line = raw_front(&v, format!("{base}{many}\r\n").as_bytes()).await;
+    assert!(
+        line.contains(" 431 ") || line.contains(" 400 ") || line.is_empty(),
+        "{line}"
+    );
+
+    // Slowloris: 100 connections trickling a head; the others are served meanwhile.
+    let mut lorises = vec![];
+    for _ in 0..100 {
+        let mut s = tokio::net::TcpStream::connect(v.public).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        lorises.push(s);
+    }
+    assert_eq!(other.get("/").await.status(), 200);
+
+    // 1 000 concurrent requests from one session: it hits its limit, others keep working.
+    let mut flood = tokio::task::JoinSet::new();
+    for _ in 0..1000 {
+        let req = v.request(reqwest::Method::GET, "/slow");
+        flood.spawn(async move { req.send().await.map(|r| r.status().as_u16()) });
+    }
+    let t0 = Instant::now();
+    let mut limited = 0;
+    while limited < 1000 - pbx_remote::server::hub::MAX_STREAMS_PER_GRANT {
+        let code = tokio::time::timeout(Duration::from_secs(30), flood.join_next())
+            .await
+            .expect("flood answers")
+            .unwrap()
+            .unwrap();
+        if let Ok(c) = code {
+            assert!(c == 429 || c == 503, "{c}");
+            limited += 1;
+        }
+    }
+    eprintln!("{limited} flood requests refused in {:?}", t0.elapsed());
+    for _ in 0..5 {
+        assert_eq!(
+            other.get("/").await.status(),
+            200,
+            "other sessions keep working"
+        );
+    }
+    flood.abort_all();
+    drop(lorises);
+    assert_eq!(w.agent.status.get().state, State::Connected);
+    assert!(!w.agent.task.is_finished(), "the agent never exits");
+    let rss_after = proc_mem_kib(std::process::id(), "VmRSS");
+    eprintln!("test process RSS {rss_before} → {rss_after} KiB");
+    assert!(
+        rss_after < rss_before + 256 * 1024,
+        "RSS grew by {} KiB",
+        rss_after - rss_before
+    );
+}
