@@ -340,3 +340,90 @@ async fn hostile_heads_and_floods_get_limits_and_others_keep_working() {
         rss_after - rss_before
     );
 }
+
+// Longer variants: `tests/run-long.sh` runs them (not CI).
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "long: run by tests/run-long.sh"]
+async fn long_a_60s_blackhole_then_the_agent_returns_within_10s() {
+    let net = Net::start(Impair::default(), "").await;
+    net.agent.connected().await;
+    let mut v = net.visitor().await;
+    net.relay.blackhole(true);
+    net.agent
+        .wait(Duration::from_secs(25), |s| s.state != State::Connected)
+        .await;
+    // Long enough for the backoff to reach its cap several times.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    net.relay.blackhole(false);
+    let back = Instant::now();
+    net.agent
+        .wait(Duration::from_secs(10), |s| s.state == State::Connected)
+        .await;
+    eprintln!("reconnected {:?} after a 60 s blackhole", back.elapsed());
+    assert_eq!(v.get("/").await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "long: run by tests/run-long.sh"]
+async fn long_ten_handshakes_at_30_percent_loss_with_bursts() {
+    let mut times = vec![];
+    for _ in 0..10 {
+        let net = Net::start(
+            Impair {
+                drop_pct: 30.0,
+                burst_max: 3,
+                jitter: Duration::from_millis(5),
+                ..Impair::default()
+            },
+            "",
+        )
+        .await;
+        let t0 = Instant::now();
+        net.agent
+            .wait(Duration::from_secs(120), |s| s.state == State::Connected)
+            .await;
+        times.push(t0.elapsed());
+    }
+    times.sort();
+    eprintln!(
+        "connect at 30% loss with bursts: median {:?}, max {:?}",
+        times[5], times[9]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "long: run by tests/run-long.sh"]
+async fn long_16_mib_at_10_percent_loss_with_delay_reordering_and_rebinding() {
+    let net = Net::start(Impair::default(), "").await;
+    let since = net.agent.connected().await.since;
+    let mut v = net.visitor().await;
+    net.relay.set_both(Impair {
+        drop_pct: 10.0,
+        burst_max: 4,
+        delay: Duration::from_millis(10),
+        jitter: Duration::from_millis(5),
+        reorder_pct: 5.0,
+        dup_pct: 2.0,
+    });
+    let n: u64 = 16 << 20;
+    let mut resp = v.get(&format!("/bytes/{n}")).await;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let (mut got, mut next_rebind) = (0u64, 4u64 << 20);
+    let t0 = Instant::now();
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        got += chunk.len() as u64;
+        ctx.update(&chunk);
+        if got >= next_rebind {
+            net.relay.rebind();
+            next_rebind += 4 << 20;
+        }
+    }
+    eprintln!(
+        "16 MiB at 10% loss, 10±5 ms, rebinding every 4 MiB: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(got, n);
+    assert_eq!(hex::encode(ctx.finish().as_ref()), pattern_sha256(n));
+    assert_eq!(net.agent.status.get().since, since, "no reconnect");
+}
