@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Loopback benchmark: the PBX portal (nginx) reached directly vs. through the whole system
-# (front → QUIC tunnel → session gate with a logged-in cookie → agent → nginx), interleaved
-# round by round so both see the same noise.
-# Prints bulk MB/s, small-request rate and latency, the agent's RSS, and ratios to direct.
+# Loopback benchmark: the PBX portal (nginx) reached directly, through the whole system
+# (front → QUIC tunnel → session gate with a logged-in cookie → agent → nginx), and through
+# rathole with its TLS transport (what users would pick instead), interleaved round by round so
+# all see the same noise.
+# Prints bulk MB/s, small-request rate and p99 (c=32), c=1 latency, a 256-connection burst
+# p99, the agent's RSS idle / under load / after, the stripped agent size, and ratios to direct.
 #   bench/run.sh [ROUNDS] [SECONDS]     (defaults: 3 rounds, 5 s per wrk run)
+# Without rathole (`cargo install --locked rathole`) its column is left out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
@@ -104,53 +107,117 @@ code=$(curl -s -o "$T/resp" -w '%{http_code}' --resolve "$HOST:$PUBLIC_PORT:127.
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$AGENT_PID/status"; }
 RSS_IDLE=$(rss_kib)
 
+# rathole with its TLS transport, forwarding a port to the same nginx.
+RATHOLE=$(command -v rathole || true)
+if [ -n "$RATHOLE" ]; then
+  RH_CTRL=$(free_port); RH_PORT=$(free_port)
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=bench-ca" \
+    -keyout "$T/ca.key" -out "$T/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout "$T/rh.key" -out "$T/rh.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost\n' > "$T/ext"
+  openssl x509 -req -in "$T/rh.csr" -CA "$T/ca.pem" -CAkey "$T/ca.key" -CAcreateserial \
+    -days 2 -extfile "$T/ext" -out "$T/rh.pem" 2>/dev/null
+  openssl pkcs12 -export -out "$T/rh.pfx" -inkey "$T/rh.key" -in "$T/rh.pem" -passout pass:bench 2>/dev/null
+  cat > "$T/rh-server.toml" <<RHS
+[server]
+bind_addr = "127.0.0.1:$RH_CTRL"
+[server.transport]
+type = "tls"
+[server.transport.tls]
+pkcs12 = "$T/rh.pfx"
+pkcs12_password = "bench"
+[server.services.portal]
+token = "bench-token"
+bind_addr = "127.0.0.1:$RH_PORT"
+RHS
+  cat > "$T/rh-client.toml" <<RHC
+[client]
+remote_addr = "localhost:$RH_CTRL"
+[client.transport]
+type = "tls"
+[client.transport.tls]
+trusted_root = "$T/ca.pem"
+hostname = "localhost"
+[client.services.portal]
+token = "bench-token"
+local_addr = "127.0.0.1:$NGINX_PORT"
+RHC
+  "$RATHOLE" -s "$T/rh-server.toml" > "$T/rh-server.log" 2>&1 & PIDS+=($!)
+  "$RATHOLE" -c "$T/rh-client.toml" > "$T/rh-client.log" 2>&1 & PIDS+=($!)
+  for _ in $(seq 100); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$RH_PORT/small.html")" = 200 ] && break
+    sleep 0.1
+  done
+  [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$RH_PORT/small.html")" = 200 ] \
+    || { echo "rathole did not come up"; cat "$T"/rh-*.log; exit 1; }
+fi
+
 bulk() { # URL [extra curl args] → MB/s
   local url=$1; shift
   curl -s -o /dev/null -w '%{speed_download}' "$@" "$url" | awk '{printf "%.1f", $1/1048576}'
 }
-wrk_run() { # URL [headers...] → "rps p50_ms p99_ms"
-  local url=$1; shift
-  wrk -t2 -c32 -d"${SECS}s" --latency "$@" "$url" | awk '
+wrk_run() { # CONNS URL [headers...] → "rps p50_ms p99_ms"
+  local c=$1 url=$2; shift 2
+  wrk -t2 -c"$c" -d"${SECS}s" --latency "$@" "$url" | awk '
     function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
     /Requests\/sec/ {rps=$2} /^ +50%/ {p50=ms($2)} /^ +99%/ {p99=ms($2)}
     END {printf "%.0f %.2f %.2f", rps, p50, p99}'
-}
-c1() { # URL [headers...] → c=1 mean latency ms
-  local url=$1; shift
-  wrk -t1 -c1 -d"${SECS}s" --latency "$@" "$url" | awk '
-    function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
-    /^ +50%/ {printf "%.3f", ms($2)}'
 }
 
 DIRECT="http://127.0.0.1:$NGINX_PORT"
 TUN="http://127.0.0.1:$PUBLIC_PORT"
 TH=(-H "Host: $HOST:$PUBLIC_PORT" -H "Cookie: $COOKIE")
-RSS_PEAK=$RSS_IDLE
-declare -a DB TB DR TR D50 T50 D99 T99 DC TC
+TC_ARGS=(--resolve "$HOST:$PUBLIC_PORT:127.0.0.1" -H "Cookie: $COOKIE" -H "Host: $HOST:$PUBLIC_PORT")
+RH="http://127.0.0.1:${RH_PORT:-0}"
+TARGETS=(direct tunnel); [ -n "$RATHOLE" ] && TARGETS+=(rathole)
+url_of() { case $1 in direct) echo "$DIRECT";; tunnel) echo "$TUN";; rathole) echo "$RH";; esac; }
+RSS_LOAD=$RSS_IDLE
+declare -A R
+add() { R[$1]="${R[$1]:-} $2"; }   # add KEY VALUE: collects one value per round
+watch_rss() { # samples the agent's RSS while a load runs; prints the peak
+  local peak=0 now
+  while [ -e "$T/loading" ]; do now=$(rss_kib); [ "$now" -gt "$peak" ] && peak=$now; sleep 0.05; done
+  echo "$peak"
+}
 for r in $(seq "$ROUNDS"); do
-  DB+=("$(bulk "$DIRECT/big.bin")")
-  TB+=("$(bulk "$TUN/big.bin" --resolve "$HOST:$PUBLIC_PORT:127.0.0.1" -H "Cookie: $COOKIE" -H "Host: $HOST:$PUBLIC_PORT")")
-  read -r rps p50 p99 <<<"$(wrk_run "$DIRECT/small.html")"; DR+=("$rps"); D50+=("$p50"); D99+=("$p99")
-  read -r rps p50 p99 <<<"$(wrk_run "$TUN/small.html" "${TH[@]}")"; TR+=("$rps"); T50+=("$p50"); T99+=("$p99")
-  now=$(rss_kib); [ "$now" -gt "$RSS_PEAK" ] && RSS_PEAK=$now
-  DC+=("$(c1 "$DIRECT/small.html")")
-  TC+=("$(c1 "$TUN/small.html" "${TH[@]}")")
-  echo "round $r: bulk ${DB[-1]} vs ${TB[-1]} MB/s; small ${DR[-1]} vs ${TR[-1]} req/s; p99 ${D99[-1]} vs ${T99[-1]} ms; c=1 ${DC[-1]} vs ${TC[-1]} ms" >&2
+  for t in "${TARGETS[@]}"; do
+    u=$(url_of "$t"); extra=(); curl_extra=()
+    [ "$t" = tunnel ] && { extra=("${TH[@]}"); curl_extra=("${TC_ARGS[@]}"); }
+    touch "$T/loading"; watch_rss > "$T/peak" & W=$!
+    add "$t.bulk" "$(bulk "$u/big.bin" "${curl_extra[@]}")"
+    read -r rps p50 p99 <<<"$(wrk_run 32 "$u/small.html" "${extra[@]}")"
+    add "$t.rps" "$rps"; add "$t.p99" "$p99"
+    read -r _ p50 _ <<<"$(wrk_run 1 "$u/small.html" "${extra[@]}")"; add "$t.c1" "$p50"
+    read -r _ _ p99 <<<"$(wrk_run 256 "$u/small.html" "${extra[@]}")"; add "$t.burst" "$p99"
+    rm -f "$T/loading"; wait "$W"
+    if [ "$t" = tunnel ]; then peak=$(cat "$T/peak"); [ "$peak" -gt "$RSS_LOAD" ] && RSS_LOAD=$peak; fi
+  done
+  line="round $r:"
+  for t in "${TARGETS[@]}"; do
+    line="$line $t[bulk $(echo ${R[$t.bulk]} | awk '{print $NF}') rps $(echo ${R[$t.rps]} | awk '{print $NF}') p99 $(echo ${R[$t.p99]} | awk '{print $NF}') burst $(echo ${R[$t.burst]} | awk '{print $NF}')]"
+  done
+  echo "$line" >&2
 done
+sleep 2
 RSS_AFTER=$(rss_kib)
 
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a/b; else print "-" }'; }
-row() { printf '%-28s %12s %12s %8s\n' "$1" "$2" "$3" "$4"; }
+median() { printf '%s\n' $@ | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f×", a/b; else print "-" }'; }
 
 echo
-echo "pbx-remote bench: $ROUNDS interleaved rounds, wrk ${SECS}s, 32 connections, ${BIG_MB} MiB bulk, loopback, release build"
-row "metric" "direct" "tunnel" "ratio"
-m1=$(median "${DB[@]}"); m2=$(median "${TB[@]}"); row "bulk MB/s" "$m1" "$m2" "$(ratio "$m2" "$m1")"
-m1=$(median "${DR[@]}"); m2=$(median "${TR[@]}"); row "small req/s (c=32)" "$m1" "$m2" "$(ratio "$m2" "$m1")"
-m1=$(median "${D50[@]}"); m2=$(median "${T50[@]}"); row "p50 ms (c=32)" "$m1" "$m2" "$(ratio "$m2" "$m1")"
-m1=$(median "${D99[@]}"); m2=$(median "${T99[@]}"); row "p99 ms (c=32)" "$m1" "$m2" "$(ratio "$m2" "$m1")"
-m1=$(median "${DC[@]}"); m2=$(median "${TC[@]}"); row "p50 ms (c=1)" "$m1" "$m2" "$(ratio "$m2" "$m1")"
+echo "pbx-remote bench: $ROUNDS interleaved rounds, wrk ${SECS}s, ${BIG_MB} MiB bulk, loopback, release build"
+printf '%-24s %10s %10s %8s' "metric" "direct" "tunnel" "ratio"
+[ -n "$RATHOLE" ] && printf ' %10s %8s' "rathole" "ratio"
 echo
-echo "agent RSS: idle ${RSS_IDLE} KiB, peak seen ${RSS_PEAK} KiB, after ${RSS_AFTER} KiB"
-echo "agent binary: $(stat -c %s "$A") bytes (release, not stripped)"
+for m in "bulk MB/s:bulk" "small req/s c=32:rps" "p99 ms c=32:p99" "p50 ms c=1:c1" "burst p99 ms c=256:burst"; do
+  label=${m%%:*}; key=${m##*:}
+  d=$(median ${R[direct.$key]}); tn=$(median ${R[tunnel.$key]})
+  printf '%-24s %10s %10s %8s' "$label" "$d" "$tn" "$(ratio "$tn" "$d")"
+  if [ -n "$RATHOLE" ]; then rh=$(median ${R[rathole.$key]}); printf ' %10s %8s' "$rh" "$(ratio "$rh" "$d")"; fi
+  echo
+done
+echo
+strip -o "$T/agent.stripped" "$A"
+echo "agent RSS: idle ${RSS_IDLE} KiB, peak under load (incl. the c=256 burst) ${RSS_LOAD} KiB, after ${RSS_AFTER} KiB"
+echo "agent binary: $(stat -c %s "$A") bytes as built, $(stat -c %s "$T/agent.stripped") bytes stripped ($(awk -v b="$(stat -c %s "$T/agent.stripped")" 'BEGIN{printf "%.2f", b/1048576}') MiB)"
+echo "targets: bulk ≥ 0.30×, small ≥ 0.55×, p99 ≤ 4 ms, burst p99 ≤ 50 ms, idle RSS ≤ 8 MiB (≤ 24 MiB under the burst), stripped ≤ 6 MiB"

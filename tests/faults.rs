@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Server, portal, relay and an agent that dials the server through the relay.
 struct Net {
     server: TestServer,
-    portal: PortalFixture,
+    _portal: PortalFixture,
     relay: Relay,
     agent: TestAgent,
     device: String,
@@ -40,7 +40,7 @@ impl Net {
         let agent = TestAgent::start(&tmp.path().join("agent"), &toml);
         Net {
             server,
-            portal,
+            _portal: portal,
             relay,
             agent,
             device,
@@ -222,6 +222,8 @@ async fn a_resetting_portal_gives_502_while_the_tunnel_stays() {
         while let Ok((mut s, _)) = resetting.accept().await {
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf).await;
+            // Zero linger: the close sends a RST at once (no blocking, despite the deprecation).
+            #[allow(deprecated)]
             let _ = s.set_linger(Some(Duration::ZERO));
             drop(s);
         }

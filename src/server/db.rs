@@ -643,16 +643,15 @@ impl Db {
     /// The device's flags, or `None` if it is gone.
     pub fn flags(&self, device: &str) -> Result<Option<DeviceFlags>> {
         self.with(|c| {
-            Ok(c.query_row(
-                "SELECT allow_passwordless FROM devices WHERE id = ?1",
-                [device],
-                |r| {
-                    Ok(DeviceFlags {
-                        allow_passwordless: r.get(0)?,
+            Ok(
+                c.prepare_cached("SELECT allow_passwordless FROM devices WHERE id = ?1")?
+                    .query_row([device], |r| {
+                        Ok(DeviceFlags {
+                            allow_passwordless: r.get(0)?,
+                        })
                     })
-                },
+                    .optional()?,
             )
-            .optional()?)
         })
     }
 
@@ -788,9 +787,12 @@ impl Db {
             return Ok(None);
         };
         let row: Option<(Grant, Vec<u8>)> = self.with(|c| {
-            Ok(c.query_row(
+            // The hot path of every visitor request: a cached statement.
+            Ok(c.prepare_cached(
                 "SELECT id, device_id, cm_user, passwordless, redeemed, expires_at, secret_hash FROM grants
                  WHERE id = ?1 AND ended_at IS NULL AND expires_at > ?2",
+            )?
+            .query_row(
                 params![id, now()],
                 |r| {
                     Ok((

@@ -232,34 +232,41 @@ async fn handle(state: &ServerState, peer: SocketAddr, req: Request<Incoming>) -
             "This is the remote management front. Open a visit link from the management platform.",
         );
     };
-    let flags = match state.db.flags(&device) {
-        Ok(Some(f)) => f,
-        Ok(None) => {
-            return web::page(
-                StatusCode::NOT_FOUND,
-                "Unknown device",
-                "No device is registered under this address.",
-            )
-        }
-        Err(e) => return internal(e),
+    // Unknown devices get a clear 404; a valid grant implies the device (grants are deleted
+    // with it), so the registry is asked only when there is no grant.
+    let unknown_device = || match state.db.flags(&device) {
+        Ok(Some(_)) => None,
+        Ok(None) => Some(web::page(
+            StatusCode::NOT_FOUND,
+            "Unknown device",
+            "No device is registered under this address.",
+        )),
+        Err(e) => Some(internal(e)),
     };
-    let _ = flags;
     let path = req.uri().path().to_string();
     if let Some(token) = path.strip_prefix("/__cm/visit/") {
+        if let Some(page) = unknown_device() {
+            return page;
+        }
         return visit(state, &public, &device, token, req).await;
     }
     if path.starts_with("/__cm/") {
         return web::page(StatusCode::NOT_FOUND, "Not found", "No such page.");
     }
-    let grant = match web::cookie(req.headers(), public.cookie_name()).map(|c| state.db.grant_by_cookie(c)) {
+    let grant = match web::cookie(req.headers(), public.cookie_name())
+        .map(|c| state.db.grant_by_cookie(c))
+    {
         Some(Ok(Some(g))) if g.device_id == device => g,
         Some(Err(e)) => return internal(e),
         _ => {
+            if let Some(page) = unknown_device() {
+                return page;
+            }
             return web::page(
                 StatusCode::FORBIDDEN,
                 "No active visit",
                 "Open a visit link for this device from the management platform to reach its web portal.",
-            )
+            );
         }
     };
     let client = client_addr(state, peer, req.headers());

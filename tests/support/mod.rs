@@ -266,8 +266,28 @@ impl TestServer {
 
     pub async fn start_with(f: impl FnOnce(&mut ServerOptions)) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let (udp, api) = server::bind_pair("127.0.0.1:0".parse().unwrap()).unwrap();
-        let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let any = "127.0.0.1:0".parse().unwrap();
+        Self::start_on(dir, any, any, f).await
+    }
+
+    /// Stops the server and starts it again on the same ports and data dir (a restart).
+    pub async fn restart(self) -> TestServer {
+        let (tunnel, public) = (self.tunnel, self.public);
+        self.stop.cancel();
+        let _ = self.task.await;
+        let state = self.state;
+        drop(state);
+        Self::start_on(self.dir, tunnel, public, |_| {}).await
+    }
+
+    async fn start_on(
+        dir: tempfile::TempDir,
+        tunnel: SocketAddr,
+        public: SocketAddr,
+        f: impl FnOnce(&mut ServerOptions),
+    ) -> TestServer {
+        let (udp, api) = server::bind_pair(tunnel).unwrap();
+        let public = TcpListener::bind(public).await.unwrap();
         let public_addr = public.local_addr().unwrap();
         let tunnel = udp.local_addr().unwrap();
         let mut opts = ServerOptions {

@@ -1,0 +1,229 @@
+//! Soak (not CI; `tests/soak.sh` runs it): visits, WebSockets and downloads for SOAK_MINUTES
+//! (default 30) through the impairment relay at 1 % loss, with a server restart every 5 minutes
+//! and a source-port rebinding every 2. The agent is the release binary in its own process, so
+//! its RSS and fd count are its own. Reports RSS drift, fds, reconnects, successes and every
+//! error; fails if a visit fails outside the seconds right after a restart.
+
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::relay::{Impair, Relay};
+use support::*;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_pbx-remote-agent");
+
+struct Agent(std::process::Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+async fn metric(port: u16, name: &str) -> Option<f64> {
+    let text = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .ok()?
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// One round of use: log in with a fresh visit, a page, a 1 MiB download, a WebSocket echo.
+async fn round(server: &TestServer, device: &str, n: u32) -> Result<(), String> {
+    let url = server.visit(device, &format!("soak{n}"), false);
+    let mut v = Visitor::new(server.public, device);
+    let r = v.open_visit(&url).await;
+    if !r.status().is_redirection() {
+        return Err(format!("visit link: {}", r.status()));
+    }
+    let r = v.login(USER, PASSWORD).await;
+    if r.status() != 303 {
+        return Err(format!("login: {}", r.status()));
+    }
+    let r = v.get("/").await;
+    if r.status() != 200 {
+        return Err(format!("page: {}", r.status()));
+    }
+    let len: u64 = 1 << 20;
+    let mut r = v.get(&format!("/bytes/{len}")).await;
+    if r.status() != 200 {
+        return Err(format!("download: {}", r.status()));
+    }
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut got = 0u64;
+    loop {
+        match r.chunk().await {
+            Ok(Some(c)) => {
+                got += c.len() as u64;
+                ctx.update(&c);
+            }
+            Ok(None) => break,
+            Err(e) => return Err(format!("download broke at {got}: {e}")),
+        }
+    }
+    if got != len || hex::encode(ctx.finish().as_ref()) != pattern_sha256(len) {
+        return Err(format!("download not byte-exact ({got} bytes)"));
+    }
+    let (mut ws, _) = v
+        .websocket(&v.origin)
+        .await
+        .map_err(|e| format!("websocket: {e}"))?;
+    for i in 0..10 {
+        let msg = format!("soak {n} {i}");
+        ws.send(tokio_tungstenite::tungstenite::Message::text(msg.clone()))
+            .await
+            .map_err(|e| format!("ws send: {e}"))?;
+        match ws.next().await {
+            Some(Ok(m)) if m.to_text().ok() == Some(msg.as_str()) => {}
+            other => return Err(format!("ws echo: {other:?}")),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "soak: run by tests/soak.sh"]
+async fn soak() {
+    let minutes: u64 = std::env::var("SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(30);
+    let total = Duration::from_secs(minutes * 60);
+    let restart_every = Duration::from_secs(300).min(total / 3);
+    let rebind_every = Duration::from_secs(120).min(total / 5);
+
+    let mut server = TestServer::start().await;
+    let portal = PortalFixture::start().await;
+    let relay = Relay::start(server.tunnel).await;
+    relay.set_both(Impair::loss(1.0));
+    let (device, code) = server.add_device(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("agent");
+    std::fs::create_dir_all(&dir).unwrap();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        agent_toml(
+            relay.addr,
+            &server.pin,
+            &code,
+            &portal.url(),
+            &dir,
+            &format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
+        ),
+    )
+    .unwrap();
+    let agent = Agent(
+        Command::new(AGENT)
+            .args(["run", "-c"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = agent.0.id();
+    eventually(Duration::from_secs(30), "agent connected", || {
+        pbx_remote::status::read(&dir.join("status.json"))
+            .ok()
+            .filter(|s| s.state.as_str() == "connected")
+    })
+    .await;
+
+    let start = Instant::now();
+    let (mut next_restart, mut next_rebind) = (restart_every, rebind_every);
+    let mut last_restart: Option<Instant> = None;
+    let (mut ok, mut expected_failures, mut restarts, mut rebinds) = (0u32, 0u32, 0u32, 0u32);
+    let mut errors: Vec<String> = vec![];
+    let mut samples: Vec<(u64, u64, usize)> = vec![]; // (elapsed s, RSS KiB, fds)
+    let mut next_sample = Duration::ZERO;
+    let mut n = 0u32;
+    while start.elapsed() < total {
+        let t = start.elapsed();
+        if t >= next_sample {
+            samples.push((t.as_secs(), proc_mem_kib(pid, "VmRSS"), fds(pid)));
+            next_sample += Duration::from_secs(60);
+        }
+        if t >= next_restart {
+            server = server.restart().await;
+            last_restart = Some(Instant::now());
+            restarts += 1;
+            next_restart += restart_every;
+        }
+        if t >= next_rebind {
+            relay.rebind();
+            rebinds += 1;
+            next_rebind += rebind_every;
+        }
+        n += 1;
+        let result = tokio::time::timeout(Duration::from_secs(60), round(&server, &device, n))
+            .await
+            .unwrap_or_else(|_| Err("round timed out after 60 s".into()));
+        match result {
+            Ok(()) => ok += 1,
+            // Right after a restart the agent is still reconnecting: "offline" is the truth.
+            Err(e) if last_restart.is_some_and(|r| r.elapsed() < Duration::from_secs(15)) => {
+                expected_failures += 1;
+                eprintln!("[{:>5}s] during restart: {e}", t.as_secs());
+            }
+            Err(e) => {
+                eprintln!("[{:>5}s] ERROR: {e}", t.as_secs());
+                errors.push(format!("{}s: {e}", t.as_secs()));
+            }
+        }
+    }
+    samples.push((
+        start.elapsed().as_secs(),
+        proc_mem_kib(pid, "VmRSS"),
+        fds(pid),
+    ));
+    let reconnects = metric(metrics_port, "pbxra_reconnects_total").await;
+
+    eprintln!("\n== soak: {minutes} min, 1% loss, restart every {restart_every:?}, rebind every {rebind_every:?}");
+    eprintln!(
+        "rounds: {ok} ok, {expected_failures} failed while the server restarted, {} errors",
+        errors.len()
+    );
+    eprintln!("server restarts {restarts}, rebindings {rebinds}, agent reconnects (metrics) {reconnects:?}");
+    eprintln!("agent RSS KiB / fds by minute:");
+    for (s, rss, fd) in &samples {
+        eprintln!("  {s:>5}s  {rss:>7}  {fd:>4}");
+    }
+    let first = samples[1.min(samples.len() - 1)];
+    let last = samples[samples.len() - 1];
+    eprintln!(
+        "RSS drift after the first minute: {} KiB; fds {} → {}",
+        last.1 as i64 - first.1 as i64,
+        first.2,
+        last.2
+    );
+    for e in &errors {
+        eprintln!("error: {e}");
+    }
+    assert!(errors.is_empty(), "{} errors", errors.len());
+    assert!(last.2 <= first.2 + 8, "fd count grew");
+    assert!(agent.0.id() == pid);
+}
