@@ -285,9 +285,6 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.stream_receive_window(STREAM_WINDOW.into());
     t.receive_window(CONN_WINDOW.into());
     t.send_window(u64::from(CONN_WINDOW));
-    if std::env::var_os("PBXRA_BBR").is_some() {
-        t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
-    }
     t
 }
 
