@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Builds the agent's .deb (cargo-deb) and .rpm (cargo-generate-rpm) into target/pkg/ and prints
 # both paths. Installs the two cargo tools if missing. Usage: packaging/build.sh [--deb-only]
+# PBXRA_PKG_PROFILE=dev packages the debug build instead of release (CI checks the package's
+# shape, not its speed); CARGO_INSTALL_FLAGS is passed to `cargo install` (CI: --debug).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 deb_only=false
 [ "${1:-}" = "--deb-only" ] && deb_only=true
 
 need() { # need TOOL CRATE
-  command -v "$1" >/dev/null 2>&1 || cargo install --locked -j2 "$2" >&2
+  # shellcheck disable=SC2086
+  command -v "$1" >/dev/null 2>&1 || cargo install --locked -j2 ${CARGO_INSTALL_FLAGS:-} "$2" >&2
 }
 need cargo-deb cargo-deb
 $deb_only || need cargo-generate-rpm cargo-generate-rpm
@@ -18,8 +21,10 @@ rm -rf "$pkg"
 mkdir -p "$pkg/debian" "$pkg/rpm"
 
 # The binary users get: the release profile, stripped.
-cargo build --release --locked -j2 --bin pbx-remote-agent >&2
-strip -o "$pkg/pbx-remote-agent" target/release/pbx-remote-agent
+profile=${PBXRA_PKG_PROFILE:-release}
+cargo build --profile "$profile" --locked -j2 --bin pbx-remote-agent >&2
+dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
+strip -o "$pkg/pbx-remote-agent" "target/$dir/pbx-remote-agent"
 
 # Man page and completions from the clap definitions.
 cargo run --quiet --locked -j2 --example pkg-docs -- "$pkg" >/dev/null
