@@ -158,7 +158,7 @@ bulk() { # URL [extra curl args] → MB/s
 }
 wrk_run() { # CONNS URL [headers...] → "rps p50_ms p99_ms"
   local c=$1 url=$2; shift 2
-  wrk -t2 -c"$c" -d"${SECS}s" --latency "$@" "$url" | awk '
+  wrk -t"$(( c < 2 ? c : 2 ))" -c"$c" -d"${SECS}s" --latency "$@" "$url" | awk '
     function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
     /Requests\/sec/ {rps=$2} /^ +50%/ {p50=ms($2)} /^ +99%/ {p99=ms($2)}
     END {printf "%.0f %.2f %.2f", rps, p50, p99}'
@@ -172,6 +172,20 @@ RH="http://127.0.0.1:${RH_PORT:-0}"
 TARGETS=(direct tunnel); [ -n "$RATHOLE" ] && TARGETS+=(rathole)
 url_of() { case $1 in direct) echo "$DIRECT";; tunnel) echo "$TUN";; rathole) echo "$RH";; esac; }
 RSS_LOAD=$RSS_IDLE
+if [ -n "${BENCH_PERF:-}" ]; then
+  # Profile agent and server under the small-request load instead of benchmarking.
+  SERVER_PID=$(pgrep -f "pbx-remote-server run --data-dir $T/data" | head -1 || true)
+  echo "profiling agent $AGENT_PID, server $SERVER_PID" >&2
+  perf record -F 999 -g -p "$AGENT_PID" -o "$T/agent.perf" -- sleep 6 >/dev/null 2>&1 & P1=$!
+  perf record -F 999 -g -p "$SERVER_PID" -o "$T/server.perf" -- sleep 6 >/dev/null 2>&1 & P2=$!
+  wrk_run 32 "$TUN/small.html" "${TH[@]}" >/dev/null
+  wait "$P1" "$P2"
+  for who in agent server; do
+    echo "== $who: top self time"
+    perf report -i "$T/$who.perf" --no-children --stdio --sort dso,symbol 2>&1 | grep -E '^ +[0-9]' | head -30 || true
+  done
+  exit 0
+fi
 declare -A R
 add() { R[$1]="${R[$1]:-} $2"; }   # add KEY VALUE: collects one value per round
 watch_rss() { # samples the agent's RSS while a load runs; prints the peak

@@ -136,12 +136,20 @@ async fn nobody_listening_reads_server_unreachable_and_retries() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_tunnel_answers_503_and_recovers() {
     let w = World::start(false, "").await;
-    let v = w.visitor("alice", false).await;
+    // One session may hold only a quarter of the streams, so four fill the tunnel.
+    let per_grant = pbx_remote::server::hub::MAX_STREAMS_PER_GRANT;
+    let mut fillers = vec![];
+    for i in 0..4 {
+        fillers.push(w.visitor(&format!("filler{i}"), false).await);
+    }
     let mut v2 = w.visitor("bob", false).await;
     let limit = pbx_remote::protocol::MAX_REQUEST_STREAMS as usize;
+    assert_eq!(per_grant * 4, limit);
     let mut slow = vec![];
-    let spawn_slow = |slow: &mut Vec<tokio::task::JoinHandle<_>>| {
-        let rb = v.request(reqwest::Method::GET, "/slow");
+    let mut spawned = 0usize;
+    let mut spawn_slow = |slow: &mut Vec<tokio::task::JoinHandle<_>>| {
+        let rb = fillers[spawned % 4].request(reqwest::Method::GET, "/slow");
+        spawned += 1;
         slow.push(tokio::spawn(async move { rb.send().await }));
     };
     for _ in 0..limit {
