@@ -109,6 +109,8 @@ impl Tunnel {
             Ok(Err(ConnectFailure { reason, message })) => return lost(reason, message, false),
             Ok(Ok(parts)) => parts,
         };
+        // Metrics first, so a scrape that sees `connected` also sees this connection.
+        self.proxy.metrics.connected(&conn);
         let now = rfc3339(SystemTime::now());
         self.status.update(|s| {
             s.state = State::Connected;
@@ -122,7 +124,6 @@ impl Tunnel {
             s.rtt_ms = Some(conn.rtt().as_millis() as u64);
         });
         tracing::info!(device = %self.credential.device_id, server = %self.config.server.address, "tunnel connected");
-        self.proxy.metrics.connected(&conn);
 
         let streams = TaskTracker::new();
         let control_stop = CancellationToken::new();
