@@ -59,15 +59,9 @@ impl Net {
 
 /// Downloads `path`, returning (bytes, sha256 hex).
 async fn download(v: &mut Visitor, path: &str) -> (u64, String) {
-    let mut resp = v.get(path).await;
+    let resp = v.get(path).await;
     assert_eq!(resp.status(), 200);
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut got = 0u64;
-    while let Some(chunk) = resp.chunk().await.unwrap() {
-        got += chunk.len() as u64;
-        ctx.update(&chunk);
-    }
-    (got, hex::encode(ctx.finish().as_ref()))
+    body_sha256(resp).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -404,15 +404,6 @@ fn health_thresholds_follow_the_design() {
     }
 }
 
-/// A loopback port free right now (the metrics listener has no way to report a port 0 bind).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn scrape(port: u16, path: &str) -> Result<(u16, String), reqwest::Error> {
     pbx_remote::tls::install_default_provider();
     let r = reqwest::Client::builder()

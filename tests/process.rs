@@ -91,7 +91,7 @@ async fn killed_server_comes_back_and_agents_reconnect_within_10s() {
     );
     agent.connected().await;
 
-    let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let fds = || fd_count(std::process::id());
     let (fd_before, rss_before) = (fds(), proc_mem_kib(std::process::id(), "VmRSS"));
     let mut reconnects = vec![];
     for round in 0..5 {

@@ -7,20 +7,11 @@ mod support;
 use pbx_remote::protocol::StreamHeader;
 use pbx_remote::secret::Secret;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_pbx-remote-agent");
-
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 async fn wait_status(
     path: &Path,
@@ -70,7 +61,7 @@ async fn no_secret_reaches_logs_status_audit_or_cmdline_at_trace_level() {
     .unwrap();
     let stdout = std::fs::File::create(tmp.path().join("stdout")).unwrap();
     let stderr = std::fs::File::create(tmp.path().join("stderr")).unwrap();
-    let mut agent = Agent(
+    let mut agent = ChildGuard(
         Command::new(AGENT)
             .args(["run", "-c"])
             .arg(&config)

@@ -14,21 +14,6 @@ use support::*;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_pbx-remote-agent");
 
-struct Agent(std::process::Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
 async fn metric(port: u16, name: &str) -> Option<f64> {
     let text = reqwest::Client::builder()
         .no_proxy()
@@ -117,11 +102,7 @@ async fn soak() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("agent");
     std::fs::create_dir_all(&dir).unwrap();
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let metrics_port = free_port();
     let config = dir.join("agent.toml");
     std::fs::write(
         &config,
@@ -135,7 +116,7 @@ async fn soak() {
         ),
     )
     .unwrap();
-    let agent = Agent(
+    let agent = ChildGuard(
         Command::new(AGENT)
             .args(["run", "-c"])
             .arg(&config)
@@ -164,7 +145,7 @@ async fn soak() {
     while start.elapsed() < total {
         let t = start.elapsed();
         if t >= next_sample {
-            samples.push((t.as_secs(), proc_mem_kib(pid, "VmRSS"), fds(pid)));
+            samples.push((t.as_secs(), proc_mem_kib(pid, "VmRSS"), fd_count(pid)));
             next_sample += Duration::from_secs(60);
         }
         if t >= next_restart {
@@ -198,7 +179,7 @@ async fn soak() {
     samples.push((
         start.elapsed().as_secs(),
         proc_mem_kib(pid, "VmRSS"),
-        fds(pid),
+        fd_count(pid),
     ));
     let reconnects = metric(metrics_port, "pbxra_reconnects_total").await;
 

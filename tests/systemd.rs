@@ -4,7 +4,7 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
 use tokio::net::UnixDatagram;
@@ -50,7 +50,7 @@ impl Notify {
 
 /// The agent as systemd starts it: NOTIFY_SOCKET, and WATCHDOG_USEC with WATCHDOG_PID naming
 /// the agent itself (the shell execs the agent, so `$$` is its pid).
-fn spawn_agent(dir: &Path, config: &Path, watchdog_usec: u64) -> Agent {
+fn spawn_agent(dir: &Path, config: &Path, watchdog_usec: u64) -> ChildGuard {
     let child = Command::new("sh")
         .arg("-c")
         .arg("WATCHDOG_PID=$$ exec \"$0\" run -c \"$1\"")
@@ -63,20 +63,10 @@ fn spawn_agent(dir: &Path, config: &Path, watchdog_usec: u64) -> Agent {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    Agent(child)
+    ChildGuard(child)
 }
 
-/// Kills the agent if a test fails before it exits (an orphan would outlive the test run).
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn signal(child: &Agent, sig: &str) {
+fn signal(child: &ChildGuard, sig: &str) {
     let ok = Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(child.0.id().to_string())
@@ -87,7 +77,7 @@ fn signal(child: &Agent, sig: &str) {
 }
 
 /// Waits for the child to exit, up to `limit`.
-async fn exit_code(child: &mut Agent, limit: Duration) -> Option<i32> {
+async fn exit_code(child: &mut ChildGuard, limit: Duration) -> Option<i32> {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.0.try_wait().unwrap() {

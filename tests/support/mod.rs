@@ -760,3 +760,41 @@ pub async fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> O
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A child process killed when dropped, so a failing test leaves no orphan behind (an orphan
+/// holding the test's stdout keeps a `| grep` waiting forever).
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port free right now, for listeners that cannot report a port-0 bind back.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Open file descriptors of process `pid` (0 if it is gone).
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Reads a response body to the end: (bytes, SHA-256 hex).
+pub async fn body_sha256(mut resp: reqwest::Response) -> (u64, String) {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut got = 0u64;
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        got += chunk.len() as u64;
+        ctx.update(&chunk);
+    }
+    (got, hex::encode(ctx.finish().as_ref()))
+}
