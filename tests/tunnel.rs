@@ -221,7 +221,8 @@ async fn offline_unknown_and_busy_devices_get_clear_pages() {
 
     w.portal.stop();
     // Portal down: the agent answers 502 while the tunnel stays up.
-    let r = v.get("/after-stop").await;
+    // A request racing the stop may still be served by the old connection.
+    let r = v.get("/").await;
     assert!(r.status() == 502 || r.status() == 200, "{}", r.status());
     let since = w.agent.status.get().since;
     w.agent.stop.cancel();

@@ -88,16 +88,22 @@ impl PortalFixture {
                     _ = s.cancelled() => return,
                     r = listener.accept() => r.unwrap().0,
                 };
-                let l = l.clone();
+                let (l, s) = (l.clone(), s.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let l = l.clone();
                         async move { Ok::<_, Infallible>(portal_route(addr, &l, req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
+                    let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tcp), svc)
-                        .with_upgrades()
-                        .await;
+                        .with_upgrades();
+                    // A stopped portal also drops its kept-alive connections, as a
+                    // crashed web server would; otherwise pooled connections keep
+                    // answering after `stop`.
+                    tokio::select! {
+                        _ = s.cancelled() => {}
+                        _ = conn => {}
+                    }
                 });
             }
         });
