@@ -36,6 +36,10 @@ pub const MAX_VERIFICATIONS: usize = 2;
 pub const ASSERTION_REUSE: Duration = Duration::from_secs(30);
 /// Largest login form body.
 const MAX_FORM: usize = 8 * 1024;
+/// Live sessions at most. A PBX has a handful of remote admins; the cap bounds memory and the
+/// status file when visits pile up faster than they idle out (a soak made ~600 an hour).
+/// Past it, a new login ends the least recently active session.
+pub const MAX_SESSIONS: usize = 256;
 
 /// What a session may do on the portal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,7 +214,22 @@ impl Gate {
             ended: CancellationToken::new(),
             assertion: Mutex::new(None),
         });
-        lock(&self.sessions).insert(id_hash, s.clone());
+        let evicted = {
+            let mut sessions = lock(&self.sessions);
+            let oldest = (sessions.len() >= MAX_SESSIONS)
+                .then(|| {
+                    sessions
+                        .values()
+                        .min_by_key(|s| *lock(&s.last_activity))
+                        .cloned()
+                })
+                .flatten();
+            sessions.insert(id_hash, s.clone());
+            oldest
+        };
+        if let Some(old) = evicted {
+            self.end(&old, "logout", Some("session limit: least recently active"));
+        }
         self.publish_sessions();
         (id, s)
     }
@@ -909,6 +928,27 @@ assertion_pubkey = "{d}/assertion.pub"
         });
         assert!(sa.ended.is_cancelled());
         assert_eq!(gate.status.get().active_sessions.len(), 0);
+    }
+
+    #[test]
+    fn past_the_session_cap_the_least_recently_active_session_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = gate_for_test(dir.path());
+        let sessions: Vec<Arc<Session>> = (0..MAX_SESSIONS)
+            .map(|i| {
+                gate.create_session(&header(&format!("u{i}")), "provider", Role::Administrator)
+                    .1
+            })
+            .collect();
+        // The first one is used again, so the second is now the least recently active.
+        *lock(&sessions[1].last_activity) -= Duration::from_secs(1);
+        gate.touch(&sessions[0]);
+        let (_, newest) = gate.create_session(&header("new"), "provider", Role::Administrator);
+        assert!(sessions[1].ended.is_cancelled());
+        assert!(!sessions[0].ended.is_cancelled() && !newest.ended.is_cancelled());
+        assert_eq!(gate.status.get().active_sessions.len(), MAX_SESSIONS);
+        let audit = std::fs::read_to_string(gate.audit_path()).unwrap();
+        assert!(audit.contains("session limit"), "{audit}");
     }
 
     #[test]
