@@ -14,22 +14,6 @@ use support::*;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_pbx-remote-agent");
 
-async fn metric(port: u16, name: &str) -> Option<f64> {
-    let text = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .ok()?
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// One round of use: log in with a fresh visit, a page, a 1 MiB download, a WebSocket echo.
 async fn round(server: &TestServer, device: &str, n: u32) -> Result<(), String> {
     let url = server.visit(device, &format!("soak{n}"), false);

@@ -404,3 +404,50 @@ async fn many_sequential_requests_never_exhaust_stream_credit() {
         let _ = r.bytes().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_visitor_connection_reuses_its_stream_and_every_request_is_still_judged() {
+    let port = free_port();
+    let w = World::start(
+        false,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .await;
+    let streams = || metric(port, "pbxra_tunnel_streams_total");
+    let mut v = w.visitor("alice", false).await;
+    let before = streams().await.expect("metrics served");
+    for _ in 0..20 {
+        let r = v.get("/").await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    let used = streams().await.unwrap() - before;
+    // One browser connection, one stream: the login's, or a new one if that one was closed.
+    assert!(used <= 1.0, "20 requests took {used} streams");
+
+    // Another visit's cookies on the same connection: a new stream speaks for that visit (the
+    // gate refuses a session under another visit's stream, so a 200 proves it).
+    let bob = w.visitor("bob", false).await;
+    let alice_cookies = std::mem::replace(&mut v.cookies, bob.cookies.clone());
+    let r = v.get("/").await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+
+    // Logged out on the kept stream: the next request on it is judged again and stopped.
+    v.cookies = alice_cookies;
+    assert_eq!(v.get("/__remote/logout").await.status(), 200);
+    let hits = w
+        .portal
+        .log
+        .requests
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let r = v.get("/").await;
+    assert_ne!(r.status(), 200);
+    assert_eq!(
+        w.portal
+            .log
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst),
+        hits
+    );
+}

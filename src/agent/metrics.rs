@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Default)]
 pub struct Metrics {
     connections: AtomicU64,
+    streams: AtomicU64,
     login_failures: AtomicU64,
     requests: Mutex<BTreeMap<u16, u64>>,
     /// The live connection (for RTT and bytes) and the byte totals of finished ones.
@@ -48,6 +49,11 @@ impl Metrics {
             link.sent_before += stats.udp_tx.bytes;
             link.received_before += stats.udp_rx.bytes;
         }
+    }
+
+    /// The server opened a request stream.
+    pub fn stream_opened(&self) {
+        self.streams.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A proxied request was answered with `status`.
@@ -108,6 +114,17 @@ impl Metrics {
             o,
             "pbxra_reconnects_total {}",
             connections.saturating_sub(1)
+        );
+        help(
+            &mut o,
+            "pbxra_tunnel_streams_total",
+            "counter",
+            "Request streams the server opened (a visitor connection reuses its stream).",
+        );
+        let _ = writeln!(
+            o,
+            "pbxra_tunnel_streams_total {}",
+            self.streams.load(Ordering::Relaxed)
         );
         let (rtt, sent, received) = {
             let link = self.lock_link();

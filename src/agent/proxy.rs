@@ -81,9 +81,11 @@ pub async fn serve_stream(
         .timer(TokioTimer::new())
         .header_read_timeout(HEAD_READ_TIMEOUT)
         .max_buf_size(MAX_HEAD_BYTES)
-        // One request per stream: finishing the stream right after the response frees its slot
-        // (keep-alive would hold it until the head-read timeout).
-        .keep_alive(false)
+        // The front reuses a stream for the next request of the same visitor connection and
+        // drops it after 5 idle seconds; the head-read timeout ends streams it forgot.
+        .keep_alive(true)
+        // A peer that finishes its side after the request still gets the answer.
+        .half_close(true)
         .serve_connection(io, svc)
         .with_upgrades();
     if let Err(e) = conn.await {

@@ -141,6 +141,7 @@ impl Tunnel {
                 accepted = conn.accept_bi() => match accepted {
                     Ok((send, recv)) => {
                         let ctx = self.proxy.clone();
+                        ctx.metrics.stream_opened();
                         streams.spawn(proxy::serve_stream(ctx, send, recv));
                     }
                     Err(e) => break Some(e),

@@ -1,6 +1,7 @@
 //! The public front: serves each device at `DEVICE.PUBLIC_HOST`, turns visit links into grants
-//! (`__cm_visit`), and forwards granted requests as one QUIC stream each to the device's agent,
-//! with the stream header saying who is visiting.
+//! (`__cm_visit`), and forwards granted requests over QUIC streams to the device's agent, with
+//! the stream header saying who is visiting. A visitor connection keeps its stream for its next
+//! request to the same visit.
 
 use crate::protocol::{write_frame, StreamHeader};
 use crate::secret::Secret;
@@ -75,9 +76,12 @@ pub async fn serve(
             let _permit = permit;
             let svc = {
                 let state = state.clone();
+                let keeper = Keeper::default();
                 hyper::service::service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handle(&state, peer, req).await) }
+                    let (state, keeper) = (state.clone(), keeper.clone());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(handle(&state, peer, &keeper, req).await)
+                    }
                 })
             };
             let builder = {
@@ -216,7 +220,12 @@ fn client_addr(state: &ServerState, peer: SocketAddr, headers: &http::HeaderMap)
     addr
 }
 
-async fn handle(state: &ServerState, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    state: &ServerState,
+    peer: SocketAddr,
+    keeper: &Keeper,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let public = PublicUrl::of(state);
     let host = req
         .headers()
@@ -270,7 +279,7 @@ async fn handle(state: &ServerState, peer: SocketAddr, req: Request<Incoming>) -
         }
     };
     let client = client_addr(state, peer, req.headers());
-    forward(state, &public, &device, grant, client, req).await
+    forward(state, &public, &device, grant, client, keeper, req).await
 }
 
 fn internal(e: anyhow::Error) -> Response<Body> {
@@ -376,6 +385,7 @@ async fn forward(
     device: &str,
     grant: Grant,
     client: IpAddr,
+    keeper: &Keeper,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let Some(link) = state.hub.get(device) else {
@@ -385,6 +395,43 @@ async fn forward(
             "This PBX is not connected to the management platform right now. Check its network and its Remote Management status.",
         );
     };
+    let mut header = StreamHeader {
+        cm_user: grant.cm_user.clone(),
+        grant_id: grant.id.clone(),
+        client_addr: client.to_string(),
+        scheme: public.scheme.clone(),
+        origin: public.device_origin(device),
+        grant_expires_ms: (grant.expires_at.max(0) as u64) * 1000,
+        passwordless_token: None,
+    };
+    let redeeming = grant.passwordless && req.uri().path() == PASSWORDLESS_PATH;
+    let visitor_upgrade = req
+        .headers()
+        .contains_key(header::UPGRADE)
+        .then(|| hyper::upgrade::on(&mut req));
+    // Upgrades and passwordless redemptions get a stream of their own that is never reused.
+    let reusable = !redeeming && visitor_upgrade.is_none();
+    strip_grant_cookie(req.headers_mut());
+
+    if let Some(mut kept) = reusable
+        .then(|| keeper.take(link.generation, &header))
+        .flatten()
+    {
+        if kept.ready().await.is_ok() {
+            match kept.try_send_request(req).await {
+                Ok(resp) => {
+                    let back = (keeper.clone(), KeptStream::new(&link, header, kept));
+                    return response_from_tunnel(device, resp, None, Some(back));
+                }
+                // The agent closed the kept stream before taking the request: use a new one.
+                Err(mut e) => match e.take_message() {
+                    Some(r) => req = r,
+                    None => return tunnel_failed(device, &e.into_error()),
+                },
+            }
+        }
+    }
+
     let Some(grant_slot) = link.grant_slot(&grant.id) else {
         return web::page(
             StatusCode::TOO_MANY_REQUESTS,
@@ -399,27 +446,16 @@ async fn forward(
             "Too many requests are in flight to this PBX; try again in a moment.",
         );
     };
-    let passwordless_token = if grant.passwordless && req.uri().path() == PASSWORDLESS_PATH {
+    if redeeming {
         match state.db.mark_grant_redeemed(&grant.id) {
             Ok(true) => match mint_token(state, device, &grant) {
-                Ok(t) => Some(Secret::new(t)),
+                Ok(t) => header.passwordless_token = Some(Secret::new(t)),
                 Err(e) => return internal(e),
             },
-            Ok(false) => None,
+            Ok(false) => {}
             Err(e) => return internal(e),
         }
-    } else {
-        None
-    };
-    let header = StreamHeader {
-        cm_user: grant.cm_user.clone(),
-        grant_id: grant.id.clone(),
-        client_addr: client.to_string(),
-        scheme: public.scheme.clone(),
-        origin: public.device_origin(device),
-        grant_expires_ms: (grant.expires_at.max(0) as u64) * 1000,
-        passwordless_token,
-    };
+    }
     let opened = tokio::time::timeout(OPEN_STREAM_TIMEOUT, link.conn.open_bi()).await;
     let Ok(Ok((mut send, recv))) = opened else {
         return web::page(
@@ -449,45 +485,192 @@ async fn forward(
         let _slots = (permit, grant_slot);
         let _ = conn.with_upgrades().await;
     });
-    let visitor_upgrade = req
-        .headers()
-        .contains_key(header::UPGRADE)
-        .then(|| hyper::upgrade::on(&mut req));
-    strip_grant_cookie(req.headers_mut());
-    let mut resp = match sender.send_request(req).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::info!(device, error = %e, "request through the tunnel failed");
-            return web::page(
-                StatusCode::BAD_GATEWAY,
-                "The PBX did not answer",
-                "The connection to this PBX was lost during the request; try again.",
-            );
+    match sender.send_request(req).await {
+        Ok(resp) => {
+            let back = reusable.then(|| (keeper.clone(), KeptStream::new(&link, header, sender)));
+            response_from_tunnel(device, resp, visitor_upgrade, back)
         }
-    };
+        Err(e) => tunnel_failed(device, &e),
+    }
+}
+
+fn tunnel_failed(device: &str, e: &hyper::Error) -> Response<Body> {
+    tracing::info!(device, error = %e, "request through the tunnel failed");
+    web::page(
+        StatusCode::BAD_GATEWAY,
+        "The PBX did not answer",
+        "The connection to this PBX was lost during the request; try again.",
+    )
+}
+
+/// The agent's answer, made fit for the visitor. A reusable stream goes back to the visitor
+/// connection's keeper once the body has been read to its end.
+fn response_from_tunnel(
+    device: &str,
+    mut resp: Response<Incoming>,
+    visitor_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    back: Option<(Keeper, KeptStream)>,
+) -> Response<Body> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(visitor) = visitor_upgrade {
             let tunnel = hyper::upgrade::on(&mut resp);
+            let device = device.to_string();
             tokio::spawn(async move {
-                if let Ok((v, t)) = tokio::try_join!(visitor, tunnel) {
-                    let _ =
-                        tokio::io::copy_bidirectional(&mut TokioIo::new(v), &mut TokioIo::new(t))
-                            .await;
+                match tokio::try_join!(visitor, tunnel) {
+                    Ok((v, t)) => {
+                        let _ = tokio::io::copy_bidirectional(
+                            &mut TokioIo::new(v),
+                            &mut TokioIo::new(t),
+                        )
+                        .await;
+                    }
+                    Err(e) => tracing::debug!(device, error = %e, "upgrade failed"),
                 }
             });
         }
     }
     let (mut parts, body) = resp.into_parts();
-    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+    let body = if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        body.boxed()
     } else {
-        // One request per stream is the tunnel's framing, not the visitor's: keep-alive stays.
+        // Keep-alive on the tunnel stream is the tunnel's business, not the visitor's.
         web::strip_hop_by_hop(&mut parts.headers);
-    }
+        match back {
+            Some(back) => KeepOnEnd::new(body, back).boxed(),
+            None => body.boxed(),
+        }
+    };
     drop_grant_set_cookie(&mut parts.headers);
-    Response::from_parts(parts, body.boxed())
+    Response::from_parts(parts, body)
+}
+
+/// How long a kept stream may sit idle before it is dropped rather than reused: well inside the
+/// agent's head-read timeout, so the agent never closes a stream the front is about to use.
+const KEEP_IDLE: Duration = Duration::from_secs(5);
+
+/// A tunnel stream kept for the next request of the same visitor connection, so a page with
+/// many resources costs one stream (and one HTTP handshake at each end) per browser
+/// connection instead of one per request. The agent still judges every request on its own.
+pub(crate) struct KeptStream {
+    generation: u64,
+    header: StreamHeader,
+    sender: hyper::client::conn::http1::SendRequest<Incoming>,
+    idle_since: std::time::Instant,
+}
+
+impl KeptStream {
+    fn new(
+        link: &crate::server::hub::Link,
+        header: StreamHeader,
+        sender: hyper::client::conn::http1::SendRequest<Incoming>,
+    ) -> KeptStream {
+        KeptStream {
+            generation: link.generation,
+            header,
+            sender,
+            idle_since: std::time::Instant::now(),
+        }
+    }
+
+    /// Whether this stream speaks for exactly this visit (same link, grant, user and address).
+    fn serves(&self, generation: u64, h: &StreamHeader) -> bool {
+        let k = &self.header;
+        self.generation == generation
+            && k.grant_id == h.grant_id
+            && k.cm_user == h.cm_user
+            && k.client_addr == h.client_addr
+            && k.scheme == h.scheme
+            && k.origin == h.origin
+            && k.grant_expires_ms == h.grant_expires_ms
+            && k.passwordless_token.is_none()
+            && h.passwordless_token.is_none()
+    }
+}
+
+/// One visitor connection's kept stream (HTTP/1 requests on a connection come one at a time).
+#[derive(Clone, Default)]
+pub(crate) struct Keeper(Arc<std::sync::Mutex<Option<KeptStream>>>);
+
+impl Keeper {
+    /// Takes the kept stream if it still serves this visit; anything else is dropped (closed).
+    fn take(
+        &self,
+        generation: u64,
+        h: &StreamHeader,
+    ) -> Option<hyper::client::conn::http1::SendRequest<Incoming>> {
+        let kept = self.lock().take()?;
+        (kept.serves(generation, h)
+            && kept.idle_since.elapsed() < KEEP_IDLE
+            && !kept.sender.is_closed())
+        .then_some(kept.sender)
+    }
+
+    fn put(&self, mut kept: KeptStream) {
+        kept.idle_since = std::time::Instant::now();
+        *self.lock() = Some(kept);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<KeptStream>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A response body that hands its stream back to the keeper when read to the end. A body
+/// dropped early (visitor gone) drops the stream with it.
+struct KeepOnEnd {
+    body: Incoming,
+    back: Option<(Keeper, KeptStream)>,
+}
+
+impl KeepOnEnd {
+    fn new(body: Incoming, back: (Keeper, KeptStream)) -> KeepOnEnd {
+        let mut b = KeepOnEnd {
+            body,
+            back: Some(back),
+        };
+        if hyper::body::Body::is_end_stream(&b.body) {
+            b.give_back();
+        }
+        b
+    }
+
+    fn give_back(&mut self) {
+        if let Some((keeper, kept)) = self.back.take() {
+            keeper.put(kept);
+        }
+    }
+}
+
+impl hyper::body::Body for KeepOnEnd {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(None) => this.give_back(),
+            std::task::Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.give_back(),
+            // An error mid-body: the stream is not fit for another request.
+            std::task::Poll::Ready(Some(Err(_))) => this.back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 fn mint_token(state: &ServerState, device: &str, grant: &Grant) -> Result<String> {

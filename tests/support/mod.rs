@@ -342,6 +342,8 @@ impl TestServer {
             .await
             .unwrap();
         send.write_all(raw).await.unwrap();
+        // Streams are kept alive for the next request: finishing ours ends it after the answer.
+        let _ = send.finish();
         let mut out = Vec::new();
         let _ = tokio::time::timeout(
             Duration::from_secs(15),
@@ -803,4 +805,21 @@ pub async fn body_sha256(mut resp: reqwest::Response) -> (u64, String) {
         ctx.update(&chunk);
     }
     (got, hex::encode(ctx.finish().as_ref()))
+}
+
+/// One unlabelled sample from an agent's `/metrics` on `port`.
+pub async fn metric(port: u16, name: &str) -> Option<f64> {
+    let text = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .ok()?
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
