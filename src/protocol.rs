@@ -342,6 +342,35 @@ pub enum Control {
 /// Largest provisioning template (it travels in one control frame).
 pub const MAX_TEMPLATE: usize = 48 * 1024;
 
+/// Transport settings both ends share: keep-alive under NAT timeouts, a short idle timeout,
+/// stream and window limits sized for the memory target, and `max_bidi` streams the peer may
+/// open.
+///
+/// Acknowledgements: each end asks the other to acknowledge every 8th packet (or after its
+/// max_ack_delay) instead of every 2nd, so a bulk download costs fewer ACK packets to send,
+/// receive and process (bench: bulk through the tunnel 170/186 → 198/207 MB/s in two
+/// interleaved pairs). Reordering still triggers an immediate ACK, so loss recovery keeps its
+/// pace (the fault tests run with it).
+pub fn transport_config(max_bidi: u32) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEPALIVE));
+    // Invariant: IDLE_TIMEOUT is a small constant well inside QUIC's varint range.
+    t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
+    t.max_concurrent_bidi_streams(max_bidi.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window(STREAM_WINDOW.into());
+    t.receive_window(CONN_WINDOW.into());
+    t.send_window(u64::from(CONN_WINDOW));
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into());
+    t.ack_frequency_config(Some(acks));
+    t
+}
+
+/// Ack-eliciting packets a receiver may hold before it must acknowledge (see
+/// [`transport_config`]).
+pub const ACK_ELICITING_THRESHOLD: u32 = 7;
+
 /// Written by the front at the start of every request stream, before the HTTP bytes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StreamHeader {

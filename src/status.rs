@@ -131,6 +131,9 @@ pub struct StatusHandle {
 struct Inner {
     path: PathBuf,
     tx: watch::Sender<Status>,
+    /// Serialises file writes: each reads the latest status while holding it, so the file
+    /// always ends at the newest state even when tasks update at once.
+    writing: std::sync::Mutex<()>,
 }
 
 impl StatusHandle {
@@ -138,7 +141,11 @@ impl StatusHandle {
     pub fn new(path: PathBuf, initial: Status) -> StatusHandle {
         let (tx, _) = watch::channel(initial);
         let h = StatusHandle {
-            inner: Arc::new(Inner { path, tx }),
+            inner: Arc::new(Inner {
+                path,
+                tx,
+                writing: std::sync::Mutex::new(()),
+            }),
         };
         h.write();
         h
@@ -183,6 +190,8 @@ impl StatusHandle {
     }
 
     fn write(&self) {
+        // Invariant: nothing panics while the lock is held; a poisoned lock guards no data.
+        let _writing = self.inner.writing.lock().unwrap_or_else(|p| p.into_inner());
         self.inner.tx.send_modify(|s| {
             s.pid = std::process::id();
             s.updated_at = rfc3339(SystemTime::now());

@@ -6,8 +6,7 @@ use crate::agent::state::Credential;
 use crate::config::AgentConfig;
 use crate::protocol::{
     self, read_frame, write_frame, Control, DeviceFacts, Reason, ALPN, CLOSE_NORMAL,
-    CONNECT_TIMEOUT, CONN_WINDOW, IDLE_TIMEOUT, KEEPALIVE, MAX_STREAMS, PROTOCOL_VERSION,
-    STREAM_WINDOW,
+    CONNECT_TIMEOUT, IDLE_TIMEOUT, MAX_STREAMS, PROTOCOL_VERSION,
 };
 use crate::status::{rfc3339, State, StatusHandle};
 use crate::tls::{self, KeyIdentity, ServerTrust};
@@ -275,19 +274,9 @@ struct ConnectFailure {
     message: String,
 }
 
-/// Transport settings: keep-alive under NAT timeouts, a short idle timeout, explicit stream and
-/// window limits sized for the memory target.
+/// The agent's transport settings: the server may open [`MAX_STREAMS`] request streams.
 pub fn transport_config() -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(KEEPALIVE));
-    // Invariant: IDLE_TIMEOUT is a small constant well inside QUIC's varint range.
-    t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
-    t.max_concurrent_bidi_streams(MAX_STREAMS.into());
-    t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window(STREAM_WINDOW.into());
-    t.receive_window(CONN_WINDOW.into());
-    t.send_window(u64::from(CONN_WINDOW));
-    t
+    crate::protocol::transport_config(MAX_STREAMS)
 }
 
 /// Maps a QUIC connection error to a status reason and a message.

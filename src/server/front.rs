@@ -263,7 +263,7 @@ async fn handle(
         return web::page(StatusCode::NOT_FOUND, "Not found", "No such page.");
     }
     let grant = match web::cookie(req.headers(), public.cookie_name())
-        .map(|c| state.db.grant_by_cookie(c))
+        .map(|c| keeper.grant(c, |c| state.db.grant_by_cookie(c)))
     {
         Some(Ok(Some(g))) if g.device_id == device => g,
         Some(Err(e)) => return internal(e),
@@ -551,11 +551,16 @@ fn response_from_tunnel(
 /// agent's head-read timeout, so the agent never closes a stream the front is about to use.
 const KEEP_IDLE: Duration = Duration::from_secs(5);
 
+/// Free streams a link must have left for a finished stream to be kept.
+const KEEP_HEADROOM: usize = crate::protocol::MAX_REQUEST_STREAMS as usize / 8;
+
 /// A tunnel stream kept for the next request of the same visitor connection, so a page with
 /// many resources costs one stream (and one HTTP handshake at each end) per browser
 /// connection instead of one per request. The agent still judges every request on its own.
 pub(crate) struct KeptStream {
     generation: u64,
+    /// The link's stream permits: a stream is kept only while others remain free.
+    streams: Arc<tokio::sync::Semaphore>,
     header: StreamHeader,
     sender: hyper::client::conn::http1::SendRequest<Incoming>,
     idle_since: std::time::Instant,
@@ -569,6 +574,7 @@ impl KeptStream {
     ) -> KeptStream {
         KeptStream {
             generation: link.generation,
+            streams: link.streams.clone(),
             header,
             sender,
             idle_since: std::time::Instant::now(),
@@ -590,9 +596,22 @@ impl KeptStream {
     }
 }
 
-/// One visitor connection's kept stream (HTTP/1 requests on a connection come one at a time).
+/// How long a visitor connection trusts the grant it looked up for a cookie before asking the
+/// database again: the registry stays off the per-request path, and an ended or expired visit
+/// still stops within a second.
+const GRANT_RECHECK: Duration = Duration::from_secs(1);
+
+/// What one visitor connection remembers between its requests (HTTP/1 requests on a
+/// connection come one at a time): its kept stream and its last grant lookup.
 #[derive(Clone, Default)]
-pub(crate) struct Keeper(Arc<std::sync::Mutex<Option<KeptStream>>>);
+pub(crate) struct Keeper(Arc<std::sync::Mutex<Kept>>);
+
+#[derive(Default)]
+pub(crate) struct Kept {
+    stream: Option<KeptStream>,
+    /// (cookie hash, grant, when looked up).
+    grant: Option<([u8; 32], Grant, std::time::Instant)>,
+}
 
 impl Keeper {
     /// Takes the kept stream if it still serves this visit; anything else is dropped (closed).
@@ -601,19 +620,42 @@ impl Keeper {
         generation: u64,
         h: &StreamHeader,
     ) -> Option<hyper::client::conn::http1::SendRequest<Incoming>> {
-        let kept = self.lock().take()?;
+        let kept = self.lock().stream.take()?;
         (kept.serves(generation, h)
             && kept.idle_since.elapsed() < KEEP_IDLE
             && !kept.sender.is_closed())
         .then_some(kept.sender)
     }
 
+    /// Keeps the stream for the next request, unless the tunnel is nearly full: then it is
+    /// closed, so busy connections do not hold streams between requests while new ones get 503.
     fn put(&self, mut kept: KeptStream) {
+        if kept.streams.available_permits() < KEEP_HEADROOM {
+            return;
+        }
         kept.idle_since = std::time::Instant::now();
-        *self.lock() = Some(kept);
+        self.lock().stream = Some(kept);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<KeptStream>> {
+    /// The grant for `cookie`: the one looked up on this connection less than
+    /// [`GRANT_RECHECK`] ago, else `lookup`'s answer (remembered when there is one).
+    fn grant(
+        &self,
+        cookie: &str,
+        lookup: impl FnOnce(&str) -> Result<Option<Grant>>,
+    ) -> Result<Option<Grant>> {
+        let hash = crate::tls::sha256(cookie.as_bytes());
+        if let Some((h, g, at)) = &self.lock().grant {
+            if *h == hash && at.elapsed() < GRANT_RECHECK {
+                return Ok(Some(g.clone()));
+            }
+        }
+        let found = lookup(cookie)?;
+        self.lock().grant = found.clone().map(|g| (hash, g, std::time::Instant::now()));
+        Ok(found)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -735,6 +777,100 @@ fn drop_grant_set_cookie(h: &mut http::HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn header(grant: &str) -> StreamHeader {
+        StreamHeader {
+            cm_user: "alice".into(),
+            grant_id: grant.into(),
+            client_addr: "10.0.0.1".into(),
+            scheme: "https".into(),
+            origin: "https://dev.cm.example".into(),
+            grant_expires_ms: 1,
+            passwordless_token: None,
+        }
+    }
+
+    /// A kept stream over an in-memory pipe, on a link with `free` stream permits.
+    async fn kept(free: usize, grant: &str) -> (KeptStream, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(ours))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let k = KeptStream {
+            generation: 7,
+            streams: Arc::new(tokio::sync::Semaphore::new(free)),
+            header: header(grant),
+            sender,
+            idle_since: std::time::Instant::now(),
+        };
+        (k, theirs)
+    }
+
+    #[test]
+    fn a_connection_rechecks_its_grant_every_second() {
+        let keeper = Keeper::default();
+        let grant = Grant {
+            id: "g1".into(),
+            device_id: "d".into(),
+            cm_user: "alice".into(),
+            passwordless: false,
+            redeemed: false,
+            expires_at: 1,
+        };
+        let lookups = std::cell::Cell::new(0);
+        let db = |c: &str| {
+            lookups.set(lookups.get() + 1);
+            Ok((c == "good").then(|| grant.clone()))
+        };
+        assert!(keeper.grant("good", db).unwrap().is_some());
+        assert!(keeper.grant("good", db).unwrap().is_some());
+        assert_eq!(lookups.get(), 1, "remembered");
+        assert!(keeper.grant("other", db).unwrap().is_none());
+        assert!(keeper.grant("other", db).unwrap().is_none());
+        assert_eq!(
+            lookups.get(),
+            3,
+            "another cookie, and no grant, are asked every time"
+        );
+        assert!(keeper.grant("good", db).unwrap().is_some());
+        if let Some((_, _, at)) = keeper.lock().grant.as_mut() {
+            *at -= GRANT_RECHECK;
+        }
+        assert!(keeper.grant("good", db).unwrap().is_some());
+        assert_eq!(lookups.get(), 5, "asked again after GRANT_RECHECK");
+    }
+
+    #[tokio::test]
+    async fn a_stream_is_kept_only_for_the_same_visit_and_while_the_tunnel_has_room() {
+        let keeper = Keeper::default();
+        let (k, _pipe) = kept(KEEP_HEADROOM, "g1").await;
+        keeper.put(k);
+        assert!(keeper.take(7, &header("g2")).is_none(), "another visit");
+        let (k, _pipe) = kept(KEEP_HEADROOM, "g1").await;
+        keeper.put(k);
+        assert!(
+            keeper.take(8, &header("g1")).is_none(),
+            "another tunnel connection"
+        );
+        let (k, _pipe) = kept(KEEP_HEADROOM, "g1").await;
+        keeper.put(k);
+        let mut redeeming = header("g1");
+        redeeming.passwordless_token = Some(Secret::new("t"));
+        assert!(
+            keeper.take(7, &redeeming).is_none(),
+            "a passwordless redemption"
+        );
+        let (k, _pipe) = kept(KEEP_HEADROOM, "g1").await;
+        keeper.put(k);
+        assert!(keeper.take(7, &header("g1")).is_some(), "the same visit");
+        assert!(keeper.take(7, &header("g1")).is_none(), "taken once");
+        // A nearly full tunnel: the stream is closed instead of kept.
+        let (k, _pipe) = kept(KEEP_HEADROOM - 1, "g1").await;
+        keeper.put(k);
+        assert!(keeper.take(7, &header("g1")).is_none(), "no headroom");
+    }
 
     #[test]
     fn device_labels_from_host() {

@@ -3,8 +3,8 @@
 //! with `replaced`), serves the control stream, and pushes registry changes within seconds.
 
 use crate::protocol::{
-    read_frame, write_frame, Control, DeviceSettings, Reason, ALPN, CONNECT_TIMEOUT, CONN_WINDOW,
-    IDLE_TIMEOUT, KEEPALIVE, MAX_REQUEST_STREAMS, PROTOCOL_VERSION, STREAM_WINDOW,
+    read_frame, write_frame, Control, DeviceSettings, Reason, ALPN, CONNECT_TIMEOUT,
+    MAX_REQUEST_STREAMS, PROTOCOL_VERSION,
 };
 use crate::server::db::DeviceFlags;
 use crate::server::keys::ServerKeys;
@@ -103,15 +103,8 @@ pub fn endpoint(keys: &ServerKeys, udp: std::net::UdpSocket) -> Result<quinn::En
     let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"pbx-remote token key")
         .extract(&keys.token_key);
     let mut server = quinn::ServerConfig::new(Arc::new(quic), Arc::new(token_key));
-    let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(KEEPALIVE));
-    t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
     // The agent opens only its control stream; request streams are opened by us.
-    t.max_concurrent_bidi_streams(4u32.into());
-    t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window(STREAM_WINDOW.into());
-    t.receive_window(CONN_WINDOW.into());
-    t.send_window(u64::from(CONN_WINDOW));
+    let t = crate::protocol::transport_config(4);
     server.transport_config(Arc::new(t));
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &keys.reset_key);
     let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
