@@ -307,12 +307,17 @@ fn dispatch(command: Command) -> anyhow::Result<String> {
                         names: tls_name,
                     },
                 };
+                // Keys and registry first: the readiness line promises that `fingerprint` and
+                // `device add` now read what this server uses (printed earlier, a script's
+                // `fingerprint` could generate a second key beside the server's own).
+                let public_url = opts.public_url.clone();
+                let state = server::ServerState::open(opts)?;
                 // Machine-readable readiness line for scripts and tests.
                 println!(
                     "listening tunnel={} public={} public_url={}",
                     udp.local_addr()?,
                     public.local_addr()?,
-                    opts.public_url
+                    public_url
                 );
                 let root = tokio_util::sync::CancellationToken::new();
                 let _hup = pbx_remote::signals::install(root.clone())?;
@@ -321,7 +326,7 @@ fn dispatch(command: Command) -> anyhow::Result<String> {
                     api: tokio::net::TcpListener::from_std(api)?,
                     public,
                 };
-                server::run(opts, listeners, root).await?;
+                server::serve(state, listeners, root).await?;
                 Ok(String::new())
             })
         }
