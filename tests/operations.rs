@@ -256,6 +256,31 @@ async fn shutdown_drains_in_flight_requests_then_stops() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn streams_kept_between_requests_do_not_hold_the_drain() {
+    // A long drain allowance: only the idle kept stream could make the stop wait for it.
+    let w = World::start_with_toml(false, |t| t.replace("drain_secs = 2", "drain_secs = 60")).await;
+    let mut v = w.visitor("alice", false).await;
+    let r = v.get("/").await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    // The visitor connection (and its tunnel stream) stays open and idle.
+    let t0 = Instant::now();
+    w.agent.stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), w.agent.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    // An idle stream would otherwise hold the drain until its 10 s head-read timeout.
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "stopped after {:?}",
+        t0.elapsed()
+    );
+    drop(v);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_drain_deadline_bounds_a_stuck_request() {
     let w = World::start(false, "").await;
     let v = w.visitor("alice", false).await;

@@ -17,6 +17,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 
 /// Largest request head (line + headers) the agent reads from the tunnel.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -48,6 +49,7 @@ pub async fn serve_stream(
     ctx: Arc<ProxyCtx>,
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    stopping: CancellationToken,
 ) {
     let header: StreamHeader =
         match tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut recv)).await {
@@ -88,7 +90,17 @@ pub async fn serve_stream(
         .half_close(true)
         .serve_connection(io, svc)
         .with_upgrades();
-    if let Err(e) = conn.await {
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        // Draining: a request in progress finishes; a stream idle between requests ends now
+        // instead of holding the drain until its head-read timeout.
+        _ = stopping.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(error = %e, "tunnel stream ended with an error");
     }
 }

@@ -141,7 +141,7 @@ impl Tunnel {
                     Ok((send, recv)) => {
                         let ctx = self.proxy.clone();
                         ctx.metrics.stream_opened();
-                        streams.spawn(proxy::serve_stream(ctx, send, recv));
+                        streams.spawn(proxy::serve_stream(ctx, send, recv, shutdown.clone()));
                     }
                     Err(e) => break Some(e),
                 }
