@@ -121,6 +121,8 @@ async fn soak() {
     let start = Instant::now();
     let (mut next_restart, mut next_rebind) = (restart_every, rebind_every);
     let mut last_restart: Option<Instant> = None;
+    // Restart → first successful visit afterwards.
+    let (mut awaiting_recovery, mut recoveries): (Option<Instant>, Vec<Duration>) = (None, vec![]);
     let (mut ok, mut expected_failures, mut restarts, mut rebinds) = (0u32, 0u32, 0u32, 0u32);
     let mut errors: Vec<String> = vec![];
     let mut samples: Vec<(u64, u64, usize)> = vec![]; // (elapsed s, RSS KiB, fds)
@@ -135,6 +137,7 @@ async fn soak() {
         if t >= next_restart {
             server = server.restart().await;
             last_restart = Some(Instant::now());
+            awaiting_recovery = last_restart;
             restarts += 1;
             next_restart += restart_every;
         }
@@ -148,11 +151,18 @@ async fn soak() {
             .await
             .unwrap_or_else(|_| Err("round timed out after 60 s".into()));
         match result {
-            Ok(()) => ok += 1,
+            Ok(()) => {
+                ok += 1;
+                if let Some(r) = awaiting_recovery.take() {
+                    recoveries.push(r.elapsed());
+                }
+            }
             // Right after a restart the agent is still reconnecting: "offline" is the truth.
             Err(e) if last_restart.is_some_and(|r| r.elapsed() < Duration::from_secs(15)) => {
                 expected_failures += 1;
                 eprintln!("[{:>5}s] during restart: {e}", t.as_secs());
+                // "Offline" comes back at once; a visitor would not retry in a tight loop.
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => {
                 eprintln!("[{:>5}s] ERROR: {e}", t.as_secs());
@@ -173,6 +183,7 @@ async fn soak() {
         errors.len()
     );
     eprintln!("server restarts {restarts}, rebindings {rebinds}, agent reconnects (metrics) {reconnects:?}");
+    eprintln!("restart → first good visit: {recoveries:?}");
     eprintln!("agent RSS KiB / fds by minute:");
     for (s, rss, fd) in &samples {
         eprintln!("  {s:>5}s  {rss:>7}  {fd:>4}");

@@ -181,7 +181,12 @@ impl Portal {
 
     fn put_back(&self, sender: SendRequest<Incoming>) {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < POOL_SIZE {
+        // EXPERIMENT (remove)
+        let size = std::env::var("PBXRA_POOL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(POOL_SIZE);
+        if pool.len() < size {
             pool.push(sender);
         }
     }
