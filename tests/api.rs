@@ -176,8 +176,15 @@ async fn a_full_tunnel_answers_503_and_recovers() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(seen(&w) >= limit, "portal saw {} of {limit}", seen(&w));
+    // A full tunnel: the request waits a moment for a stream, then gets a clear 503.
+    let t0 = std::time::Instant::now();
     let r = v2.get("/").await;
     assert_eq!(r.status(), 503);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "waited {:?} for a stream",
+        t0.elapsed()
+    );
     assert!(r.text().await.unwrap().contains("busy"));
     for h in &slow {
         h.abort();

@@ -30,6 +30,8 @@ pub const GRANT_COOKIE_SECURE: &str = "__Host-__cm_visit";
 pub const PASSWORDLESS_PATH: &str = "/__remote/passwordless";
 /// Time to open a stream to the agent.
 const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request waits for a free tunnel stream before it gets 503 "busy".
+const STREAM_WAIT: Duration = Duration::from_secs(1);
 /// Concurrent visitor connections.
 const MAX_CONNECTIONS: usize = 1024;
 
@@ -439,7 +441,15 @@ async fn forward(
             "This session has too many requests in flight to the PBX; wait for some to finish.",
         );
     };
-    let Ok(permit) = link.streams.clone().try_acquire_owned() else {
+    // A full tunnel: a burst waits a moment for a stream to free up before it is refused.
+    let permit = match link.streams.clone().try_acquire_owned() {
+        Ok(p) => Some(p),
+        Err(_) => tokio::time::timeout(STREAM_WAIT, link.streams.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok),
+    };
+    let Some(permit) = permit else {
         return web::page(
             StatusCode::SERVICE_UNAVAILABLE,
             "The PBX is busy",
