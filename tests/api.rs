@@ -157,12 +157,7 @@ async fn a_full_tunnel_answers_503_and_recovers() {
     }
     // Fill every slot: a request that raced the release of an earlier stream (and got 503) is
     // replaced until the portal holds `limit` of them.
-    let seen = |w: &World| {
-        w.portal
-            .log
-            .requests
-            .load(std::sync::atomic::Ordering::SeqCst)
-    };
+    let seen = |w: &World| w.portal.hits();
     let mut replaced = 0;
     for _ in 0..400 {
         if seen(&w) >= limit {

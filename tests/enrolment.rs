@@ -467,13 +467,7 @@ async fn visits_follow_the_active_hot_standby_node() {
         assert_eq!(s.ha_state.as_deref(), Some(state));
         nodes.push((dir, portal, agent));
     }
-    let hits = |i: usize| {
-        nodes[i]
-            .1
-            .log
-            .requests
-            .load(std::sync::atomic::Ordering::SeqCst)
-    };
+    let hits = |i: usize| nodes[i].1.hits();
     let url = server.visit(&device, "alice", false);
     let mut v = Visitor::new(server.public, &device);
     v.open_visit(&url).await;

@@ -6,7 +6,6 @@ mod support;
 use futures_util::{SinkExt, StreamExt};
 use pbx_remote::protocol::StreamHeader;
 use pbx_remote::status::State;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
@@ -48,10 +47,6 @@ fn header_for(v: &Visitor, cm_user: &str) -> StreamHeader {
     }
 }
 
-fn portal_hits(w: &World) -> usize {
-    w.portal.log.requests.load(Ordering::SeqCst)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn no_session_no_portal() {
     let w = World::start(false, "").await;
@@ -76,7 +71,7 @@ async fn no_session_no_portal() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(portal_hits(&w), 0, "nothing reached the portal");
+    assert_eq!(w.portal.hits(), 0, "nothing reached the portal");
 
     let page = v
         .get("/__remote/login?next=%2Fadmin")
@@ -100,7 +95,7 @@ async fn no_session_no_portal() {
         );
     }
     assert!(v.cookie("__pbxra_sid").is_none());
-    assert_eq!(portal_hits(&w), 0);
+    assert_eq!(w.portal.hits(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -347,11 +342,11 @@ async fn a_copied_cookie_under_another_grant_is_refused_and_audited() {
         "__pbxra_sid".into(),
         alice.cookie("__pbxra_sid").unwrap().to_string(),
     ));
-    let before = portal_hits(&w);
+    let before = w.portal.hits();
     let r = bob.get("/").await;
     assert_eq!(r.status(), 403);
     assert!(r.text().await.unwrap().contains("another visit"));
-    assert_eq!(portal_hits(&w), before);
+    assert_eq!(w.portal.hits(), before);
     let e = &events(&w, "grant_mismatch")[0];
     assert_eq!(e["cm_user"], "bob");
     assert_eq!(e["user"], USER);
@@ -509,7 +504,7 @@ async fn injected_requests_cannot_choose_the_destination_or_smuggle() {
     );
     assert!(w.portal.log.paths.lock().unwrap().last().unwrap() == "/headers");
 
-    let before = portal_hits(&w);
+    let before = w.portal.hits();
     let r = w
         .server
         .inject(
@@ -520,7 +515,7 @@ async fn injected_requests_cannot_choose_the_destination_or_smuggle() {
         )
         .await;
     assert!(r.starts_with("HTTP/1.1 405"), "{r}");
-    assert_eq!(portal_hits(&w), before);
+    assert_eq!(w.portal.hits(), before);
 
     let smuggles = [
         format!("POST /upload HTTP/1.1\r\nHost: x\r\n{cookie}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /headers HTTP/1.1\r\nHost: x\r\n{cookie}\r\n\r\n"),
@@ -528,10 +523,10 @@ async fn injected_requests_cannot_choose_the_destination_or_smuggle() {
         format!("GET /headers HTTP/1.1\r\nHost: x\r\n{cookie}\r\nX-Folded: a\r\n b\r\n\r\nGET /headers HTTP/1.1\r\nHost: x\r\n\r\n"),
     ];
     for raw in &smuggles {
-        let before = portal_hits(&w);
+        let before = w.portal.hits();
         let r = w.server.inject(&w.device, &h, raw.as_bytes()).await;
         assert!(
-            portal_hits(&w) - before <= 1,
+            w.portal.hits() - before <= 1,
             "at most one request reaches the portal: {r}"
         );
         assert!(
@@ -544,10 +539,10 @@ async fn injected_requests_cannot_choose_the_destination_or_smuggle() {
         "GET / HTTP/1.1\r\nHost: x\r\n{cookie}\r\nX-Big: {}\r\n\r\n",
         "a".repeat(100 * 1024)
     );
-    let before = portal_hits(&w);
+    let before = w.portal.hits();
     let r = w.server.inject(&w.device, &h, big.as_bytes()).await;
     assert!(r.starts_with("HTTP/1.1 431"), "{}", &r[..r.len().min(200)]);
-    assert_eq!(portal_hits(&w), before);
+    assert_eq!(w.portal.hits(), before);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -611,7 +606,7 @@ async fn paths_reach_the_portal_byte_for_byte_or_not_at_all() {
         "/%5f_remote/login",
         "/x/../__remote/login",
     ] {
-        let before = portal_hits(&w);
+        let before = w.portal.hits();
         let r = w
             .server
             .inject(
@@ -620,7 +615,7 @@ async fn paths_reach_the_portal_byte_for_byte_or_not_at_all() {
                 format!("GET {path} HTTP/1.1\r\nHost: x\r\n{cookie}\r\n\r\n").as_bytes(),
             )
             .await;
-        if portal_hits(&w) > before {
+        if w.portal.hits() > before {
             assert_eq!(
                 w.portal.log.paths.lock().unwrap().last().unwrap(),
                 path,
@@ -634,7 +629,7 @@ async fn paths_reach_the_portal_byte_for_byte_or_not_at_all() {
         }
     }
     // The agent's own prefix never reaches the portal, whatever follows it.
-    let before = portal_hits(&w);
+    let before = w.portal.hits();
     let r = w
         .server
         .inject(
@@ -644,7 +639,7 @@ async fn paths_reach_the_portal_byte_for_byte_or_not_at_all() {
         )
         .await;
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
-    assert_eq!(portal_hits(&w), before);
+    assert_eq!(w.portal.hits(), before);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -655,7 +650,7 @@ async fn websocket_upgrades_without_a_session_get_401() {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
         other => panic!("expected 401, got {other:?}"),
     }
-    assert_eq!(portal_hits(&w), 0);
+    assert_eq!(w.portal.hits(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -215,12 +215,7 @@ async fn shutdown_drains_in_flight_requests_then_stops() {
     let req = tokio::spawn(async move { in_flight.send().await.unwrap().text().await });
     // Let the request reach the portal before stopping.
     for _ in 0..100 {
-        if w.portal
-            .log
-            .requests
-            .load(std::sync::atomic::Ordering::SeqCst)
-            > 0
-        {
+        if w.portal.hits() > 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -265,12 +260,7 @@ async fn streams_kept_between_requests_do_not_hold_the_drain() {
     r.bytes().await.unwrap();
     // The visitor connection (and its tunnel stream) stays open and idle.
     let t0 = Instant::now();
-    w.agent.stop.cancel();
-    tokio::time::timeout(Duration::from_secs(30), w.agent.task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    w.agent.shutdown().await;
     // An idle stream would otherwise hold the drain until its 10 s head-read timeout.
     assert!(
         t0.elapsed() < Duration::from_secs(5),
@@ -287,12 +277,7 @@ async fn the_drain_deadline_bounds_a_stuck_request() {
     let stuck = v.request(reqwest::Method::GET, "/slow");
     let req = tokio::spawn(async move { stuck.send().await.map(|r| r.status().as_u16()) });
     for _ in 0..100 {
-        if w.portal
-            .log
-            .requests
-            .load(std::sync::atomic::Ordering::SeqCst)
-            > 0
-        {
+        if w.portal.hits() > 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -449,19 +434,9 @@ async fn scrape(port: u16, path: &str) -> Result<(u16, String), reqwest::Error> 
     Ok((code, r.text().await?))
 }
 
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_and_ready_are_served_locally_and_never_through_the_tunnel() {
-    let port = free_port();
-    let w = World::start(
-        false,
-        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
-    )
-    .await;
+    let (w, port) = World::with_metrics().await;
 
     let (code, body) = scrape(port, "/ready").await.unwrap();
     assert_eq!((code, body.trim()), (200, "connected"));

@@ -195,19 +195,9 @@ async fn visit_links_are_single_use_and_grants_are_per_device() {
         "a grant alone does not open the portal"
     );
     assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
-    let before = w
-        .portal
-        .log
-        .requests
-        .load(std::sync::atomic::Ordering::SeqCst);
+    let before = w.portal.hits();
     assert_eq!(v.get("/").await.status(), 200);
-    assert_eq!(
-        w.portal
-            .log
-            .requests
-            .load(std::sync::atomic::Ordering::SeqCst),
-        before + 1
-    );
+    assert_eq!(w.portal.hits(), before + 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -407,12 +397,7 @@ async fn many_sequential_requests_never_exhaust_stream_credit() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_visitor_connection_reuses_its_stream_and_every_request_is_still_judged() {
-    let port = free_port();
-    let w = World::start(
-        false,
-        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
-    )
-    .await;
+    let (w, port) = World::with_metrics().await;
     let streams = || metric(port, "pbxra_tunnel_streams_total");
     let mut v = w.visitor("alice", false).await;
     let before = streams().await.expect("metrics served");
@@ -436,18 +421,8 @@ async fn a_visitor_connection_reuses_its_stream_and_every_request_is_still_judge
     // Logged out on the kept stream: the next request on it is judged again and stopped.
     v.cookies = alice_cookies;
     assert_eq!(v.get("/__remote/logout").await.status(), 200);
-    let hits = w
-        .portal
-        .log
-        .requests
-        .load(std::sync::atomic::Ordering::SeqCst);
+    let hits = w.portal.hits();
     let r = v.get("/").await;
     assert_ne!(r.status(), 200);
-    assert_eq!(
-        w.portal
-            .log
-            .requests
-            .load(std::sync::atomic::Ordering::SeqCst),
-        hits
-    );
+    assert_eq!(w.portal.hits(), hits);
 }

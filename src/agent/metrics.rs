@@ -97,34 +97,26 @@ impl Metrics {
             );
         }
         let connections = self.connections.load(Ordering::Relaxed);
-        help(
+        single(
             &mut o,
             "pbxra_connections_total",
             "counter",
             "Tunnel connections established.",
+            connections,
         );
-        let _ = writeln!(o, "pbxra_connections_total {connections}");
-        help(
+        single(
             &mut o,
             "pbxra_reconnects_total",
             "counter",
             "Tunnel connections established after the first.",
+            connections.saturating_sub(1),
         );
-        let _ = writeln!(
-            o,
-            "pbxra_reconnects_total {}",
-            connections.saturating_sub(1)
-        );
-        help(
+        single(
             &mut o,
             "pbxra_tunnel_streams_total",
             "counter",
             "Request streams the server opened (a visitor connection reuses its stream).",
-        );
-        let _ = writeln!(
-            o,
-            "pbxra_tunnel_streams_total {}",
-            self.streams.load(Ordering::Relaxed)
+            self.streams.load(Ordering::Relaxed),
         );
         let (rtt, sent, received) = {
             let link = self.lock_link();
@@ -141,13 +133,13 @@ impl Metrics {
             }
         };
         if let Some(rtt) = rtt.filter(|_| s.state == State::Connected) {
-            help(
+            single(
                 &mut o,
                 "pbxra_rtt_seconds",
                 "gauge",
                 "Round-trip time to the server (QUIC estimate).",
+                rtt.as_secs_f64(),
             );
-            let _ = writeln!(o, "pbxra_rtt_seconds {}", rtt.as_secs_f64());
         }
         help(
             &mut o,
@@ -184,16 +176,12 @@ impl Metrics {
         {
             let _ = writeln!(o, "pbxra_requests_total{{code=\"{code}\"}} {n}");
         }
-        help(
+        single(
             &mut o,
             "pbxra_login_failures_total",
             "counter",
             "Failed remote-account logins.",
-        );
-        let _ = writeln!(
-            o,
-            "pbxra_login_failures_total {}",
-            self.login_failures.load(Ordering::Relaxed)
+            self.login_failures.load(Ordering::Relaxed),
         );
         o
     }
@@ -201,6 +189,12 @@ impl Metrics {
 
 fn help(o: &mut String, name: &str, kind: &str, text: &str) {
     let _ = writeln!(o, "# HELP {name} {text}\n# TYPE {name} {kind}");
+}
+
+/// A series without labels: its help, its type and its one sample.
+fn single(o: &mut String, name: &str, kind: &str, text: &str, value: impl std::fmt::Display) {
+    help(o, name, kind, text);
+    let _ = writeln!(o, "{name} {value}");
 }
 
 /// Serves `/metrics` and `/ready` on `listener` until `stop`.

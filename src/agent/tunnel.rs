@@ -70,7 +70,8 @@ impl Tunnel {
         let quic =
             quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("QUIC TLS config")?;
         let mut client = quinn::ClientConfig::new(Arc::new(quic));
-        client.transport_config(Arc::new(transport_config()));
+        // The server may open MAX_STREAMS request streams.
+        client.transport_config(Arc::new(protocol::transport_config(MAX_STREAMS)));
         Ok(Tunnel {
             config,
             credential,
@@ -272,11 +273,6 @@ impl Tunnel {
 struct ConnectFailure {
     reason: Reason,
     message: String,
-}
-
-/// The agent's transport settings: the server may open [`MAX_STREAMS`] request streams.
-pub fn transport_config() -> quinn::TransportConfig {
-    crate::protocol::transport_config(MAX_STREAMS)
 }
 
 /// Maps a QUIC connection error to a status reason and a message.

@@ -117,6 +117,11 @@ impl PortalFixture {
     pub fn stop(&self) {
         self.stop.cancel();
     }
+
+    /// Requests the portal has answered so far.
+    pub fn hits(&self) -> usize {
+        self.log.requests.load(Ordering::SeqCst)
+    }
 }
 
 fn full(b: impl Into<Bytes>) -> Body {
@@ -547,6 +552,17 @@ impl World {
         Self::start_with_toml(passwordless, move |t| format!("{t}{extra}")).await
     }
 
+    /// An account-login world whose agent serves `/metrics` on the returned port.
+    pub async fn with_metrics() -> (World, u16) {
+        let port = free_port();
+        let w = Self::start(
+            false,
+            &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+        )
+        .await;
+        (w, port)
+    }
+
     /// Like `start`, with the agent's TOML passed through `edit` first.
     pub async fn start_with_toml(passwordless: bool, edit: impl FnOnce(String) -> String) -> World {
         let server = TestServer::start().await;
@@ -820,6 +836,11 @@ pub async fn metric(port: u16, name: &str) -> Option<f64> {
         .text()
         .await
         .ok()?;
+    sample(&text, name)
+}
+
+/// The value of `series` (name with its labels, as exposed) in Prometheus text.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
