@@ -238,3 +238,97 @@ async fn a_second_stop_signal_exits_at_once_during_the_drain() {
     );
     pending.abort();
 }
+
+/// The `/proc` mount options the shipped unit gives the agent (`ProtectProc=`, `ProcSubset=`).
+fn unit_proc_options() -> Vec<String> {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/pbx-remote-agent.service"
+    ))
+    .unwrap();
+    let mut opts = vec![];
+    for line in unit.lines() {
+        match line.split_once('=') {
+            Some(("ProtectProc", v)) if v != "default" => opts.push(format!("hidepid={v}")),
+            Some(("ProcSubset", "pid")) => opts.push("subset=pid".to_string()),
+            _ => {}
+        }
+    }
+    opts
+}
+
+/// Telemetry reads /proc/stat, /proc/meminfo, /proc/uptime and /proc/loadavg. The agent runs
+/// here in its own mount namespace with /proc mounted as the unit mounts it, and the heartbeat
+/// must still carry real figures (`ProcSubset=pid` once hid them all: memory 0 of 0, uptime 0).
+#[tokio::test(flavor = "multi_thread")]
+async fn telemetry_is_complete_under_the_units_proc_sandbox() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED: mounting a private /proc needs root");
+        return;
+    }
+    let opts = unit_proc_options();
+    assert!(
+        opts.iter().any(|o| o.starts_with("hidepid=")),
+        "the unit hides other processes ({opts:?})"
+    );
+    let server = TestServer::start().await;
+    let portal = PortalFixture::start().await;
+    let (device, code) = server.add_device(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let config = dir.join("agent.toml");
+    let agent_dir = dir.join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    std::fs::write(
+        &config,
+        agent_toml(
+            server.tunnel,
+            &server.pin,
+            &code,
+            &portal.url(),
+            &agent_dir,
+            "",
+        ),
+    )
+    .unwrap();
+    // `unshare` execs the shell in a private mount namespace; the shell mounts /proc there and
+    // execs the agent, so the agent sees only that /proc.
+    let setup = format!(
+        "mount -t proc -o {} proc /proc || exit 97; ",
+        opts.join(",")
+    );
+    let mut child = ChildGuard(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(format!("{setup}exec \"$0\" run -c \"$1\""))
+            .arg(AGENT)
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let db = server.db();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let t = loop {
+        let nodes = db.device(&device).unwrap().unwrap().nodes;
+        if let Some(t) = nodes.first().and_then(|n| n.telemetry.clone()) {
+            break t;
+        }
+        if let Some(status) = child.0.try_wait().unwrap() {
+            panic!("the sandboxed agent exited: {status}");
+        }
+        assert!(Instant::now() < deadline, "no telemetry within 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(t.memory_total_bytes > 0, "memory unreadable: {t:?}");
+    assert!(t.uptime_secs > 0, "uptime unreadable: {t:?}");
+    assert!(t.disk_total_bytes > 0, "{t:?}");
+    assert!(t.portal_reachable, "{t:?}");
+    signal(&child, "TERM");
+    assert_eq!(
+        exit_code(&mut child, Duration::from_secs(15)).await,
+        Some(0)
+    );
+}

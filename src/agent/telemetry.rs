@@ -13,6 +13,8 @@ pub struct Sampler {
     sys: System,
     state_dir: PathBuf,
     firmware: String,
+    /// Whether an unreadable /proc has been reported (once per sampler, not every heartbeat).
+    warned: bool,
 }
 
 impl Sampler {
@@ -25,6 +27,7 @@ impl Sampler {
             sys,
             state_dir: config.paths.state_dir.clone(),
             firmware: config.pbx.firmware.clone(),
+            warned: false,
         }
     }
 
@@ -35,6 +38,13 @@ impl Sampler {
         self.sys
             .refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
         let total = self.sys.total_memory();
+        if total == 0 && !self.warned {
+            self.warned = true;
+            tracing::warn!(
+                "telemetry: /proc/meminfo is unreadable (a sandbox hiding /proc, such as \
+                 ProcSubset=pid?); CPU, memory, uptime and load are sent as 0"
+            );
+        }
         let used = total.saturating_sub(self.sys.available_memory());
         let (disk_used, disk_total) = disk_usage(&self.state_dir);
         let load = System::load_average();
