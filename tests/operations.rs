@@ -136,12 +136,70 @@ async fn an_invalid_reload_is_refused_and_the_old_config_stays() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn unrelated_changes_take_effect_on_the_same_connection() {
+    let w = World::start(false, "").await;
+    let since = w.agent.status.get().since;
+    let mut v = w.visitor("alice", false).await;
+    assert_eq!(v.get("/").await.status(), 200);
+    let before = w.portal.hits();
+    assert!(before > 0);
+
+    // The portal moves, the heartbeat and drain change: no new connection, sessions stay, and
+    // the next requests reach the new portal.
+    let moved = PortalFixture::start().await;
+    rewrite(&w.agent, |t| {
+        t.replace(&w.portal.url(), &moved.url())
+            .replace("heartbeat_secs = 1", "heartbeat_secs = 2")
+            .replace("drain_secs = 2", "drain_secs = 3")
+    });
+    w.agent.reload.send(()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while moved.hits() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "requests never reached the new portal"
+        );
+        assert_eq!(v.get("/").await.status(), 200, "the session survives");
+    }
+    let old_hits = w.portal.hits();
+    assert_eq!(v.get("/").await.status(), 200);
+    assert_eq!(
+        w.portal.hits(),
+        old_hits,
+        "the old portal gets nothing more"
+    );
+    let s = w.agent.status.get();
+    assert_eq!(s.since, since, "same QUIC connection");
+    assert_eq!(s.config_error, None);
+
+    // A portal the agent cannot build (its CA file is missing) refuses the whole reload.
+    rewrite(&w.agent, |t| {
+        t.replace(
+            &format!("portal_url = \"{}\"", moved.url()),
+            "portal_url = \"https://127.0.0.1:9/\"\nportal_ca_file = \"/no/such/portal-ca.pem\"",
+        )
+        .replace("drain_secs = 3", "drain_secs = 4")
+    });
+    w.agent.reload.send(()).unwrap();
+    let s = w
+        .agent
+        .wait(Duration::from_secs(5), |s| s.config_error.is_some())
+        .await;
+    let error = s.config_error.clone().unwrap();
+    assert!(error.contains("portal-ca.pem"), "{error}");
+    assert_eq!(s.since, since);
+    let served = moved.hits();
+    assert_eq!(v.get("/").await.status(), 200, "the previous portal stays");
+    assert_eq!(moved.hits(), served + 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn activation_changes_reactivate_and_other_changes_keep_the_credential() {
     let w = World::start(false, "").await;
     let first = w.agent.status.get();
-    rewrite(&w.agent, |t| {
-        t.replace("heartbeat_secs = 1", "heartbeat_secs = 2")
-    });
+    // The firmware is a fact the server checks at each connection: a new connection, the same
+    // credential.
+    rewrite(&w.agent, |t| t.replace("83.19.0.110", "83.19.0.120"));
     w.agent.reload.send(()).unwrap();
     let s = w
         .agent
@@ -476,10 +534,8 @@ async fn metrics_and_ready_are_served_locally_and_never_through_the_tunnel() {
         "{m}"
     );
 
-    // A reload that restarts the tunnel: a reconnect, counters kept.
-    rewrite(&w.agent, |t| {
-        t.replace("heartbeat_secs = 1", "heartbeat_secs = 2")
-    });
+    // A reload that needs a new connection (a device fact changed): a reconnect, counters kept.
+    rewrite(&w.agent, |t| t.replace("83.19.0.110", "83.19.0.120"));
     w.agent.reload.send(()).unwrap();
     let m = eventually_async(port, |m| sample(m, "pbxra_connections_total") == Some(2.0)).await;
     assert_eq!(sample(&m, "pbxra_reconnects_total"), Some(1.0));

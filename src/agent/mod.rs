@@ -25,6 +25,7 @@ use anyhow::Result;
 use state::StateDir;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// First reconnect delay ceiling.
@@ -70,7 +71,7 @@ pub async fn run_with(
     mut reloads: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) -> Result<()> {
     let mut config = Arc::new(config);
-    let live: LiveGate = Arc::new(std::sync::Mutex::new(None));
+    let live: LiveRun = Arc::new(std::sync::Mutex::new(None));
     let metrics = Arc::new(metrics::Metrics::default());
     let mut endpoint = Some(metrics::Endpoint::start(
         config.metrics_listen,
@@ -102,7 +103,9 @@ pub async fn run_with(
                         Reload::Refused | Reload::Live(None) => {}
                         Reload::Live(Some(new)) => config = new,
                         Reload::Restart(new) => {
-                            tracing::info!("config changed beyond access rules; restarting the tunnel");
+                            tracing::info!("server, activation or device settings changed; starting a new connection");
+                            // Reloads until the new run is up go into its config, not the old run.
+                            *live.lock().unwrap_or_else(|p| p.into_inner()) = None;
                             session.cancel();
                             if let Err(e) = (&mut run).await {
                                 tracing::warn!(error = %format!("{e:#}"), "previous run ended with an error");
@@ -131,45 +134,92 @@ pub async fn run_with(
     result
 }
 
-/// The running gate, for access-rule changes applied live.
-type LiveGate = Arc<std::sync::Mutex<Option<Arc<gate::Gate>>>>;
+/// What a reload can change in a running tunnel without a new connection.
+struct Running {
+    gate: Arc<gate::Gate>,
+    proxy: Arc<proxy::ProxyCtx>,
+    config: watch::Sender<Arc<AgentConfig>>,
+}
+
+/// The running tunnel, once it has one (none while activating or after a restart began).
+type LiveRun = Arc<std::sync::Mutex<Option<Running>>>;
 
 enum Reload {
     /// Invalid file: the old config stays, `config_error` says why.
     Refused,
-    /// Applied without touching the tunnel (the new config, if anything changed).
+    /// Applied to the running tunnel, same connection (the new config, if anything changed).
     Live(Option<Arc<AgentConfig>>),
-    /// Needs a new run (server, activation, PBX facts, paths, tunnel settings changed).
+    /// Needs a new run: server, activation, paths, HA, provisioning or the device facts the
+    /// server checks at each connection changed, or there is no running tunnel to update.
     Restart(Arc<AgentConfig>),
 }
 
-fn reload(current: &Arc<AgentConfig>, status: &StatusHandle, live: &LiveGate) -> Reload {
+/// Whether `new` differs from `old` only in what a running tunnel takes live: access rules,
+/// logging, metrics, tunnel timings and the portal's address and trust.
+fn keeps_connection(old: &AgentConfig, new: &AgentConfig) -> bool {
+    let mut same = new.clone();
+    same.remote_access = old.remote_access.clone();
+    same.log_format = old.log_format;
+    same.metrics_listen = old.metrics_listen;
+    same.tunnel = old.tunnel.clone();
+    same.pbx.portal_url = old.pbx.portal_url.clone();
+    same.pbx.portal_ca_file = old.pbx.portal_ca_file.clone();
+    same.pbx.portal_source_addr = old.pbx.portal_source_addr;
+    same.pbx.super_admin = old.pbx.super_admin.clone();
+    same.pbx.extension_emails_file = old.pbx.extension_emails_file.clone();
+    same == *old
+}
+
+/// Whether the portal upstream must be rebuilt for `new`.
+fn portal_changed(old: &AgentConfig, new: &AgentConfig) -> bool {
+    old.pbx.portal_url != new.pbx.portal_url
+        || old.pbx.portal_ca_file != new.pbx.portal_ca_file
+        || old.pbx.portal_source_addr != new.pbx.portal_source_addr
+        || old.tunnel.portal_timeout != new.tunnel.portal_timeout
+}
+
+fn reload(current: &Arc<AgentConfig>, status: &StatusHandle, live: &LiveRun) -> Reload {
+    let refuse = |message: String| {
+        tracing::warn!(error = %message, "reloaded config refused; the previous one stays in force");
+        status.update(|s| s.config_error = Some(message));
+        Reload::Refused
+    };
     let new = match AgentConfig::load(&current.source) {
         Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "reloaded config refused; the previous one stays in force");
-            status.update(|s| s.config_error = Some(e.0.clone()));
-            return Reload::Refused;
-        }
+        Err(e) => return refuse(e.0),
     };
-    status.update(|s| s.config_error = None);
     if new == **current {
+        status.update(|s| s.config_error = None);
         tracing::info!("config reloaded; nothing changed");
         return Reload::Live(None);
     }
-    // Access rules, logging and metrics change without touching the tunnel.
-    let mut same_plane = new.clone();
-    same_plane.remote_access = current.remote_access.clone();
-    same_plane.log_format = current.log_format;
-    same_plane.metrics_listen = current.metrics_listen;
-    if same_plane != **current {
+    let running = live.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(run) = running.as_ref().filter(|_| keeps_connection(current, &new)) else {
+        status.update(|s| s.config_error = None);
         return Reload::Restart(Arc::new(new));
+    };
+    // Build the new portal before changing anything, so a bad one refuses the whole reload.
+    if portal_changed(current, &new) {
+        match portal::Portal::new(&new, new.paths.state_dir.clone()) {
+            Ok(p) => run.proxy.set_portal(p),
+            Err(e) => {
+                return refuse(format!(
+                    "{}: pbx.portal_url: {e:#}",
+                    current.source.display()
+                ))
+            }
+        }
     }
-    if let Some(gate) = live.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-        gate.apply_rules(gate::Rules::from_config(&new));
+    status.update(|s| s.config_error = None);
+    if new.log_format != current.log_format {
+        // The subscriber is installed once per process.
+        tracing::warn!("log.format changes take effect when the agent next starts");
     }
-    tracing::info!("config reloaded; access rules applied live");
-    Reload::Live(Some(Arc::new(new)))
+    run.gate.apply_rules(gate::Rules::from_config(&new));
+    let new = Arc::new(new);
+    run.config.send_replace(new.clone());
+    tracing::info!("config reloaded; applied to the running tunnel");
+    Reload::Live(Some(new))
 }
 
 async fn run_inner(
@@ -177,7 +227,7 @@ async fn run_inner(
     status: &StatusHandle,
     shutdown: &CancellationToken,
     clock: clock::Clock,
-    live: LiveGate,
+    live: LiveRun,
     metrics: Arc<metrics::Metrics>,
 ) -> Result<()> {
     if !config.server.enabled {
@@ -267,14 +317,15 @@ async fn run_inner(
         status.clone(),
         metrics.clone(),
     )?);
-    *live.lock().unwrap_or_else(|p| p.into_inner()) = Some(gate.clone());
-    let proxy = Arc::new(proxy::ProxyCtx {
-        portal,
+    let proxy = Arc::new(proxy::ProxyCtx::new(portal, gate.clone(), metrics));
+    let (config_tx, config_rx) = watch::channel(config.clone());
+    *live.lock().unwrap_or_else(|p| p.into_inner()) = Some(Running {
         gate: gate.clone(),
-        metrics,
+        proxy: proxy.clone(),
+        config: config_tx,
     });
     let tunnel = tunnel::Tunnel::new(
-        config.clone(),
+        config_rx,
         credential,
         &key,
         &trust,
@@ -364,5 +415,64 @@ async fn sleep_retry(
     tokio::select! {
         _ = shutdown.cancelled() => false,
         _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(edit: impl FnOnce(&str) -> String) -> AgentConfig {
+        let text = include_str!("../../config/agent.toml");
+        AgentConfig::parse(std::path::Path::new("/etc/agent.toml"), &edit(text)).unwrap()
+    }
+
+    #[test]
+    fn reloads_keep_the_connection_only_for_what_a_running_tunnel_takes_live() {
+        let base = config(|t| t.to_string());
+        let keeps = [
+            ("auto_logout_minutes = 15", "auto_logout_minutes = 30"),
+            ("heartbeat_secs = 30", "heartbeat_secs = 60"),
+            ("drain_secs = 10", "drain_secs = 20"),
+            ("portal_timeout_secs = 30", "portal_timeout_secs = 5"),
+            ("https://127.0.0.1:8088", "https://127.0.0.1:8089"),
+            ("super_admin = \"admin\"", "super_admin = \"root\""),
+            ("format = \"text\"", "format = \"json\""),
+        ];
+        for (from, to) in keeps {
+            let new = config(|t| t.replacen(from, to, 1));
+            assert_ne!(new, base, "{from} → {to} changed nothing");
+            assert!(keeps_connection(&base, &new), "{from} → {to}");
+        }
+        assert!(portal_changed(
+            &base,
+            &config(|t| t.replacen("portal_timeout_secs = 30", "portal_timeout_secs = 5", 1))
+        ));
+        assert!(!portal_changed(
+            &base,
+            &config(|t| t.replacen("drain_secs = 10", "drain_secs = 20", 1))
+        ));
+        let restarts = [
+            (
+                "address = \"cm.example.com:8443\"",
+                "address = \"cm.example.net:8443\"",
+            ),
+            (
+                "auth_code = \"XXXX-XXXX-XXXX-XXXX\"",
+                "auth_code = \"YYYY-YYYY-YYYY-YYYY\"",
+            ),
+            ("firmware = \"83.19.0.110\"", "firmware = \"83.19.0.120\""),
+            ("serial = \"3631A1234567\"", "serial = \"3631A7654321\""),
+            ("mac_interface = \"eth0\"", "mac_interface = \"eth1\""),
+            (
+                "/var/lib/pbx-remote-agent\"",
+                "/var/lib/pbx-remote-agent2\"",
+            ),
+        ];
+        for (from, to) in restarts {
+            let new = config(|t| t.replacen(from, to, 1));
+            assert_ne!(new, base, "{from} → {to} changed nothing");
+            assert!(!keeps_connection(&base, &new), "{from} → {to}");
+        }
     }
 }

@@ -36,12 +36,40 @@ pub const RESERVED_COOKIES: [&str; 4] = [
 
 /// What every stream handler shares.
 pub struct ProxyCtx {
-    /// The upstream.
-    pub portal: Portal,
+    /// The upstream; a reload that changes the portal settings swaps it in place.
+    portal: std::sync::RwLock<Arc<Portal>>,
     /// Who may reach it.
     pub gate: Arc<Gate>,
     /// Request counters.
     pub metrics: Arc<crate::agent::metrics::Metrics>,
+}
+
+impl ProxyCtx {
+    /// The context for one tunnel run.
+    pub fn new(
+        portal: Portal,
+        gate: Arc<Gate>,
+        metrics: Arc<crate::agent::metrics::Metrics>,
+    ) -> ProxyCtx {
+        ProxyCtx {
+            portal: std::sync::RwLock::new(Arc::new(portal)),
+            gate,
+            metrics,
+        }
+    }
+
+    /// The portal in force; a request keeps the one it started with.
+    pub fn portal(&self) -> Arc<Portal> {
+        self.portal
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts a new portal in force for the next requests (requests in flight finish on the old).
+    pub fn set_portal(&self, portal: Portal) {
+        *self.portal.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(portal);
+    }
 }
 
 /// Serves one request stream until the request (or WebSocket) ends.
@@ -200,21 +228,21 @@ async fn handle(ctx: &ProxyCtx, h: &StreamHeader, mut req: Request<Incoming>) ->
         );
     }
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+    let portal = ctx.portal();
     let (mut parts, body) = req.into_parts();
     strip_inbound(&mut parts.headers, websocket);
-    rewrite_inbound_origin(&mut parts.headers, &h.origin, ctx.portal.origin());
+    rewrite_inbound_origin(&mut parts.headers, &h.origin, portal.origin());
     set_forwarded(&mut parts.headers, h);
     ctx.gate.identity_headers(&session, &mut parts.headers);
     parts.headers.insert(
         header::HOST,
-        HeaderValue::from_str(ctx.portal.authority())
-            .unwrap_or(HeaderValue::from_static("localhost")),
+        HeaderValue::from_str(portal.authority()).unwrap_or(HeaderValue::from_static("localhost")),
     );
     // Invariant: `path` starts with '/' and came from a parsed URI, so it parses again.
     parts.uri = path.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
     parts.version = http::Version::HTTP_11;
     let upstream = Request::from_parts(parts, body);
-    let mut resp = match ctx.portal.send(upstream).await {
+    let mut resp = match portal.send(upstream).await {
         Ok(r) => r,
         Err(e @ PortalError::Timeout(_)) => {
             tracing::warn!(error = %e, "portal timeout");
@@ -253,11 +281,11 @@ async fn handle(ctx: &ProxyCtx, h: &StreamHeader, mut req: Request<Incoming>) ->
             }
         });
         let (mut parts, _) = resp.into_parts();
-        rewrite_outbound(&mut parts.headers, ctx.portal.origin(), &h.origin, true);
+        rewrite_outbound(&mut parts.headers, portal.origin(), &h.origin, true);
         return Response::from_parts(parts, crate::web::full(Bytes::new()));
     }
     let (mut parts, body) = resp.into_parts();
-    rewrite_outbound(&mut parts.headers, ctx.portal.origin(), &h.origin, false);
+    rewrite_outbound(&mut parts.headers, portal.origin(), &h.origin, false);
     // Authenticated pages never land in a shared or browser cache.
     parts
         .headers

@@ -15,6 +15,7 @@ use quinn::{ConnectionError, TransportErrorCode};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -41,8 +42,11 @@ pub enum End {
 
 /// What the tunnel shares with the rest of the agent.
 pub struct Tunnel {
-    /// The config in force.
+    /// The config this run was started with (server, activation, device facts: what a change
+    /// of needs a new run).
     pub config: Arc<AgentConfig>,
+    /// The config in force, replaced by reloads that keep the connection (heartbeat, drain).
+    live: watch::Receiver<Arc<AgentConfig>>,
     /// The credential from activation.
     pub credential: Credential,
     /// Client config for QUIC (device key, server trust, ALPN).
@@ -56,9 +60,9 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    /// Prepares the QUIC client config from the device key.
+    /// Prepares the QUIC client config from the device key; `live` holds the run's config.
     pub fn new(
-        config: Arc<AgentConfig>,
+        live: watch::Receiver<Arc<AgentConfig>>,
         credential: Credential,
         key: &KeyIdentity,
         trust: &ServerTrust,
@@ -72,8 +76,10 @@ impl Tunnel {
         let mut client = quinn::ClientConfig::new(Arc::new(quic));
         // The server may open MAX_STREAMS request streams.
         client.transport_config(Arc::new(protocol::transport_config(MAX_STREAMS)));
+        let config = live.borrow().clone();
         Ok(Tunnel {
             config,
+            live,
             credential,
             client,
             facts,
@@ -132,6 +138,7 @@ impl Tunnel {
             conn.clone(),
             (send, recv),
             self.config.clone(),
+            self.live.clone(),
             self.status.clone(),
             control_stop.clone(),
         ));
@@ -157,7 +164,7 @@ impl Tunnel {
         match end {
             None => {
                 // Drain in-flight requests, then close on purpose so the server sees it at once.
-                let drain = self.config.tunnel.drain;
+                let drain = self.live.borrow().tunnel.drain;
                 if tokio::time::timeout(drain, streams.wait()).await.is_err() {
                     tracing::warn!(
                         in_flight = streams.len(),
@@ -347,21 +354,34 @@ async fn control_loop(
     conn: quinn::Connection,
     (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
     config: Arc<AgentConfig>,
+    mut live: watch::Receiver<Arc<AgentConfig>>,
     status: StatusHandle,
     stop: CancellationToken,
 ) {
     let gate = &ctx.gate;
     let provisioner = crate::agent::provision::Provisioner::new(&config);
     let mut sampler = crate::agent::telemetry::Sampler::new(&config);
-    let mut tick = tokio::time::interval(config.tunnel.heartbeat);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
+    let heartbeats = |every: Duration| {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    };
+    let mut heartbeat = live.borrow_and_update().tunnel.heartbeat;
+    let mut tick = heartbeats(heartbeat);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
+            Ok(()) = live.changed() => {
+                let every = live.borrow_and_update().tunnel.heartbeat;
+                if every != heartbeat {
+                    tracing::info!(heartbeat_secs = every.as_secs(), "heartbeat interval changed");
+                    heartbeat = every;
+                    tick = heartbeats(every);
+                }
+            }
             _ = tick.tick() => {
                 let ha_state = crate::agent::activation::ha_state(&config);
-                let telemetry = sampler.sample(&ctx.portal, ha_state.clone()).await;
+                let telemetry = sampler.sample(&ctx.portal(), ha_state.clone()).await;
                 let hb = Control::Heartbeat { ha_state: ha_state.clone(), telemetry: Some(telemetry) };
                 if let Err(e) = write_frame(&mut send, &hb).await {
                     tracing::debug!(error = %e, "heartbeat not sent");
