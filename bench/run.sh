@@ -7,6 +7,8 @@
 # p99 (8 wrk threads; through the tunnel as 8 logged-in visits), the agent's RSS idle / under load / after, the stripped agent size, and ratios to direct.
 #   bench/run.sh [ROUNDS] [SECONDS]     (defaults: 3 rounds, 5 s per wrk run)
 # Without rathole (`cargo install --locked rathole`) its column is left out.
+# BENCH_AGENT_ENV / BENCH_SERVER_ENV: "NAME=value …" set for the agent / server only (e.g.
+# TOKIO_WORKER_THREADS=1), to compare runtime settings without a rebuild.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
@@ -50,7 +52,7 @@ http {
 NGX
 nginx -p "$T/nginx" -c "$T/nginx/nginx.conf" & PIDS+=($!)
 
-"$S" run --data-dir "$T/data" --listen 127.0.0.1:0 --public-listen 127.0.0.1:0 > "$T/server.out" 2> "$T/server.err" & PIDS+=($!)
+env ${BENCH_SERVER_ENV:-} "$S" run --data-dir "$T/data" --listen 127.0.0.1:0 --public-listen 127.0.0.1:0 > "$T/server.out" 2> "$T/server.err" & PIDS+=($!)
 for _ in $(seq 100); do [ -s "$T/server.out" ] && break; sleep 0.1; done
 TUNNEL=$(sed -nE 's/.*tunnel=([^ ]+).*/\1/p' "$T/server.out")
 PUBLIC=$(sed -nE 's/.*public=([^ ]+).*/\1/p' "$T/server.out")
@@ -85,7 +87,7 @@ state_dir = "$T/agent-state"
 status_file = "$T/status.json"
 assertion_pubkey = "$T/assertion.pub"
 CFG
-"$A" run -c "$T/agent.toml" 2> "$T/agent.err" & AGENT_PID=$!; PIDS+=($AGENT_PID)
+env ${BENCH_AGENT_ENV:-} "$A" run -c "$T/agent.toml" 2> "$T/agent.err" & AGENT_PID=$!; PIDS+=($AGENT_PID)
 state() { "$A" status --json -c "$T/agent.toml" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])'; }
 for _ in $(seq 100); do [ "$(state)" = connected ] && break; sleep 0.1; done
 [ "$(state)" = connected ] || { echo "agent did not connect"; cat "$T/agent.err"; exit 1; }

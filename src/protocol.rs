@@ -367,6 +367,34 @@ pub fn transport_config(max_bidi: u32) -> quinn::TransportConfig {
     t
 }
 
+/// Kernel buffer asked for on a tunnel UDP socket, each way. Linux's default (208 KiB) overflows
+/// under a bulk download (the bench counted hundreds of `RcvbufErrors` per run), and QUIC takes
+/// every dropped datagram as congestion. The kernel caps it at `net.core.rmem_max`/`wmem_max`.
+pub const UDP_BUFFER: usize = 4 << 20;
+
+/// Enlarges a tunnel socket's kernel buffers, best effort (the kernel grants what its limits
+/// allow; less than asked is logged once per socket at debug).
+pub fn tune_udp(sock: &std::net::UdpSocket) {
+    use rustix::net::sockopt;
+    if let Err(e) = sockopt::set_socket_recv_buffer_size(sock, UDP_BUFFER) {
+        tracing::debug!(error = %e, "SO_RCVBUF not set");
+    }
+    if let Err(e) = sockopt::set_socket_send_buffer_size(sock, UDP_BUFFER) {
+        tracing::debug!(error = %e, "SO_SNDBUF not set");
+    }
+    // Linux reports twice what it grants (the other half is its bookkeeping).
+    let recv = sockopt::socket_recv_buffer_size(sock).unwrap_or(0) / 2;
+    let send = sockopt::socket_send_buffer_size(sock).unwrap_or(0) / 2;
+    if recv < UDP_BUFFER || send < UDP_BUFFER {
+        tracing::debug!(
+            recv,
+            send,
+            asked = UDP_BUFFER,
+            "tunnel UDP buffers capped by net.core.rmem_max / wmem_max"
+        );
+    }
+}
+
 /// Ack-eliciting packets a receiver may hold before it must acknowledge (see
 /// [`transport_config`]).
 pub const ACK_ELICITING_THRESHOLD: u32 = 7;
@@ -442,6 +470,24 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tunnel_sockets_get_the_buffers_the_kernel_allows() {
+        use rustix::net::sockopt;
+        let limit = |name: &str| -> usize {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let before = sockopt::socket_recv_buffer_size(&sock).unwrap();
+        tune_udp(&sock);
+        let recv = sockopt::socket_recv_buffer_size(&sock).unwrap() / 2;
+        let send = sockopt::socket_send_buffer_size(&sock).unwrap() / 2;
+        assert_eq!(recv, UDP_BUFFER.min(limit("rmem_max")), "before: {before}");
+        assert_eq!(send, UDP_BUFFER.min(limit("wmem_max")));
+    }
 
     #[tokio::test]
     async fn frames_round_trip_over_a_duplex() {

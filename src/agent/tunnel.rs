@@ -211,7 +211,17 @@ impl Tunnel {
         } else {
             "[::]:0".parse().map_err(|_| unreachable("bind".into()))?
         };
-        let endpoint = quinn::Endpoint::client(bind)
+        let endpoint = std::net::UdpSocket::bind(bind)
+            .and_then(|sock| {
+                protocol::tune_udp(&sock);
+                sock.set_nonblocking(true)?;
+                quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    None,
+                    sock,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
             .map_err(|e| unreachable(format!("cannot open a UDP socket: {e}")))?;
         let connecting = endpoint
             .connect_with(self.client.clone(), addr, &server.host)

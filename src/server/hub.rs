@@ -112,6 +112,7 @@ pub fn endpoint(keys: &ServerKeys, udp: std::net::UdpSocket) -> Result<quinn::En
     config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
+    crate::protocol::tune_udp(&udp);
     udp.set_nonblocking(true)?;
     quinn::Endpoint::new(config, Some(server), udp, Arc::new(quinn::TokioRuntime))
         .context("QUIC endpoint")
