@@ -231,43 +231,18 @@ fn hash_password_reads_stdin_and_refuses_weak_passwords() {
 #[test]
 fn disabled_config_reports_disabled_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let text = example()
-        .replace(
-            "/var/lib/pbx-remote-agent",
-            &dir.path().join("state").display().to_string(),
-        )
-        .replace(
-            "/run/pbx-remote-agent/status.json",
-            &dir.path().join("status.json").display().to_string(),
-        );
     let cfg = dir.path().join("agent.toml");
-    std::fs::write(&cfg, text).unwrap();
+    std::fs::write(&cfg, example_in(dir.path())).unwrap();
     let mut child = Command::new(AGENT)
         .args(["run", "-c"])
         .arg(&cfg)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let status_path = dir.path().join("status.json");
-    let mut state = String::new();
-    for _ in 0..200 {
-        if let Ok(s) = pbx_remote::status::read(&status_path) {
-            state = s.state.as_str().to_string();
-            if state == "disabled" {
-                break;
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(25));
-    }
-    assert_eq!(state, "disabled");
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    let code = child.wait().unwrap();
-    assert_eq!(code.code(), Some(0));
-    let s = pbx_remote::status::read(&status_path).unwrap();
+    wait_for(dir.path(), &|s| s.state.as_str() == "disabled");
+    kill(&child, "TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let s = pbx_remote::status::read(&dir.path().join("status.json")).unwrap();
     assert_eq!(s.state.as_str(), "stopped");
 }
 
@@ -293,18 +268,113 @@ fn status_survives_a_closed_pipe() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-#[test]
-fn sighup_reloads_and_refuses_a_broken_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = example()
+/// The shipped example with its state and status paths under `dir`.
+fn example_in(dir: &std::path::Path) -> String {
+    example()
         .replace(
             "/var/lib/pbx-remote-agent",
-            &dir.path().join("state").display().to_string(),
+            &dir.join("state").display().to_string(),
         )
         .replace(
             "/run/pbx-remote-agent/status.json",
-            &dir.path().join("status.json").display().to_string(),
-        );
+            &dir.join("status.json").display().to_string(),
+        )
+}
+
+/// Polls `dir/status.json` (bounded: 5 s) until `f` holds.
+fn wait_for(
+    dir: &std::path::Path,
+    f: &dyn Fn(&pbx_remote::status::Status) -> bool,
+) -> pbx_remote::status::Status {
+    let status_path = dir.join("status.json");
+    for _ in 0..200 {
+        if let Ok(s) = pbx_remote::status::read(&status_path) {
+            if f(&s) {
+                return s;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    panic!(
+        "status condition not met; last {:?}",
+        pbx_remote::status::read(&status_path).ok()
+    );
+}
+
+fn kill(child: &std::process::Child, signal: &str) {
+    Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+}
+
+/// The agent's stderr from start to a clean stop, run with `config` and `rust_log`.
+fn log_of(config: &str, rust_log: Option<&str>) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        config.replace("@DIR@", &dir.path().display().to_string()),
+    )
+    .unwrap();
+    let err = dir.path().join("stderr");
+    let mut cmd = Command::new(AGENT);
+    cmd.args(["run", "-c"])
+        .arg(&cfg)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap());
+    if let Some(v) = rust_log {
+        cmd.env("RUST_LOG", v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    wait_for(dir.path(), &|s| s.state.as_str() == "disabled");
+    kill(&child, "TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    std::fs::read_to_string(err).unwrap()
+}
+
+/// What the journal gets: stderr without colour codes (it is not a terminal), one JSON object
+/// per line with `[log] format = "json"`, and the level `RUST_LOG` asks for.
+#[test]
+fn logs_are_plain_or_json_on_stderr_and_follow_rust_log() {
+    let text = example_in(std::path::Path::new("@DIR@"));
+    let json = text.replace("format = \"text\"", "format = \"json\"");
+    assert_ne!(json, text);
+
+    let log = log_of(&text, None);
+    assert!(log.contains("agent starting"), "info by default: {log}");
+    assert!(
+        !log.contains('\x1b'),
+        "colour codes off a terminal: {log:?}"
+    );
+    assert!(!log.contains("DEBUG"), "debug is off by default: {log}");
+
+    let log = log_of(&json, None);
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["level"] == "INFO" && v["fields"]["message"] == "agent starting"),
+        "{log}"
+    );
+    assert!(!log.contains('\x1b'));
+
+    let log = log_of(&text, Some("warn"));
+    assert!(!log.contains("agent starting"), "RUST_LOG=warn: {log}");
+    let log = log_of(&text, Some("debug"));
+    assert!(log.contains("DEBUG"), "RUST_LOG=debug: {log}");
+}
+
+#[test]
+fn sighup_reloads_and_refuses_a_broken_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = example_in(dir.path());
     let cfg = dir.path().join("agent.toml");
     std::fs::write(&cfg, &text).unwrap();
     let mut child = Command::new(AGENT)
@@ -313,32 +383,14 @@ fn sighup_reloads_and_refuses_a_broken_file() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let status_path = dir.path().join("status.json");
-    let wait_for = |f: &dyn Fn(&pbx_remote::status::Status) -> bool| {
-        for _ in 0..200 {
-            if let Ok(s) = pbx_remote::status::read(&status_path) {
-                if f(&s) {
-                    return s;
-                }
-            }
-            std::thread::sleep(std::time::Duration::from_millis(25));
-        }
-        panic!(
-            "status condition not met; last {:?}",
-            pbx_remote::status::read(&status_path).ok()
-        );
-    };
+    let wait_for = |f: &dyn Fn(&pbx_remote::status::Status) -> bool| wait_for(dir.path(), f);
     wait_for(&|s| s.state.as_str() == "disabled");
     std::fs::write(
         &cfg,
         text.replace("auto_logout_minutes = 15", "auto_logout_minutes = 1"),
     )
     .unwrap();
-    Command::new("kill")
-        .arg("-HUP")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
+    kill(&child, "HUP");
     let s = wait_for(&|s| s.config_error.is_some());
     assert!(s.config_error.unwrap().contains("auto_logout_minutes"));
     assert_eq!(
@@ -346,10 +398,6 @@ fn sighup_reloads_and_refuses_a_broken_file() {
         "disabled",
         "still running on the old config"
     );
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
+    kill(&child, "TERM");
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }

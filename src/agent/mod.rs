@@ -70,6 +70,12 @@ pub async fn run_with(
     clock: clock::Clock,
     mut reloads: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) -> Result<()> {
+    tracing::debug!(
+        enabled = config.server.enabled,
+        server = %config.server.address,
+        portal = %config.pbx.portal_url,
+        "config loaded"
+    );
     let mut config = Arc::new(config);
     let live: LiveRun = Arc::new(std::sync::Mutex::new(None));
     let metrics = Arc::new(metrics::Metrics::default());
