@@ -87,7 +87,10 @@ state_dir = "$T/agent-state"
 status_file = "$T/status.json"
 assertion_pubkey = "$T/assertion.pub"
 CFG
-env ${BENCH_AGENT_ENV:-} "$A" run -c "$T/agent.toml" 2> "$T/agent.err" & AGENT_PID=$!; PIDS+=($AGENT_PID)
+# The agent runs with the environment its systemd unit gives it, as users get it.
+UNIT_ENV=$(sed -n 's/^Environment=//p' systemd/pbx-remote-agent.service | tr '\n' ' ')
+echo "agent environment: ${UNIT_ENV}${BENCH_AGENT_ENV:-}" >&2
+env $UNIT_ENV ${BENCH_AGENT_ENV:-} "$A" run -c "$T/agent.toml" 2> "$T/agent.err" & AGENT_PID=$!; PIDS+=($AGENT_PID)
 state() { "$A" status --json -c "$T/agent.toml" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])'; }
 for _ in $(seq 100); do [ "$(state)" = connected ] && break; sleep 0.1; done
 [ "$(state)" = connected ] || { echo "agent did not connect"; cat "$T/agent.err"; exit 1; }
