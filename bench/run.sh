@@ -8,7 +8,8 @@
 #   bench/run.sh [ROUNDS] [SECONDS]     (defaults: 3 rounds, 5 s per wrk run)
 # Without rathole (`cargo install --locked rathole`) its column is left out.
 # BENCH_AGENT_ENV / BENCH_SERVER_ENV: "NAME=value …" set for the agent / server only (e.g.
-# TOKIO_WORKER_THREADS=1), to compare runtime settings without a rebuild.
+# TOKIO_WORKER_THREADS=1), to compare runtime settings without a rebuild. BENCH_AGENT_WRAP: a
+# command the agent runs under (e.g. "heaptrack -o /tmp/agent"; RSS figures are then the wrapper's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
@@ -90,7 +91,7 @@ CFG
 # The agent runs with the environment its systemd unit gives it, as users get it.
 UNIT_ENV=$(sed -n 's/^Environment=//p' systemd/pbx-remote-agent.service | tr '\n' ' ')
 echo "agent environment: ${UNIT_ENV}${BENCH_AGENT_ENV:-}" >&2
-env $UNIT_ENV ${BENCH_AGENT_ENV:-} "$A" run -c "$T/agent.toml" 2> "$T/agent.err" & AGENT_PID=$!; PIDS+=($AGENT_PID)
+env $UNIT_ENV ${BENCH_AGENT_ENV:-} ${BENCH_AGENT_WRAP:-} "$A" run -c "$T/agent.toml" 2> "$T/agent.err" & AGENT_PID=$!; PIDS+=($AGENT_PID)
 state() { "$A" status --json -c "$T/agent.toml" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])'; }
 for _ in $(seq 100); do [ "$(state)" = connected ] && break; sleep 0.1; done
 [ "$(state)" = connected ] || { echo "agent did not connect"; cat "$T/agent.err"; exit 1; }
