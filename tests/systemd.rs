@@ -66,6 +66,50 @@ fn spawn_agent(dir: &Path, config: &Path, watchdog_usec: u64) -> ChildGuard {
     ChildGuard(child)
 }
 
+/// A server, a portal and a device, with an agent config for the binary written to
+/// `tmp/agent.toml` (state under `tmp/agent`), passed through `edit` first.
+struct Setup {
+    server: TestServer,
+    portal: PortalFixture,
+    device: String,
+    tmp: tempfile::TempDir,
+    config: std::path::PathBuf,
+    agent_dir: std::path::PathBuf,
+}
+
+impl Setup {
+    async fn new(edit: impl FnOnce(String) -> String) -> Setup {
+        let server = TestServer::start().await;
+        let portal = PortalFixture::start().await;
+        let (device, code) = server.add_device(false);
+        let tmp = tempfile::tempdir().unwrap();
+        let config = tmp.path().join("agent.toml");
+        let agent_dir = tmp.path().join("agent");
+        std::fs::create_dir_all(&agent_dir).unwrap();
+        let toml = agent_toml(
+            server.tunnel,
+            &server.pin,
+            &code,
+            &portal.url(),
+            &agent_dir,
+            "",
+        );
+        std::fs::write(&config, edit(toml)).unwrap();
+        Setup {
+            server,
+            portal,
+            device,
+            tmp,
+            config,
+            agent_dir,
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+}
+
 fn signal(child: &ChildGuard, sig: &str) {
     let ok = Command::new("kill")
         .arg(format!("-{sig}"))
@@ -92,26 +136,15 @@ async fn exit_code(child: &mut ChildGuard, limit: Duration) -> Option<i32> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ready_status_watchdog_and_stopping_reach_systemd() {
-    let server = TestServer::start().await;
-    let portal = PortalFixture::start().await;
-    let (_device, code) = server.add_device(false);
-    let tmp = tempfile::tempdir().unwrap();
+    let Setup {
+        server,
+        portal: _portal,
+        device: _,
+        tmp,
+        config,
+        agent_dir,
+    } = Setup::new(|t| t).await;
     let dir = tmp.path();
-    let config = dir.join("agent.toml");
-    let agent_dir = dir.join("agent");
-    std::fs::create_dir_all(&agent_dir).unwrap();
-    std::fs::write(
-        &config,
-        agent_toml(
-            server.tunnel,
-            &server.pin,
-            &code,
-            &portal.url(),
-            &agent_dir,
-            "",
-        ),
-    )
-    .unwrap();
     let mut notify = Notify::bind(dir);
     let mut child = spawn_agent(dir, &config, 200_000);
 
@@ -175,26 +208,10 @@ async fn an_invalid_config_exits_64_without_ready() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_stop_signal_exits_at_once_during_the_drain() {
-    let w_server = TestServer::start().await;
-    let portal = PortalFixture::start().await;
-    let (device, code) = w_server.add_device(false);
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let config = dir.join("agent.toml");
-    let agent_dir = dir.join("agent");
-    std::fs::create_dir_all(&agent_dir).unwrap();
-    let toml = agent_toml(
-        w_server.tunnel,
-        &w_server.pin,
-        &code,
-        &portal.url(),
-        &agent_dir,
-        "",
-    )
-    .replace("drain_secs = 2", "drain_secs = 60");
-    std::fs::write(&config, toml).unwrap();
-    let mut notify = Notify::bind(dir);
-    let mut child = spawn_agent(dir, &config, 0);
+    let setup = Setup::new(|t| t.replace("drain_secs = 2", "drain_secs = 60")).await;
+    let (w_server, portal, device) = (&setup.server, &setup.portal, &setup.device);
+    let mut notify = Notify::bind(setup.dir());
+    let mut child = spawn_agent(setup.dir(), &setup.config, 0);
     notify
         .until(0, "STATUS=connected", Duration::from_secs(20))
         .await;
@@ -284,26 +301,8 @@ async fn telemetry_is_complete_under_the_units_proc_sandbox() {
         eprintln!("SKIPPED: cannot mount a private /proc here (needs root and unshare)");
         return;
     }
-    let server = TestServer::start().await;
-    let portal = PortalFixture::start().await;
-    let (device, code) = server.add_device(false);
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let config = dir.join("agent.toml");
-    let agent_dir = dir.join("agent");
-    std::fs::create_dir_all(&agent_dir).unwrap();
-    std::fs::write(
-        &config,
-        agent_toml(
-            server.tunnel,
-            &server.pin,
-            &code,
-            &portal.url(),
-            &agent_dir,
-            "",
-        ),
-    )
-    .unwrap();
+    let world = Setup::new(|t| t).await;
+    let (server, device, config) = (&world.server, &world.device, &world.config);
     // `unshare` execs the shell in a private mount namespace; the shell mounts /proc there and
     // execs the agent, so the agent sees only that /proc.
     let mut child = ChildGuard(
