@@ -217,8 +217,8 @@ async fn a_second_stop_signal_exits_at_once_during_the_drain() {
         .await;
 
     // A request the portal never answers keeps the drain busy.
-    let url = w_server.visit(&device, "alice", false);
-    let mut v = Visitor::new(w_server.public, &device);
+    let url = w_server.visit(device, "alice", false);
+    let mut v = Visitor::new(w_server.public, device);
     v.open_visit(&url).await;
     assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
     let pending = tokio::spawn({
@@ -310,7 +310,7 @@ async fn telemetry_is_complete_under_the_units_proc_sandbox() {
             .args(["--mount", "--propagation", "private", "sh", "-c"])
             .arg(format!("{setup}exec \"$0\" run -c \"$1\""))
             .arg(AGENT)
-            .arg(&config)
+            .arg(config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -320,7 +320,7 @@ async fn telemetry_is_complete_under_the_units_proc_sandbox() {
     let db = server.db();
     let deadline = Instant::now() + Duration::from_secs(20);
     let t = loop {
-        let nodes = db.device(&device).unwrap().unwrap().nodes;
+        let nodes = db.device(device).unwrap().unwrap().nodes;
         if let Some(t) = nodes.first().and_then(|n| n.telemetry.clone()) {
             break t;
         }
