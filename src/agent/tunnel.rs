@@ -42,10 +42,8 @@ pub enum End {
 
 /// What the tunnel shares with the rest of the agent.
 pub struct Tunnel {
-    /// The config this run was started with (server, activation, device facts: what a change
-    /// of needs a new run).
-    pub config: Arc<AgentConfig>,
-    /// The config in force, replaced by reloads that keep the connection (heartbeat, drain).
+    /// The config in force. Reloads replace it only with changes a connection takes live
+    /// (heartbeat, drain); server, activation and device facts stay as the run began.
     live: watch::Receiver<Arc<AgentConfig>>,
     /// The credential from activation.
     pub credential: Credential,
@@ -76,9 +74,7 @@ impl Tunnel {
         let mut client = quinn::ClientConfig::new(Arc::new(quic));
         // The server may open MAX_STREAMS request streams.
         client.transport_config(Arc::new(protocol::transport_config(MAX_STREAMS)));
-        let config = live.borrow().clone();
         Ok(Tunnel {
-            config,
             live,
             credential,
             client,
@@ -86,6 +82,11 @@ impl Tunnel {
             proxy,
             status,
         })
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> Arc<AgentConfig> {
+        self.live.borrow().clone()
     }
 
     /// One connection: connect, serve until it ends or `shutdown`, report how it ended.
@@ -107,7 +108,7 @@ impl Tunnel {
                     Reason::ServerUnreachable,
                     format!(
                     "no answer from {} within {CONNECT_TIMEOUT:?} (is UDP to that port allowed?)",
-                    self.config.server.address
+                    self.config().server.address
                 ),
                     false,
                 )
@@ -126,10 +127,10 @@ impl Tunnel {
             s.since = Some(now.clone());
             s.last_connected = Some(now.clone());
             s.device_id = Some(self.credential.device_id.clone());
-            s.ha_state = crate::agent::activation::ha_state(&self.config);
+            s.ha_state = crate::agent::activation::ha_state(&self.config());
             s.rtt_ms = Some(conn.rtt().as_millis() as u64);
         });
-        tracing::info!(device = %self.credential.device_id, server = %self.config.server.address, "tunnel connected");
+        tracing::info!(device = %self.credential.device_id, server = %self.config().server.address, "tunnel connected");
 
         let streams = TaskTracker::new();
         let control_stop = CancellationToken::new();
@@ -137,7 +138,6 @@ impl Tunnel {
             self.proxy.clone(),
             conn.clone(),
             (send, recv),
-            self.config.clone(),
             self.live.clone(),
             self.status.clone(),
             control_stop.clone(),
@@ -194,7 +194,8 @@ impl Tunnel {
         ),
         ConnectFailure,
     > {
-        let server = &self.config.server.address;
+        let config = self.config();
+        let server = &config.server.address;
         let unreachable = |m: String| ConnectFailure {
             reason: Reason::ServerUnreachable,
             message: m,
@@ -241,7 +242,7 @@ impl Tunnel {
                     protocol_version: PROTOCOL_VERSION,
                     agent_version: env!("CARGO_PKG_VERSION").to_string(),
                     facts: self.facts.clone(),
-                    ha_state: crate::agent::activation::ha_state(&self.config),
+                    ha_state: crate::agent::activation::ha_state(&config),
                 },
             )
             .await?;
@@ -363,11 +364,12 @@ async fn control_loop(
     ctx: Arc<ProxyCtx>,
     conn: quinn::Connection,
     (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
-    config: Arc<AgentConfig>,
     mut live: watch::Receiver<Arc<AgentConfig>>,
     status: StatusHandle,
     stop: CancellationToken,
 ) {
+    // What a reload may change here is only the heartbeat; the rest stays as the run began.
+    let config = live.borrow_and_update().clone();
     let gate = &ctx.gate;
     let provisioner = crate::agent::provision::Provisioner::new(&config);
     let mut sampler = crate::agent::telemetry::Sampler::new(&config);
@@ -376,7 +378,7 @@ async fn control_loop(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick
     };
-    let mut heartbeat = live.borrow_and_update().tunnel.heartbeat;
+    let mut heartbeat = config.tunnel.heartbeat;
     let mut tick = heartbeats(heartbeat);
     loop {
         tokio::select! {
