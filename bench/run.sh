@@ -21,6 +21,7 @@ need nginx nginx-light
 need wrk wrk
 need curl curl
 need python3 python3
+need bc bc
 
 cargo build --release --locked --bins -j2 >&2
 S=target/release/pbx-remote-server
@@ -200,6 +201,33 @@ RH="http://127.0.0.1:${RH_PORT:-0}"
 TARGETS=(direct tunnel); [ -n "$RATHOLE" ] && TARGETS+=(rathole)
 url_of() { case $1 in direct) echo "$DIRECT";; tunnel) echo "$TUN";; rathole) echo "$RH";; esac; }
 RSS_LOAD=$RSS_IDLE
+cpu_ticks() { # PID... → summed utime+stime clock ticks
+  local sum=0 p; for p in "$@"; do sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$sum"
+}
+if [ "${BENCH_PERF:-}" = cpu ]; then
+  # Where the CPU goes: each process's CPU seconds for the same work, direct and through the
+  # tunnel (the client's share is the elapsed time × 2 cores minus the rest, roughly).
+  SERVER_PID=$(pgrep -f "pbx-remote-server run --data-dir $T/data" | head -1)
+  NGINX_PIDS=$(pgrep -f "nginx: worker process" | tr '\n' ' ')
+  HZ=$(getconf CLK_TCK)
+  for t in direct tunnel; do
+    u=$(url_of "$t"); extra=(); curl_extra=()
+    [ "$t" = tunnel ] && { extra=("${TH[@]}"); curl_extra=("${TC_ARGS[@]}"); }
+    for work in bulk small; do
+      a0=$(cpu_ticks "$AGENT_PID"); s0=$(cpu_ticks "$SERVER_PID"); n0=$(cpu_ticks $NGINX_PIDS); w0=$(date +%s.%N)
+      if [ $work = bulk ]; then
+        out="$(bulk "$u/big.bin" "${curl_extra[@]}") MB/s"
+      else
+        read -r rps _ _ <<<"$(wrk_run 32 "$u/small.html" "${extra[@]}")"; out="$rps req/s"
+      fi
+      w1=$(date +%s.%N)
+      a=$(( $(cpu_ticks "$AGENT_PID") - a0 )); s=$(( $(cpu_ticks "$SERVER_PID") - s0 )); n=$(( $(cpu_ticks $NGINX_PIDS) - n0 ))
+      awk -v t="$t" -v w="$work" -v o="$out" -v a="$a" -v s="$s" -v n="$n" -v hz="$HZ" -v e="$(echo "$w1 - $w0" | bc)" \
+        'BEGIN { printf "%-6s %-5s %-14s elapsed %5.2fs  cpu s: agent %5.2f server %5.2f nginx %5.2f\n", t, w, o, e, a/hz, s/hz, n/hz }'
+    done
+  done
+  exit 0
+fi
 if [ -n "${BENCH_PERF:-}" ]; then
   # Profile agent and server under the small-request load (BENCH_PERF=bulk: under bulk
   # downloads) instead of benchmarking.
@@ -216,6 +244,7 @@ if [ -n "${BENCH_PERF:-}" ]; then
   for who in agent server; do
     echo "== $who: top self time"
     perf report -i "$T/$who.perf" --no-children --stdio --sort dso,symbol 2>&1 | grep -E '^ +[0-9]' | head -30 || true
+    [ -n "${BENCH_PERF_KEEP:-}" ] && cp "$T/$who.perf" "$BENCH_PERF_KEEP.$who.perf"
   done
   exit 0
 fi
