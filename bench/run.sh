@@ -10,6 +10,7 @@
 # BENCH_AGENT_ENV / BENCH_SERVER_ENV: "NAME=value …" set for the agent / server only (e.g.
 # TOKIO_WORKER_THREADS=1), to compare runtime settings without a rebuild. BENCH_AGENT_WRAP: a
 # command the agent runs under (e.g. "heaptrack -o /tmp/agent"; RSS figures are then the wrapper's).
+# BENCH_AGENT: another agent binary to run (e.g. a copy built before a change, for before/after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
@@ -25,7 +26,7 @@ need bc bc
 
 cargo build --release --locked --bins -j2 >&2
 S=target/release/pbx-remote-server
-A=target/release/pbx-remote-agent
+A=${BENCH_AGENT:-target/release/pbx-remote-agent}
 
 T=$(mktemp -d /tmp/pbx-bench.XXXXXX)
 PIDS=()
@@ -230,11 +231,12 @@ if [ "${BENCH_PERF:-}" = cpu ]; then
 fi
 if [ -n "${BENCH_PERF:-}" ]; then
   # Profile agent and server under the small-request load (BENCH_PERF=bulk: under bulk
-  # downloads) instead of benchmarking.
+  # downloads) instead of benchmarking. BENCH_PERF_G: perf's call-graph option (default -g;
+  # "--call-graph dwarf" unwinds the release build, which has no frame pointers).
   SERVER_PID=$(pgrep -f "pbx-remote-server run --data-dir $T/data" | head -1 || true)
   echo "profiling agent $AGENT_PID, server $SERVER_PID" >&2
-  perf record -F 999 -g -p "$AGENT_PID" -o "$T/agent.perf" -- sleep 6 >/dev/null 2>&1 & P1=$!
-  perf record -F 999 -g -p "$SERVER_PID" -o "$T/server.perf" -- sleep 6 >/dev/null 2>&1 & P2=$!
+  perf record -F 999 ${BENCH_PERF_G:--g} -p "$AGENT_PID" -o "$T/agent.perf" -- sleep 6 >/dev/null 2>&1 & P1=$!
+  perf record -F 999 ${BENCH_PERF_G:--g} -p "$SERVER_PID" -o "$T/server.perf" -- sleep 6 >/dev/null 2>&1 & P2=$!
   if [ "$BENCH_PERF" = bulk ]; then
     end=$((SECONDS + 6)); while [ $SECONDS -lt $end ]; do bulk "$TUN/big.bin" "${TC_ARGS[@]}" >/dev/null; done
   else
