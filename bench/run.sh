@@ -229,6 +229,23 @@ if [ "${BENCH_PERF:-}" = cpu ]; then
   done
   exit 0
 fi
+if [ "${BENCH_PERF:-}" = strace ]; then
+  # System calls per tunnel request: strace counts the agent's and the server's calls during
+  # one c=32 run (strace slows both down; the counts per request are what matter).
+  need strace strace
+  SERVER_PID=$(pgrep -f "pbx-remote-server run --data-dir $T/data" | head -1)
+  strace -c -f -p "$AGENT_PID" -o "$T/agent.strace" & P1=$!
+  strace -c -f -p "$SERVER_PID" -o "$T/server.strace" & P2=$!
+  sleep 1
+  read -r rps _ _ <<<"$(wrk_run 32 "$TUN/small.html" "${TH[@]}")"
+  kill -INT "$P1" "$P2"; wait "$P1" "$P2" 2>/dev/null || true
+  reqs=$(awk -v r="$rps" -v s="$SECS" 'BEGIN { printf "%d", r * s }')
+  for who in agent server; do
+    echo "== $who: calls per request over $reqs requests"
+    awk -v n="$reqs" '$1 ~ /^[0-9.]+$/ && NF >= 5 { calls = $4; errs = (NF == 6 ? $5 : 0); printf "  %-16s %7.2f  (errors %.2f)\n", $NF, calls / n, errs / n }' "$T/$who.strace" | sort -k2 -gr | head -12
+  done
+  exit 0
+fi
 if [ -n "${BENCH_PERF:-}" ]; then
   # Profile agent and server under the small-request load (BENCH_PERF=bulk: under bulk
   # downloads) instead of benchmarking. BENCH_PERF_G: perf's call-graph option (default -g;

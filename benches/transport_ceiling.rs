@@ -13,7 +13,9 @@
 //! streams each looping a 300-byte request and a 1 400-byte answer (requests/s and p99).
 //!
 //! `cargo bench --bench transport_ceiling` (env `CEILING_ROUNDS`, default 3;
-//! `CEILING_SECS`, seconds per small run, default 5).
+//! `CEILING_SECS`, seconds per small run, default 5; `CEILING_VARIANTS`, comma-separated quinn
+//! settings to try as extra rows beside the tunnel's: `bbr`, `win16` (16/64 MiB windows),
+//! `noackfreq`, `nofair`, `nogso`, `iw` (a 1 MiB initial window)).
 
 use anyhow::{Context, Result};
 use pbx_remote::protocol::{transport_config, tune_udp, MAX_STREAMS};
@@ -36,21 +38,55 @@ trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
 type Stream = Box<dyn Duplex>;
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, PartialEq)]
 enum Kind {
     Tcp,
     Tls,
-    Quic,
+    /// The tunnel's settings with a variant applied ("" for none).
+    Quic(String),
 }
 
 impl Kind {
-    fn name(self) -> &'static str {
+    fn name(&self) -> String {
         match self {
-            Kind::Tcp => "tcp",
-            Kind::Tls => "tls",
-            Kind::Quic => "quic",
+            Kind::Tcp => "tcp".into(),
+            Kind::Tls => "tls".into(),
+            Kind::Quic(v) if v.is_empty() => "quic".into(),
+            Kind::Quic(v) => format!("quic+{v}"),
         }
     }
+}
+
+/// The tunnel's transport settings with `variant` applied.
+fn transport(max_bidi: u32, variant: &str) -> Result<quinn::TransportConfig> {
+    let mut t = transport_config(max_bidi);
+    match variant {
+        "" => {}
+        "bbr" => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
+        "win16" => {
+            t.stream_receive_window((16u32 << 20).into());
+            t.receive_window((64u32 << 20).into());
+            t.send_window(64 << 20);
+        }
+        "noackfreq" => {
+            t.ack_frequency_config(None);
+        }
+        "nofair" => {
+            t.send_fairness(false);
+        }
+        "nogso" => {
+            t.enable_segmentation_offload(false);
+        }
+        "iw" => {
+            let mut cubic = quinn::congestion::CubicConfig::default();
+            cubic.initial_window(1 << 20);
+            t.congestion_controller_factory(Arc::new(cubic));
+        }
+        other => anyhow::bail!("unknown CEILING_VARIANTS entry {other:?}"),
+    }
+    Ok(t)
 }
 
 /// The answering side of one stream: `B` → the bulk body then end; `S` → an answer per request
@@ -139,9 +175,10 @@ impl Opener {
 
 /// Starts the answering side of `kind` on `answering` and returns the load side's opener.
 /// For QUIC the answering side connects (it is the agent) and the load side listens.
-fn setup(kind: Kind, certs: &Certs, answering: &Runtime, load: &Runtime) -> Result<Opener> {
+fn setup(kind: &Kind, certs: &Certs, answering: &Runtime, load: &Runtime) -> Result<Opener> {
     match kind {
         Kind::Tcp | Kind::Tls => {
+            let tls = *kind == Kind::Tls;
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls(certs)?));
             let listener = answering.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
             let addr = listener.local_addr()?;
@@ -150,7 +187,7 @@ fn setup(kind: Kind, certs: &Certs, answering: &Runtime, load: &Runtime) -> Resu
                     let acceptor = acceptor.clone();
                     tokio::spawn(async move {
                         let _ = s.set_nodelay(true);
-                        let stream: Stream = if kind == Kind::Tls {
+                        let stream: Stream = if tls {
                             match acceptor.accept(s).await {
                                 Ok(s) => Box::new(s),
                                 Err(_) => return,
@@ -162,26 +199,26 @@ fn setup(kind: Kind, certs: &Certs, answering: &Runtime, load: &Runtime) -> Resu
                     });
                 }
             });
-            Ok(if kind == Kind::Tls {
+            Ok(if tls {
                 let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls(certs)?));
                 Opener::Tls(addr, connector)
             } else {
                 Opener::Tcp(addr)
             })
         }
-        Kind::Quic => {
+        Kind::Quic(variant) => {
             let mut server = quinn::ServerConfig::with_crypto(Arc::new(
                 quinn::crypto::rustls::QuicServerConfig::try_from(server_tls(certs)?)?,
             ));
             // As the server's hub: the agent opens only its control stream.
-            server.transport_config(Arc::new(transport_config(4)));
+            server.transport_config(Arc::new(transport(4, variant)?));
             let load_ep = endpoint(load, Some(server))?;
             let addr = load_ep.local_addr()?;
             let mut client = quinn::ClientConfig::new(Arc::new(
                 quinn::crypto::rustls::QuicClientConfig::try_from(client_tls(certs)?)?,
             ));
             // As the agent: the front may open MAX_STREAMS request streams.
-            client.transport_config(Arc::new(transport_config(MAX_STREAMS)));
+            client.transport_config(Arc::new(transport(MAX_STREAMS, variant)?));
             let answer_ep = endpoint(answering, None)?;
             // quinn spawns the connection's driver on the runtime it is called from.
             let connecting = {
@@ -309,9 +346,16 @@ fn main() -> Result<()> {
     };
     let answering = runtime("answering")?;
     let load = runtime("load")?;
-    let kinds = [Kind::Tcp, Kind::Tls, Kind::Quic];
+    let mut kinds = vec![Kind::Tcp, Kind::Tls, Kind::Quic(String::new())];
+    let variants = std::env::var("CEILING_VARIANTS").unwrap_or_default();
+    kinds.extend(
+        variants
+            .split(',')
+            .filter(|v| !v.is_empty())
+            .map(|v| Kind::Quic(v.to_string())),
+    );
     let mut openers = Vec::new();
-    for kind in kinds {
+    for kind in &kinds {
         openers.push(setup(kind, &certs, &answering, &load).with_context(|| kind.name())?);
     }
     // [kind] → per-round figures
@@ -342,7 +386,7 @@ fn main() -> Result<()> {
         if cfg!(debug_assertions) { "debug" } else { "release" }
     );
     println!(
-        "{:<6} {:>10} {:>7} {:>10} {:>7} {:>9}",
+        "{:<14} {:>10} {:>7} {:>10} {:>7} {:>9}",
         "", "bulk MiB/s", "ratio", "small r/s", "ratio", "p99 ms"
     );
     for (i, kind) in kinds.iter().enumerate() {
@@ -350,7 +394,7 @@ fn main() -> Result<()> {
         let r = median(&mut rps[i]);
         let p = median(&mut p99[i]);
         println!(
-            "{:<6} {b:>10.0} {:>6.2}× {r:>10.0} {:>6.2}× {p:>9.2}",
+            "{:<14} {b:>10.0} {:>6.2}× {r:>10.0} {:>6.2}× {p:>9.2}",
             kind.name(),
             b / base_mbs,
             r / base_rps
