@@ -202,6 +202,7 @@ RH="http://127.0.0.1:${RH_PORT:-0}"
 TARGETS=(direct tunnel); [ -n "$RATHOLE" ] && TARGETS+=(rathole)
 url_of() { case $1 in direct) echo "$DIRECT";; tunnel) echo "$TUN";; rathole) echo "$RH";; esac; }
 RSS_LOAD=$RSS_IDLE
+udp_out() { awk '/^Udp:/ { n++; if (n == 2) print $5 }' /proc/net/snmp; }   # OutDatagrams (a GSO batch counts once)
 cpu_ticks() { # PID... → summed utime+stime clock ticks
   local sum=0 p; for p in "$@"; do sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$sum"
 }
@@ -215,16 +216,18 @@ if [ "${BENCH_PERF:-}" = cpu ]; then
     u=$(url_of "$t"); extra=(); curl_extra=()
     [ "$t" = tunnel ] && { extra=("${TH[@]}"); curl_extra=("${TC_ARGS[@]}"); }
     for work in bulk small; do
-      a0=$(cpu_ticks "$AGENT_PID"); s0=$(cpu_ticks "$SERVER_PID"); n0=$(cpu_ticks $NGINX_PIDS); w0=$(date +%s.%N)
+      a0=$(cpu_ticks "$AGENT_PID"); s0=$(cpu_ticks "$SERVER_PID"); n0=$(cpu_ticks $NGINX_PIDS); d0=$(udp_out); w0=$(date +%s.%N)
       if [ $work = bulk ]; then
-        out="$(bulk "$u/big.bin" "${curl_extra[@]}") MB/s"
+        out="$(bulk "$u/big.bin" "${curl_extra[@]}") MB/s"; work_n=1
       else
         read -r rps _ _ <<<"$(wrk_run 32 "$u/small.html" "${extra[@]}")"; out="$rps req/s"
+        work_n=$(awk -v r="$rps" -v s="$SECS" 'BEGIN { printf "%d", r * s }')
       fi
       w1=$(date +%s.%N)
-      a=$(( $(cpu_ticks "$AGENT_PID") - a0 )); s=$(( $(cpu_ticks "$SERVER_PID") - s0 )); n=$(( $(cpu_ticks $NGINX_PIDS) - n0 ))
+      d=$(( $(udp_out) - d0 )); a=$(( $(cpu_ticks "$AGENT_PID") - a0 )); s=$(( $(cpu_ticks "$SERVER_PID") - s0 )); n=$(( $(cpu_ticks $NGINX_PIDS) - n0 ))
       awk -v t="$t" -v w="$work" -v o="$out" -v a="$a" -v s="$s" -v n="$n" -v hz="$HZ" -v e="$(echo "$w1 - $w0" | bc)" \
-        'BEGIN { printf "%-6s %-5s %-14s elapsed %5.2fs  cpu s: agent %5.2f server %5.2f nginx %5.2f\n", t, w, o, e, a/hz, s/hz, n/hz }'
+        -v d="$d" -v k="$work_n" \
+        'BEGIN { printf "%-6s %-5s %-14s elapsed %5.2fs  cpu s: agent %5.2f server %5.2f nginx %5.2f  UDP datagrams %s%.1f\n", t, w, o, e, a/hz, s/hz, n/hz, (k > 1 ? "per request " : ""), d/k }'
     done
   done
   exit 0
