@@ -287,13 +287,13 @@ for r in $(seq "$ROUNDS"); do
     add "$t.rps" "$rps"; add "$t.p99" "$p99"
     read -r _ p50 _ <<<"$(wrk_run 1 "$u/small.html" "${extra[@]}")"; add "$t.c1" "$p50"
     burst=(); [ "$t" = tunnel ] && burst=(-H "Host: $HOST:$PUBLIC_PORT" -s "$T/burst.lua")
-    read -r _ _ p99 <<<"$(wrk_run 256 "$u/small.html" "${burst[@]}")"; add "$t.burst" "$p99"
+    read -r brps _ p99 <<<"$(wrk_run 256 "$u/small.html" "${burst[@]}")"; add "$t.burst" "$p99"; add "$t.brps" "$brps"
     rm -f "$T/loading"; wait "$W"
     if [ "$t" = tunnel ]; then peak=$(cat "$T/peak"); [ "$peak" -gt "$RSS_LOAD" ] && RSS_LOAD=$peak; fi
   done
   line="round $r:"
   for t in "${TARGETS[@]}"; do
-    line="$line $t[bulk $(echo ${R[$t.bulk]} | awk '{print $NF}') rps $(echo ${R[$t.rps]} | awk '{print $NF}') p99 $(echo ${R[$t.p99]} | awk '{print $NF}') burst $(echo ${R[$t.burst]} | awk '{print $NF}')]"
+    line="$line $t[bulk $(echo ${R[$t.bulk]} | awk '{print $NF}') rps $(echo ${R[$t.rps]} | awk '{print $NF}') p99 $(echo ${R[$t.p99]} | awk '{print $NF}') burst $(echo ${R[$t.burst]} | awk '{print $NF}') at $(echo ${R[$t.brps]} | awk '{print $NF}') req/s]"
   done
   echo "$line" >&2
 done
@@ -308,7 +308,7 @@ echo "pbx-remote bench: $ROUNDS interleaved rounds, wrk ${SECS}s, ${BIG_MB} MiB 
 printf '%-24s %10s %10s %8s' "metric" "direct" "tunnel" "ratio"
 [ -n "$RATHOLE" ] && printf ' %10s %8s' "rathole" "ratio"
 echo
-for m in "bulk MB/s:bulk" "small req/s c=32:rps" "p99 ms c=32:p99" "p50 ms c=1:c1" "burst p99 ms c=256:burst"; do
+for m in "bulk MB/s:bulk" "small req/s c=32:rps" "p99 ms c=32:p99" "p50 ms c=1:c1" "burst p99 ms c=256:burst" "burst req/s c=256:brps"; do
   label=${m%%:*}; key=${m##*:}
   d=$(median ${R[direct.$key]}); tn=$(median ${R[tunnel.$key]})
   printf '%-24s %10s %10s %8s' "$label" "$d" "$tn" "$(ratio "$tn" "$d")"
