@@ -200,6 +200,7 @@ TH=(-H "Host: $HOST:$PUBLIC_PORT" -H "Cookie: $COOKIE")
 TC_ARGS=(--resolve "$HOST:$PUBLIC_PORT:127.0.0.1" -H "Cookie: $COOKIE" -H "Host: $HOST:$PUBLIC_PORT")
 RH="http://127.0.0.1:${RH_PORT:-0}"
 TARGETS=(direct tunnel); [ -n "$RATHOLE" ] && TARGETS+=(rathole)
+[ -n "${BENCH_TARGETS:-}" ] && read -r -a TARGETS <<<"$BENCH_TARGETS"   # e.g. "tunnel" alone
 url_of() { case $1 in direct) echo "$DIRECT";; tunnel) echo "$TUN";; rathole) echo "$RH";; esac; }
 RSS_LOAD=$RSS_IDLE
 udp_out() { awk '/^Udp:/ { n++; if (n == 2) print $5 }' /proc/net/snmp; }   # OutDatagrams (a GSO batch counts once)
@@ -277,23 +278,26 @@ watch_rss() { # samples the agent's RSS while a load runs; prints the peak
   while [ -e "$T/loading" ]; do now=$(rss_kib); [ "$now" -gt "$peak" ] && peak=$now; sleep 0.05; done
   echo "$peak"
 }
+skip() { case " ${BENCH_SKIP:-} " in *" $1 "*) return 0;; esac; return 1; }   # BENCH_SKIP="bulk burst"
 for r in $(seq "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do
     u=$(url_of "$t"); extra=(); curl_extra=()
     [ "$t" = tunnel ] && { extra=("${TH[@]}"); curl_extra=("${TC_ARGS[@]}"); }
     touch "$T/loading"; watch_rss > "$T/peak" & W=$!
-    for _ in 1 2 3; do add "$t.bulk" "$(bulk "$u/big.bin" "${curl_extra[@]}")"; done
+    skip bulk || for _ in 1 2 3; do add "$t.bulk" "$(bulk "$u/big.bin" "${curl_extra[@]}")"; done
     read -r rps p50 p99 <<<"$(wrk_run 32 "$u/small.html" "${extra[@]}")"
     add "$t.rps" "$rps"; add "$t.p99" "$p99"
     read -r _ p50 _ <<<"$(wrk_run 1 "$u/small.html" "${extra[@]}")"; add "$t.c1" "$p50"
     burst=(); [ "$t" = tunnel ] && burst=(-H "Host: $HOST:$PUBLIC_PORT" -s "$T/burst.lua")
-    read -r brps _ p99 <<<"$(wrk_run 256 "$u/small.html" "${burst[@]}")"; add "$t.burst" "$p99"; add "$t.brps" "$brps"
+    if ! skip burst; then
+      read -r brps _ p99 <<<"$(wrk_run 256 "$u/small.html" "${burst[@]}")"; add "$t.burst" "$p99"; add "$t.brps" "$brps"
+    fi
     rm -f "$T/loading"; wait "$W"
     if [ "$t" = tunnel ]; then peak=$(cat "$T/peak"); [ "$peak" -gt "$RSS_LOAD" ] && RSS_LOAD=$peak; fi
   done
   line="round $r:"
   for t in "${TARGETS[@]}"; do
-    line="$line $t[bulk $(echo ${R[$t.bulk]} | awk '{print $NF}') rps $(echo ${R[$t.rps]} | awk '{print $NF}') p99 $(echo ${R[$t.p99]} | awk '{print $NF}') burst $(echo ${R[$t.burst]} | awk '{print $NF}') at $(echo ${R[$t.brps]} | awk '{print $NF}') req/s]"
+    line="$line $t[bulk $(echo ${R[$t.bulk]:-} | awk '{print $NF}') rps $(echo ${R[$t.rps]:-} | awk '{print $NF}') p99 $(echo ${R[$t.p99]:-} | awk '{print $NF}') burst $(echo ${R[$t.burst]:-} | awk '{print $NF}') at $(echo ${R[$t.brps]:-} | awk '{print $NF}') req/s]"
   done
   echo "$line" >&2
 done

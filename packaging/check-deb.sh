@@ -5,7 +5,14 @@ set -euo pipefail
 deb=$1
 fail() { echo "FAIL: $*"; exit 1; }
 scratch=$(mktemp -d)
-trap 'rm -rf "$scratch"' EXIT
+saved_rmem= saved_wmem=
+restore_ceilings() {
+  if [ -n "$saved_rmem" ]; then
+    echo "$saved_rmem" >/proc/sys/net/core/rmem_max; echo "$saved_wmem" >/proc/sys/net/core/wmem_max
+    saved_rmem=
+  fi
+}
+trap 'rm -rf "$scratch"; restore_ceilings' EXIT
 
 listing=$(dpkg-deb -c "$deb")
 expect() { # expect MODE PATH
@@ -19,6 +26,7 @@ expect '-rw-r--r--' 'usr/lib/systemd/system/pbx-remote-provision.service'
 expect '-rwxr-xr-x' 'usr/libexec/pbx-remote-agent/provision-apply'
 expect '-rw-r--r--' 'usr/lib/sysusers.d/pbx-remote-agent.conf'
 expect '-rw-r--r--' 'usr/lib/tmpfiles.d/pbx-remote-agent.conf'
+expect '-rw-r--r--' 'usr/lib/sysctl.d/30-pbx-remote-agent.conf'
 expect '-rw-r--r--' 'usr/share/man/man8/pbx-remote-agent.8.gz'
 expect '-rw-r--r--' 'usr/share/bash-completion/completions/pbx-remote-agent'
 expect '-rw-r--r--' 'usr/share/zsh/vendor-completions/_pbx-remote-agent'
@@ -32,6 +40,10 @@ grep -q 'install -d -m 0700 -o pbx-remote-agent' "$scratch/DEBIAN/postinst" || f
 grep -q 'useradd --system' "$scratch/DEBIAN/postinst" || fail "postinst does not create the system user"
 grep -q 'systemctl stop pbx-remote-agent.service' "$scratch/DEBIAN/prerm" || fail "prerm does not stop the service"
 grep -q '0700 pbx-remote-agent' <(dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/lib/tmpfiles.d/pbx-remote-agent.conf) || fail "tmpfiles: state dir not 0700"
+grep -q 'pbxra_sysctl' "$scratch/DEBIAN/postinst" || fail "postinst does not raise the UDP buffer ceilings"
+for k in rmem_max wmem_max; do
+  grep -qx "net.core.$k = 4194304" <(dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/lib/sysctl.d/30-pbx-remote-agent.conf) || fail "sysctl.d: no $k"
+done
 echo "conffile and scripts: ok"
 
 dpkg-deb -x "$deb" "$scratch/root"
@@ -48,7 +60,22 @@ printf 'stripped agent: %s bytes\n' "$(stat -c %s "$bin")"
 # that keeps config and credential, removal that keeps state, purge that deletes it.
 if [ "${PBXRA_INSTALL_TEST:-0}" = 1 ]; then
   if dpkg -s pbx-remote-agent >/dev/null 2>&1; then dpkg -P pbx-remote-agent >/dev/null; fi
+  # The UDP buffer ceilings: raised from the stock value at install, a higher one left alone.
+  rmem=/proc/sys/net/core/rmem_max wmem=/proc/sys/net/core/wmem_max
+  ceilings=false
+  if [ -w "$rmem" ] && [ -w "$wmem" ]; then
+    ceilings=true
+    saved_rmem=$(cat "$rmem") saved_wmem=$(cat "$wmem")
+    echo 212992 >"$rmem"; echo 8388608 >"$wmem"
+  fi
   dpkg -i "$deb" >/dev/null
+  if $ceilings; then
+    got="$(cat "$rmem") $(cat "$wmem")"
+    restore_ceilings
+    [ "$got" = "4194304 8388608" ] || fail "UDP buffer ceilings after install: $got (want 4194304, and 8388608 kept)"
+  else
+    echo "UDP buffer ceilings: /proc/sys/net/core not writable here, not checked"
+  fi
   getent passwd pbx-remote-agent >/dev/null || fail "no pbx-remote-agent user after install"
   [ "$(stat -c '%a %U' /var/lib/pbx-remote-agent)" = "700 pbx-remote-agent" ] || fail "state dir: $(stat -c '%a %U' /var/lib/pbx-remote-agent)"
   [ "$(stat -c '%a %U:%G' /etc/pbx-remote-agent/agent.toml)" = "640 root:pbx-remote-agent" ] || fail "config: $(stat -c '%a %U:%G' /etc/pbx-remote-agent/agent.toml)"
@@ -63,5 +90,5 @@ if [ "${PBXRA_INSTALL_TEST:-0}" = 1 ]; then
   [ -f /var/lib/pbx-remote-agent/credential.json ] || fail "removal (not purge) deleted the credential"
   dpkg -P pbx-remote-agent >/dev/null
   [ ! -e /var/lib/pbx-remote-agent ] || fail "purge left the state dir"
-  echo "install, upgrade, remove, purge: ok"
+  echo "install (with UDP buffer ceilings), upgrade, remove, purge: ok"
 fi

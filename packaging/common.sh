@@ -21,3 +21,12 @@ pbxra_dirs() {
   fi
 }
 pbxra_systemd() { [ -d /run/systemd/system ]; }
+pbxra_sysctl() {
+  # The UDP buffer ceilings of /usr/lib/sysctl.d/30-pbx-remote-agent.conf, now rather than at the
+  # next boot; a higher value already set is kept. Best effort (a container may forbid it).
+  for k in rmem_max wmem_max; do
+    f=/proc/sys/net/core/$k
+    [ -w "$f" ] || continue
+    [ "$(cat "$f" 2>/dev/null || echo 0)" -ge 4194304 ] || echo 4194304 >"$f" 2>/dev/null || true
+  done
+}

@@ -372,8 +372,9 @@ pub fn transport_config(max_bidi: u32) -> quinn::TransportConfig {
 /// every dropped datagram as congestion. The kernel caps it at `net.core.rmem_max`/`wmem_max`.
 pub const UDP_BUFFER: usize = 4 << 20;
 
-/// Enlarges a tunnel socket's kernel buffers, best effort (the kernel grants what its limits
-/// allow; less than asked is logged once per socket at debug).
+/// Enlarges a tunnel socket's kernel buffers, best effort. The kernel grants what its limits
+/// allow; less than asked is logged at info once per process, naming the sysctls to raise (the
+/// agent's packages ship them in `/usr/lib/sysctl.d/30-pbx-remote-agent.conf`).
 pub fn tune_udp(sock: &std::net::UdpSocket) {
     use rustix::net::sockopt;
     if let Err(e) = sockopt::set_socket_recv_buffer_size(sock, UDP_BUFFER) {
@@ -385,13 +386,17 @@ pub fn tune_udp(sock: &std::net::UdpSocket) {
     // Linux reports twice what it grants (the other half is its bookkeeping).
     let recv = sockopt::socket_recv_buffer_size(sock).unwrap_or(0) / 2;
     let send = sockopt::socket_send_buffer_size(sock).unwrap_or(0) / 2;
+    static CAPPED: std::sync::Once = std::sync::Once::new();
     if recv < UDP_BUFFER || send < UDP_BUFFER {
-        tracing::debug!(
-            recv,
-            send,
-            asked = UDP_BUFFER,
-            "tunnel UDP buffers capped by net.core.rmem_max / wmem_max"
-        );
+        CAPPED.call_once(|| {
+            tracing::info!(
+                recv,
+                send,
+                asked = UDP_BUFFER,
+                "tunnel UDP buffers capped by the kernel; raise net.core.rmem_max and \
+                 net.core.wmem_max to {UDP_BUFFER} so bulk transfers are not read as congestion"
+            )
+        });
     }
 }
 

@@ -1,5 +1,6 @@
 #COMMON#
 pbxra_dirs
+pbxra_sysctl
 if pbxra_systemd; then
   systemctl daemon-reload || :
   if [ "$1" -eq 1 ]; then
