@@ -13,7 +13,9 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
-/// Impairments of one direction.
+/// Impairments of one direction. Delayed packets leave in the order they came, as through a
+/// queue (jitter varies the queueing delay; a packet never overtakes an earlier one), except
+/// the `reorder_pct` ones, which are held back on their own.
 #[derive(Debug, Clone, Default)]
 pub struct Impair {
     /// Chance that a packet starts a loss burst, percent.
@@ -172,7 +174,30 @@ async fn forward_tcp(listener: TcpListener, server: SocketAddr, stop: Cancellati
 /// What to do with one packet.
 enum Fate {
     Drop,
-    Send { after: Duration, copies: u8 },
+    Send {
+        after: Duration,
+        copies: u8,
+        /// Held back on its own (reordered) rather than queued in order.
+        held: bool,
+    },
+}
+
+/// One direction's delay line: packets leave in order, each no earlier than its due time.
+type Line = tokio::sync::mpsc::UnboundedSender<(tokio::time::Instant, Vec<u8>, SocketAddr, u8)>;
+
+/// Starts the delay line sending from `sock`; it ends when the returned sender is dropped.
+fn delay_line(sock: Arc<UdpSocket>) -> Line {
+    let (tx, mut rx) =
+        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>, SocketAddr, u8)>();
+    tokio::spawn(async move {
+        while let Some((due, packet, to, copies)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            for _ in 0..copies {
+                let _ = sock.send_to(&packet, to).await;
+            }
+        }
+    });
+    tx
 }
 
 impl Control {
@@ -213,11 +238,16 @@ impl Control {
             return Fate::Drop;
         }
         let mut after = delay + self.rng.upto(jitter);
-        if self.rng.chance(reorder_pct) {
+        let held = self.rng.chance(reorder_pct);
+        if held {
             after += delay + jitter * 2 + Duration::from_millis(5);
         }
         let copies = if self.rng.chance(dup_pct) { 2 } else { 1 };
-        Fate::Send { after, copies }
+        Fate::Send {
+            after,
+            copies,
+            held,
+        }
     }
 }
 
@@ -232,6 +262,7 @@ async fn forward_udp(
     let agent: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
     let mut upstream_stop = CancellationToken::new();
     let mut upstream = new_upstream(&front, &agent, &ctl, &stats, upstream_stop.clone()).await;
+    let mut up_line = delay_line(upstream.clone());
     let mut buf = vec![0u8; 65536];
     loop {
         let (n, from) = tokio::select! {
@@ -241,13 +272,14 @@ async fn forward_udp(
                 upstream_stop.cancel();
                 upstream_stop = CancellationToken::new();
                 upstream = new_upstream(&front, &agent, &ctl, &stats, upstream_stop.clone()).await;
+                up_line = delay_line(upstream.clone());
                 continue;
             }
             r = front.recv_from(&mut buf) => match r { Ok(x) => x, Err(_) => continue },
         };
         *agent.lock().unwrap() = Some(from);
         let fate = ctl.lock().unwrap().fate(true);
-        send(&upstream, &buf[..n], server, fate, &stats, &ctl).await;
+        send(&upstream, &up_line, &buf[..n], server, fate, &stats, &ctl).await;
     }
     upstream_stop.cancel();
 }
@@ -270,6 +302,7 @@ async fn new_upstream(
     );
     tokio::spawn(async move {
         let mut buf = vec![0u8; 65536];
+        let down_line = delay_line(front.clone());
         loop {
             let n = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -279,7 +312,7 @@ async fn new_upstream(
                 continue;
             };
             let fate = ctl.lock().unwrap().fate(false);
-            send(&front, &buf[..n], to, fate, &stats, &ctl).await;
+            send(&front, &down_line, &buf[..n], to, fate, &stats, &ctl).await;
         }
     });
     sock
@@ -287,6 +320,7 @@ async fn new_upstream(
 
 async fn send(
     sock: &Arc<UdpSocket>,
+    line: &Line,
     packet: &[u8],
     to: SocketAddr,
     fate: Fate,
@@ -301,7 +335,11 @@ async fn send(
                 stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
-        Fate::Send { after, copies } => {
+        Fate::Send {
+            after,
+            copies,
+            held,
+        } => {
             stats.forwarded.fetch_add(1, Ordering::Relaxed);
             if copies > 1 {
                 stats.duplicated.fetch_add(1, Ordering::Relaxed);
@@ -310,6 +348,13 @@ async fn send(
                 for _ in 0..copies {
                     let _ = sock.send_to(packet, to).await;
                 }
+            } else if !held {
+                let _ = line.send((
+                    tokio::time::Instant::now() + after,
+                    packet.to_vec(),
+                    to,
+                    copies,
+                ));
             } else {
                 let (sock, packet) = (sock.clone(), packet.to_vec());
                 tokio::spawn(async move {
