@@ -426,14 +426,16 @@ async fn long_16_mib_at_10_percent_loss_with_delay_reordering_and_rebinding() {
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "long: run by tests/run-long.sh"]
-async fn long_download_rates_at_0_1_and_5_percent_loss_over_a_20ms_path() {
+async fn long_download_rates_under_loss_and_reordering_over_a_20ms_path() {
     let net = Net::start(Impair::default(), "").await;
     let since = net.agent.connected().await.since;
     let mut v = net.visitor().await;
     let n: u64 = 8 << 20;
-    for pct in [0.0, 1.0, 5.0] {
+    // (loss %, reordered %): a reordered packet arrives 15 ms after its successors.
+    for (loss, reorder) in [(0.0, 0.0), (1.0, 0.0), (5.0, 0.0), (0.0, 1.0), (0.0, 5.0)] {
         net.relay.set_both(Impair {
-            drop_pct: pct,
+            drop_pct: loss,
+            reorder_pct: reorder,
             delay: Duration::from_millis(10),
             ..Impair::default()
         });
@@ -441,7 +443,7 @@ async fn long_download_rates_at_0_1_and_5_percent_loss_over_a_20ms_path() {
         let (got, sha) = download(&mut v, &format!("/bytes/{n}")).await;
         let secs = t0.elapsed().as_secs_f64();
         eprintln!(
-            "8 MiB at {pct}% loss each way, 10 ms each way: {secs:.1} s, {:.0} KiB/s",
+            "8 MiB at {loss}% loss and {reorder}% reordered each way, 10 ms each way: {secs:.1} s, {:.0} KiB/s",
             got as f64 / 1024.0 / secs
         );
         assert_eq!(got, n);
