@@ -23,20 +23,25 @@ struct Net {
 impl Net {
     /// Everything started; `before` impairs the path before the agent's first packet.
     async fn start(before: Impair, extra: &str) -> Net {
+        Net::start_edited(before, extra, |t| t).await
+    }
+
+    /// As [`Net::start`], with the agent's config text edited first.
+    async fn start_edited(before: Impair, extra: &str, edit: impl FnOnce(String) -> String) -> Net {
         let server = TestServer::start().await;
         let portal = PortalFixture::start().await;
         let relay = Relay::start(server.tunnel).await;
         relay.set_both(before);
         let (device, code) = server.add_device(false);
         let tmp = tempfile::tempdir().unwrap();
-        let toml = agent_toml(
+        let toml = edit(agent_toml(
             relay.addr,
             &server.pin,
             &code,
             &portal.url(),
             &tmp.path().join("agent"),
             extra,
-        );
+        ));
         let agent = TestAgent::start(&tmp.path().join("agent"), &toml);
         Net {
             server,
@@ -144,6 +149,92 @@ async fn source_port_rebinding_mid_download_keeps_the_connection() {
         before,
         "the server saw the new address"
     );
+    assert_eq!(net.agent.status.get().since, since, "no reconnect");
+    assert_eq!(net.agent.status.get().state, State::Connected);
+}
+
+/// The shipped heartbeat (30 s) instead of the tests' 1 s, so only keep-alives keep a NAT
+/// mapping alive.
+fn quiet_heartbeat(toml: String) -> String {
+    let t = toml.replace("heartbeat_secs = 1\n", "heartbeat_secs = 30\n");
+    assert_ne!(t, toml);
+    t
+}
+
+/// Bytes through the relay both ways so far.
+fn relay_bytes(relay: &Relay) -> u64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    relay.stats.bytes_up.load(Relaxed) + relay.stats.bytes_down.load(Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_tunnel_outlives_a_nat_that_forgets_mappings_after_8s() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let net = Net::start_edited(Impair::default(), "", quiet_heartbeat).await;
+    let since = net.agent.connected().await.since;
+    let mut v = net.visitor().await;
+    assert_eq!(v.get("/").await.status(), 200);
+    // Twice the keep-alive interval; the idle period outlasts the idle timeout, so a tunnel
+    // without keep-alives would be closed and one with too rare keep-alives would lose its
+    // mapping.
+    let nat = 2 * pbx_remote::protocol::KEEPALIVE;
+    net.relay.nat_timeout(Some(nat));
+    let idle = pbx_remote::protocol::IDLE_TIMEOUT + Duration::from_secs(5);
+    let before = relay_bytes(&net.relay);
+    // No traffic on purpose: the silence is what this test is about.
+    tokio::time::sleep(idle).await;
+    let per_min = (relay_bytes(&net.relay) - before) as f64 * 60.0 / idle.as_secs_f64();
+    eprintln!("keep-alive traffic of an idle tunnel: {per_min:.0} B/min, both ways");
+    assert_eq!(
+        net.relay.stats.nat_expiries.load(Relaxed),
+        0,
+        "the agent stayed silent longer than the NAT's {nat:?}"
+    );
+    let r = tokio::time::timeout(Duration::from_secs(5), v.get("/"))
+        .await
+        .expect("answered after the idle period");
+    assert_eq!(r.status(), 200);
+    assert_eq!(net.agent.status.get().since, since, "no reconnect");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nat_that_forgets_between_keep_alives_costs_a_delay_not_the_tunnel() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let net = Net::start_edited(Impair::default(), "", quiet_heartbeat).await;
+    let since = net.agent.connected().await.since;
+    let mut v = net.visitor().await;
+    assert_eq!(v.get("/").await.status(), 200);
+    // Shorter than the keep-alive: the server's next packets go to a mapping that is gone
+    // until the agent's next packet opens a new one, and the server follows it there.
+    net.relay
+        .nat_timeout(Some(pbx_remote::protocol::KEEPALIVE / 4));
+    for round in 0..3 {
+        // Ask while the mapping is gone: the request and its retransmissions are dropped at
+        // the NAT until the agent's next keep-alive opens a new mapping.
+        let deadline = Instant::now() + 2 * pbx_remote::protocol::KEEPALIVE;
+        while !net.relay.mapping_expired() {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the mapping never timed out"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (dropped, expiries) = (
+            net.relay.stats.nat_dropped.load(Relaxed),
+            net.relay.stats.nat_expiries.load(Relaxed),
+        );
+        let t0 = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(10), v.get("/"))
+            .await
+            .expect("answered once the agent's next packet opened a new mapping");
+        assert_eq!(r.status(), 200);
+        eprintln!("round {round}: answered after {:?}", t0.elapsed());
+        assert!(
+            net.relay.stats.nat_dropped.load(Relaxed) > dropped,
+            "round {round}: the server's packets met the timed-out mapping"
+        );
+        assert!(net.relay.stats.nat_expiries.load(Relaxed) > expiries);
+    }
     assert_eq!(net.agent.status.get().since, since, "no reconnect");
     assert_eq!(net.agent.status.get().state, State::Connected);
 }

@@ -2,8 +2,10 @@
 //!
 //! The agent dials the relay's port: TCP (activation) is forwarded untouched, UDP (the QUIC
 //! tunnel) goes through seeded impairments in each direction: drop % with bursts, delay with
-//! jitter, reordering, duplication, a blackhole switch, and source-port rebinding (the server
-//! then sees the agent from a new address, as after a NAT rebinding). The seed comes from
+//! jitter, reordering, duplication, a blackhole switch, source-port rebinding (the server
+//! then sees the agent from a new address, as after a NAT rebinding), and a NAT mapping timeout
+//! (after that long without a packet from the agent the mapping is gone: the server's packets
+//! are dropped and the agent's next one leaves from a new port). The seed comes from
 //! `RELAY_SEED` or the clock, and is printed if the test fails.
 
 use std::net::SocketAddr;
@@ -49,6 +51,13 @@ pub struct RelayStats {
     pub dropped: AtomicU64,
     pub duplicated: AtomicU64,
     pub blackholed: AtomicU64,
+    /// Bytes forwarded agent → server and server → agent (copies included).
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+    /// NAT mappings that timed out (the agent's next packet got a new source port).
+    pub nat_expiries: AtomicU64,
+    /// Server packets dropped because the mapping had timed out.
+    pub nat_dropped: AtomicU64,
 }
 
 struct Control {
@@ -58,6 +67,9 @@ struct Control {
     rng: SplitMix,
     burst_up: u32,
     burst_down: u32,
+    nat_timeout: Option<Duration>,
+    /// When the agent last sent a packet (what keeps a NAT mapping alive).
+    last_up: tokio::time::Instant,
 }
 
 /// The relay. Dropping it stops it.
@@ -109,6 +121,8 @@ impl Relay {
             rng: SplitMix(seed),
             burst_up: 0,
             burst_down: 0,
+            nat_timeout: None,
+            last_up: tokio::time::Instant::now(),
         }));
         tokio::spawn(forward_tcp(tcp, server_tunnel, stop.clone()));
         let (rebind, rebinds) = tokio::sync::mpsc::unbounded_channel();
@@ -145,6 +159,20 @@ impl Relay {
     /// Drops everything in both directions while on.
     pub fn blackhole(&self, on: bool) {
         self.ctl.lock().unwrap().blackhole = on;
+    }
+
+    /// Models a NAT between agent and server that forgets a mapping after `timeout` without a
+    /// packet from the agent (RFC 4787: outbound refresh only; RFC 9308 §3.2 puts common
+    /// timeouts at 30 s and up). `None`: mappings never time out.
+    pub fn nat_timeout(&self, timeout: Option<Duration>) {
+        let mut c = self.ctl.lock().unwrap();
+        c.nat_timeout = timeout;
+        c.last_up = tokio::time::Instant::now();
+    }
+
+    /// Whether the NAT mapping has timed out (and the agent has not sent since).
+    pub fn mapping_expired(&self) -> bool {
+        self.ctl.lock().unwrap().mapping_expired()
     }
 
     /// From the next packet on, the server sees the agent from a new source port.
@@ -201,6 +229,11 @@ fn delay_line(sock: Arc<UdpSocket>) -> Line {
 }
 
 impl Control {
+    /// Whether the NAT mapping has timed out by now.
+    fn mapping_expired(&self) -> bool {
+        self.nat_timeout.is_some_and(|t| self.last_up.elapsed() > t)
+    }
+
     fn fate(&mut self, upstream: bool) -> Fate {
         if self.blackhole {
             return Fate::Drop;
@@ -267,18 +300,34 @@ async fn forward_udp(
     loop {
         let (n, from) = tokio::select! {
             _ = stop.cancelled() => break,
-            Some(()) = rebinds.recv() => {
-                // Packets still in flight to the old socket are lost, as at a real NAT.
-                upstream_stop.cancel();
-                upstream_stop = CancellationToken::new();
-                upstream = new_upstream(&front, &agent, &ctl, &stats, upstream_stop.clone()).await;
-                up_line = delay_line(upstream.clone());
-                continue;
-            }
-            r = front.recv_from(&mut buf) => match r { Ok(x) => x, Err(_) => continue },
+            Some(()) = rebinds.recv() => (0, None),
+            r = front.recv_from(&mut buf) => match r { Ok((n, from)) => (n, Some(from)), Err(_) => continue },
         };
+        let expired = from.is_some() && {
+            let mut c = ctl.lock().unwrap();
+            let expired = c.mapping_expired();
+            c.last_up = tokio::time::Instant::now();
+            expired
+        };
+        if expired {
+            stats.nat_expiries.fetch_add(1, Ordering::Relaxed);
+        }
+        if from.is_none() || expired {
+            // A new source port. Packets still in flight to the old socket are lost, as at a
+            // real NAT.
+            upstream_stop.cancel();
+            upstream_stop = CancellationToken::new();
+            upstream = new_upstream(&front, &agent, &ctl, &stats, upstream_stop.clone()).await;
+            up_line = delay_line(upstream.clone());
+        }
+        let Some(from) = from else { continue };
         *agent.lock().unwrap() = Some(from);
         let fate = ctl.lock().unwrap().fate(true);
+        if let Fate::Send { copies, .. } = fate {
+            stats
+                .bytes_up
+                .fetch_add((n * usize::from(copies)) as u64, Ordering::Relaxed);
+        }
         send(&upstream, &up_line, &buf[..n], server, fate, &stats, &ctl).await;
     }
     upstream_stop.cancel();
@@ -311,7 +360,19 @@ async fn new_upstream(
             let Some(to) = *agent.lock().unwrap() else {
                 continue;
             };
-            let fate = ctl.lock().unwrap().fate(false);
+            let fate = {
+                let mut c = ctl.lock().unwrap();
+                if c.mapping_expired() {
+                    stats.nat_dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                c.fate(false)
+            };
+            if let Fate::Send { copies, .. } = fate {
+                stats
+                    .bytes_down
+                    .fetch_add((n * usize::from(copies)) as u64, Ordering::Relaxed);
+            }
             send(&front, &down_line, &buf[..n], to, fate, &stats, &ctl).await;
         }
     });
