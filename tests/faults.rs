@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Server, portal, relay and an agent that dials the server through the relay.
 struct Net {
     server: TestServer,
-    _portal: PortalFixture,
+    portal: PortalFixture,
     relay: Relay,
     agent: TestAgent,
     device: String,
@@ -45,7 +45,7 @@ impl Net {
         let agent = TestAgent::start(&tmp.path().join("agent"), &toml);
         Net {
             server,
-            _portal: portal,
+            portal,
             relay,
             agent,
             device,
@@ -151,6 +151,81 @@ async fn source_port_rebinding_mid_download_keeps_the_connection() {
     );
     assert_eq!(net.agent.status.get().since, since, "no reconnect");
     assert_eq!(net.agent.status.get().state, State::Connected);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pages_uploads_and_a_websocket_stay_exact_under_loss_delay_reordering_and_duplication() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let net = Net::start(Impair::default(), "").await;
+    let since = net.agent.connected().await.since;
+    let mut v = net.visitor().await;
+    assert_eq!(v.get("/").await.status(), 200);
+    net.relay.set_both(Impair {
+        drop_pct: 5.0,
+        burst_max: 3,
+        delay: Duration::from_millis(5),
+        jitter: Duration::from_millis(5),
+        reorder_pct: 10.0,
+        dup_pct: 2.0,
+    });
+    let hits = net.portal.hits();
+    let limit = Duration::from_secs(60);
+    let (mut ws, _) = tokio::time::timeout(limit, v.websocket(&v.origin))
+        .await
+        .expect("WebSocket opened within 60 s")
+        .expect("WebSocket opened");
+    // Bursts of messages in flight at once, so the path can reorder them.
+    for burst in 0..4 {
+        let sent: Vec<String> = (0..50).map(|i| format!("{burst}:{i}")).collect();
+        for m in &sent {
+            ws.send(Message::text(m.clone())).await.unwrap();
+        }
+        for m in &sent {
+            let got = tokio::time::timeout(limit, ws.next())
+                .await
+                .expect("echo within 60 s")
+                .expect("socket open")
+                .unwrap();
+            assert_eq!(
+                got.to_text().unwrap(),
+                m,
+                "messages in order, none lost or repeated"
+            );
+        }
+    }
+    let body = pattern_bytes(0, 256 << 10);
+    let want = hex::encode(ring::digest::digest(&ring::digest::SHA256, &body).as_ref());
+    for _ in 0..5 {
+        let r = tokio::time::timeout(
+            limit,
+            v.request(reqwest::Method::POST, "/upload")
+                .body(body.clone())
+                .send(),
+        )
+        .await
+        .expect("upload answered within 60 s")
+        .unwrap();
+        assert_eq!(r.status(), 200);
+        let echo: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(echo["len"], body.len());
+        assert_eq!(echo["sha256"], want.as_str());
+        let page = tokio::time::timeout(limit, v.get("/"))
+            .await
+            .expect("page within 60 s");
+        assert_eq!(page.status(), 200);
+    }
+    // One upgrade, five uploads, five pages: each reached the portal exactly once.
+    assert_eq!(
+        net.portal.hits() - hits,
+        11,
+        "no request sent to the portal twice"
+    );
+    ws.close(None).await.unwrap();
+    let stats = &net.relay.stats;
+    use std::sync::atomic::Ordering::Relaxed;
+    assert!(stats.dropped.load(Relaxed) > 0 && stats.duplicated.load(Relaxed) > 0);
+    assert_eq!(net.agent.status.get().since, since, "no reconnect");
 }
 
 /// The shipped heartbeat (30 s) instead of the tests' 1 s, so only keep-alives keep a NAT
