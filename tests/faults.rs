@@ -350,6 +350,72 @@ async fn a_blackhole_gives_502_is_detected_and_the_agent_returns_within_10s() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn blocked_udp_is_named_in_the_status_while_tcp_answers() {
+    use std::sync::atomic::Ordering::Relaxed;
+    // The relay passes TCP (activation) and drops every UDP datagram: a firewall that blocks
+    // UDP. The agent activates, then every QUIC attempt gets silence.
+    let net = Net::start(Impair::loss(100.0), "").await;
+    let t0 = Instant::now();
+    let s = net
+        .agent
+        .wait(Duration::from_secs(30), |s| {
+            s.message
+                .as_deref()
+                .is_some_and(|m| m.contains("looks blocked"))
+        })
+        .await;
+    eprintln!("status after {:?}: {:?}", t0.elapsed(), s.message);
+    assert_eq!(s.state, State::Reconnecting);
+    assert_eq!(
+        s.reason,
+        Some(pbx_remote::protocol::Reason::ServerUnreachable)
+    );
+    let m = s.message.unwrap();
+    assert!(
+        m.contains("UDP") && m.contains(&net.relay.addr.port().to_string()),
+        "{m}"
+    );
+    // Retries are paced: QUIC's own retransmissions and the backoff, not a busy loop.
+    let sent = net.relay.stats.dropped.load(Relaxed);
+    let elapsed = t0.elapsed().as_secs_f64();
+    eprintln!("{sent} datagrams dropped in {elapsed:.1} s");
+    assert!(
+        (sent as f64) < 10.0 * elapsed.max(1.0),
+        "{sent} datagrams in {elapsed:.1} s"
+    );
+    net.relay.set_both(Impair::default());
+    net.agent
+        .wait(Duration::from_secs(15), |s| s.state == State::Connected)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_down_on_udp_and_tcp_is_told_apart_from_blocked_udp() {
+    let World {
+        server,
+        agent,
+        portal: _portal,
+        tmp: _tmp,
+        ..
+    } = World::start(false, "").await;
+    let address = server.tunnel;
+    server.shutdown().await;
+    let s = agent
+        .wait(Duration::from_secs(30), |s| {
+            s.message
+                .as_deref()
+                .is_some_and(|m| m.contains("down or unreachable"))
+        })
+        .await;
+    let m = s.message.unwrap();
+    eprintln!("{m}");
+    assert!(
+        m.contains(&address.to_string()) && !m.contains("blocked"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_slow_portal_gives_504_within_the_portal_timeout_while_the_tunnel_stays() {
     let w = World::start_with_toml(false, |t| {
         t.replace("drain_secs = 2", "drain_secs = 2\nportal_timeout_secs = 2")

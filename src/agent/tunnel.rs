@@ -98,20 +98,21 @@ impl Tunnel {
             established,
             uptime: started.elapsed(),
         };
+        // What the attempt got to, for the message if it times out.
+        let progress = std::sync::Mutex::new(Progress::default());
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => return End::Shutdown,
-            r = tokio::time::timeout(CONNECT_TIMEOUT, self.connect()) => r,
+            r = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(&progress)) => r,
         };
         let (endpoint, conn, send, recv) = match attempt {
             Err(_) => {
-                return lost(
-                    Reason::ServerUnreachable,
-                    format!(
-                    "no answer from {} within {CONNECT_TIMEOUT:?} (is UDP to that port allowed?)",
-                    self.config().server.address
-                ),
-                    false,
-                )
+                let progress = progress.lock().map(|p| p.clone()).unwrap_or_default();
+                let server = self.config().server.address.to_string();
+                let message = tokio::select! {
+                    _ = shutdown.cancelled() => return End::Shutdown,
+                    m = silence_message(&server, progress) => m,
+                };
+                return lost(Reason::ServerUnreachable, message, false);
             }
             Ok(Err(ConnectFailure { reason, message })) => return lost(reason, message, false),
             Ok(Ok(parts)) => parts,
@@ -185,6 +186,7 @@ impl Tunnel {
 
     async fn connect(
         &self,
+        progress: &std::sync::Mutex<Progress>,
     ) -> Result<
         (
             quinn::Endpoint,
@@ -205,6 +207,9 @@ impl Tunnel {
             .map_err(|e| unreachable(format!("cannot resolve {}: {e}", server.host)))?
             .next()
             .ok_or_else(|| unreachable(format!("{} resolved to no address", server.host)))?;
+        if let Ok(mut p) = progress.lock() {
+            p.addr = Some(addr);
+        }
         let bind: SocketAddr = if addr.is_ipv4() {
             "0.0.0.0:0"
                 .parse()
@@ -230,6 +235,13 @@ impl Tunnel {
                 reason: Reason::TlsError,
                 message: format!("cannot start QUIC to {server}: {e}"),
             })?;
+        let mut connecting = connecting;
+        // Resolves once the server's first handshake flight is in: UDP gets through.
+        if connecting.handshake_data().await.is_ok() {
+            if let Ok(mut p) = progress.lock() {
+                p.heard_from_server = true;
+            }
+        }
         let conn = connecting.await.map_err(|e| {
             let (reason, message) = classify(&e);
             ConnectFailure { reason, message }
@@ -285,6 +297,54 @@ impl Tunnel {
                 })
             }
         }
+    }
+}
+
+/// How far a connection attempt got.
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    /// The address dialled.
+    addr: Option<SocketAddr>,
+    /// The server's first handshake packets arrived.
+    heard_from_server: bool,
+}
+
+/// How long the TCP probe after a silent QUIC attempt may take.
+const TCP_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why an attempt that timed out got nowhere. When not a single QUIC packet came back, a TCP
+/// connect to the same address and port tells a firewall that drops UDP (the server answers on
+/// TCP, where activation goes) from a server or network that is down.
+async fn silence_message(server: &str, progress: Progress) -> String {
+    let Some(addr) = progress.addr else {
+        return format!("{server} was not resolved within {CONNECT_TIMEOUT:?}");
+    };
+    // The address beside a name, not beside itself.
+    let server = if server == addr.to_string() {
+        server.to_string()
+    } else {
+        format!("{server} ({addr})")
+    };
+    if progress.heard_from_server {
+        return format!(
+            "the QUIC handshake with {server} began but did not finish within \
+             {CONNECT_TIMEOUT:?} (heavy packet loss on the path?)"
+        );
+    }
+    match tokio::time::timeout(TCP_PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => format!(
+            "UDP to {server} looks blocked: TCP to that port answers, but no QUIC \
+             packet came back within {CONNECT_TIMEOUT:?}; allow outbound UDP to port {}",
+            addr.port()
+        ),
+        Ok(Err(e)) => format!(
+            "no answer from {server} on UDP within {CONNECT_TIMEOUT:?}, and TCP to \
+             that port failed too ({e}): the server is down or unreachable from here"
+        ),
+        Err(_) => format!(
+            "no answer from {server} on UDP within {CONNECT_TIMEOUT:?} or on TCP \
+             within {TCP_PROBE_TIMEOUT:?}: the server is down or unreachable from here"
+        ),
     }
 }
 
