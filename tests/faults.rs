@@ -242,24 +242,21 @@ fn relay_bytes(relay: &Relay) -> u64 {
     relay.stats.bytes_up.load(Relaxed) + relay.stats.bytes_down.load(Relaxed)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_idle_tunnel_outlives_a_nat_that_forgets_mappings_after_8s() {
+/// A connected tunnel left idle for `idle` behind a NAT that forgets a mapping after `nat`
+/// without a packet from the agent, then used: it must answer on the same connection, the
+/// mapping never having lapsed. Prints the traffic of the idle period.
+async fn idle_behind_a_nat(nat: Duration, idle: Duration) {
     use std::sync::atomic::Ordering::Relaxed;
     let net = Net::start_edited(Impair::default(), "", quiet_heartbeat).await;
     let since = net.agent.connected().await.since;
     let mut v = net.visitor().await;
     assert_eq!(v.get("/").await.status(), 200);
-    // Twice the keep-alive interval; the idle period outlasts the idle timeout, so a tunnel
-    // without keep-alives would be closed and one with too rare keep-alives would lose its
-    // mapping.
-    let nat = 2 * pbx_remote::protocol::KEEPALIVE;
     net.relay.nat_timeout(Some(nat));
-    let idle = pbx_remote::protocol::IDLE_TIMEOUT + Duration::from_secs(5);
     let before = relay_bytes(&net.relay);
     // No traffic on purpose: the silence is what this test is about.
     tokio::time::sleep(idle).await;
     let per_min = (relay_bytes(&net.relay) - before) as f64 * 60.0 / idle.as_secs_f64();
-    eprintln!("keep-alive traffic of an idle tunnel: {per_min:.0} B/min, both ways");
+    eprintln!("{idle:?} idle behind a NAT forgetting after {nat:?}: {per_min:.0} B/min both ways");
     assert_eq!(
         net.relay.stats.nat_expiries.load(Relaxed),
         0,
@@ -270,6 +267,19 @@ async fn an_idle_tunnel_outlives_a_nat_that_forgets_mappings_after_8s() {
         .expect("answered after the idle period");
     assert_eq!(r.status(), 200);
     assert_eq!(net.agent.status.get().since, since, "no reconnect");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_tunnel_outlives_a_nat_that_forgets_mappings_after_8s() {
+    // Twice the keep-alive interval; the idle period outlasts the idle timeout, so a tunnel
+    // without keep-alives would be closed and one with too rare keep-alives would lose its
+    // mapping.
+    let nat = 2 * pbx_remote::protocol::KEEPALIVE;
+    idle_behind_a_nat(
+        nat,
+        pbx_remote::protocol::IDLE_TIMEOUT + Duration::from_secs(5),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -570,6 +580,12 @@ async fn hostile_heads_and_floods_get_limits_and_others_keep_working() {
 }
 
 // Longer variants: `tests/run-long.sh` runs them (not CI).
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "long: run by tests/run-long.sh"]
+async fn long_10_minutes_idle_behind_a_nat_with_a_30s_udp_timeout() {
+    idle_behind_a_nat(Duration::from_secs(30), Duration::from_secs(600)).await;
+}
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "long: run by tests/run-long.sh"]
