@@ -314,9 +314,9 @@ printf '%-24s %10s %10s %8s' "metric" "direct" "tunnel" "ratio"
 echo
 for m in "bulk MB/s:bulk" "small req/s c=32:rps" "p99 ms c=32:p99" "p50 ms c=1:c1" "burst p99 ms c=256:burst" "burst req/s c=256:brps"; do
   label=${m%%:*}; key=${m##*:}
-  d=$(median ${R[direct.$key]}); tn=$(median ${R[tunnel.$key]})
+  d=$(median ${R[direct.$key]:-}); tn=$(median ${R[tunnel.$key]:-})
   printf '%-24s %10s %10s %8s' "$label" "$d" "$tn" "$(ratio "$tn" "$d")"
-  if [ -n "$RATHOLE" ]; then rh=$(median ${R[rathole.$key]}); printf ' %10s %8s' "$rh" "$(ratio "$rh" "$d")"; fi
+  if [ -n "$RATHOLE" ]; then rh=$(median ${R[rathole.$key]:-}); printf ' %10s %8s' "$rh" "$(ratio "$rh" "$d")"; fi
   echo
 done
 echo
