@@ -43,6 +43,54 @@ impl Backoff {
     }
 }
 
+/// How often a failure that keeps repeating unchanged is logged again.
+pub const REPEAT_LOG_EVERY: Duration = Duration::from_secs(300);
+
+/// Decides which failed attempts of a retry loop reach the log, so an outage of hours leaves a
+/// handful of lines rather than one per backoff step: the first failure, every change of reason
+/// or message, and while one failure repeats, a line every [`REPEAT_LOG_EVERY`] with the count.
+#[derive(Debug, Default)]
+pub struct RetryLog {
+    /// The failure last logged, and when.
+    last: Option<(String, std::time::Instant)>,
+    /// Failures like it since it was logged.
+    repeats: u32,
+}
+
+impl RetryLog {
+    /// A failed attempt described by `what` at `now`: the line to log, if any.
+    pub fn failed(&mut self, what: &str, now: std::time::Instant) -> Option<String> {
+        match &self.last {
+            Some((last, at)) if last == what => {
+                self.repeats += 1;
+                if now.duration_since(*at) < REPEAT_LOG_EVERY {
+                    return None;
+                }
+                let line = format!(
+                    "{what} (failed {} more times in the last {} s)",
+                    self.repeats,
+                    now.duration_since(*at).as_secs()
+                );
+                self.last = Some((what.to_string(), now));
+                self.repeats = 0;
+                Some(line)
+            }
+            _ => {
+                self.last = Some((what.to_string(), now));
+                self.repeats = 0;
+                Some(what.to_string())
+            }
+        }
+    }
+
+    /// The loop succeeded: the next failure is news again. Returns how many failures went
+    /// unlogged since the last line.
+    pub fn succeeded(&mut self) -> u32 {
+        self.last = None;
+        std::mem::take(&mut self.repeats)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +115,41 @@ mod tests {
         let mut b = Backoff::new(Duration::from_secs(10), Duration::from_secs(10));
         let delays: std::collections::HashSet<_> = (0..20).map(|_| b.next_delay()).collect();
         assert!(delays.len() > 10);
+    }
+
+    #[test]
+    fn a_repeating_failure_is_logged_first_then_every_five_minutes_with_its_count() {
+        let t0 = std::time::Instant::now();
+        let mut log = RetryLog::default();
+        assert_eq!(log.failed("down", t0).as_deref(), Some("down"));
+        for i in 1..=10 {
+            assert_eq!(log.failed("down", t0 + Duration::from_secs(9 * i)), None);
+        }
+        let again = log
+            .failed("down", t0 + REPEAT_LOG_EVERY + Duration::from_secs(1))
+            .unwrap();
+        assert_eq!(again, "down (failed 11 more times in the last 301 s)");
+        assert_eq!(
+            log.failed("down", t0 + REPEAT_LOG_EVERY + Duration::from_secs(5)),
+            None
+        );
+    }
+
+    #[test]
+    fn a_new_failure_is_logged_at_once_and_success_makes_the_next_one_news() {
+        let t0 = std::time::Instant::now();
+        let mut log = RetryLog::default();
+        assert!(log.failed("udp blocked", t0).is_some());
+        assert_eq!(log.failed("udp blocked", t0), None);
+        assert_eq!(
+            log.failed("server down", t0).as_deref(),
+            Some("server down")
+        );
+        assert_eq!(log.failed("server down", t0), None);
+        assert_eq!(log.succeeded(), 1);
+        assert_eq!(
+            log.failed("server down", t0).as_deref(),
+            Some("server down")
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! The server as a real process: killed with SIGKILL and restarted, and `demo`.
+//! The server as a real process: killed with SIGKILL and restarted, and `demo`; the agent as a
+//! real process against a server that refuses it (what reaches its log).
 
 mod support;
 
@@ -248,4 +249,56 @@ fn demo_prints_links_that_answer() {
         .unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+/// An agent whose server refuses every connection retries at each backoff step but says so in
+/// its log once, not once per attempt.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_server_is_logged_once_not_at_every_retry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("agent");
+    std::fs::create_dir_all(&dir).unwrap();
+    let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = dir.join("agent.toml");
+    let pin = "ab".repeat(32);
+    std::fs::write(
+        &config,
+        agent_toml(closed, &pin, "123456", "http://127.0.0.1:9", &dir, ""),
+    )
+    .unwrap();
+    let stderr = tmp.path().join("stderr");
+    let mut agent = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_pbx-remote-agent"))
+            .args(["run", "-c"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // Each attempt sets a new next_retry_at; wait for five of them.
+    let status_file = dir.join("status.json");
+    let mut retries = std::collections::BTreeSet::new();
+    eventually(Duration::from_secs(60), "five activation attempts", || {
+        if let Ok(s) = pbx_remote::status::read(&status_file) {
+            if let Some(at) = s.next_retry_at {
+                retries.insert(at);
+            }
+        }
+        (retries.len() >= 5).then_some(())
+    })
+    .await;
+    let _ = agent.0.kill();
+    let _ = agent.0.wait();
+    let log = std::fs::read_to_string(&stderr).unwrap();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("activation failed"))
+        .count();
+    assert_eq!(lines, 1, "{} attempts, log:\n{log}", retries.len());
+    assert!(
+        log.contains(&closed.to_string()),
+        "the log names the server:\n{log}"
+    );
 }

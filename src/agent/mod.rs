@@ -16,7 +16,7 @@ pub mod telemetry;
 pub mod tunnel;
 pub mod wsframe;
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, RetryLog};
 use crate::config::AgentConfig;
 use crate::protocol::Reason;
 use crate::status::{rfc3339, State, Status, StatusHandle};
@@ -249,6 +249,8 @@ async fn run_inner(
     let state_dir = StateDir::open(&config.paths.state_dir)?;
     let trust = activation::server_trust(&config);
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
+    // Failed attempts reach the log when they are news, not at every backoff step.
+    let mut retry_log = RetryLog::default();
 
     let fingerprint = state::activation_fingerprint(&config);
     if let Some(device) = state_dir.removed(&fingerprint)? {
@@ -286,6 +288,7 @@ async fn run_inner(
             Ok(found) => {
                 tracing::info!(device = %found.0.device_id, "activated");
                 backoff.reset();
+                retry_log.succeeded();
                 break found;
             }
             Err(ActivationError::Rejected { reason, message }) => {
@@ -295,7 +298,11 @@ async fn run_inner(
                 return Ok(());
             }
             Err(ActivationError::Retry { reason, message }) => {
-                tracing::warn!(%reason, %message, "activation failed; will retry");
+                if let Some(line) =
+                    retry_log.failed(&format!("{reason}: {message}"), std::time::Instant::now())
+                {
+                    tracing::warn!(message = %line, "activation failed; will retry");
+                }
                 if !sleep_retry(
                     status,
                     &mut backoff,
@@ -364,6 +371,14 @@ async fn run_inner(
                     status.set(State::Failed, Some(reason), Some(message));
                     shutdown.cancelled().await;
                     return Ok(());
+                }
+                if established {
+                    // Its loss is logged as "tunnel lost"; later failures are news again.
+                    retry_log.succeeded();
+                } else if let Some(line) =
+                    retry_log.failed(&format!("{reason}: {message}"), std::time::Instant::now())
+                {
+                    tracing::warn!(message = %line, "tunnel not connected; will retry");
                 }
                 // A replaced connection keeps its backoff so two clones cannot flap faster.
                 if established && uptime >= STABLE_AFTER && reason != Reason::Replaced {
