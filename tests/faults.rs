@@ -425,6 +425,100 @@ async fn a_server_down_on_udp_and_tcp_is_told_apart_from_blocked_udp() {
     );
 }
 
+/// A tmpfs mounted for one test, lazily unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// `None` where mounting is refused (needs root).
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+            .then(|| Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_stops_neither_the_tunnel_nor_logins() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("disk");
+    let Some(_mounted) = Tmpfs::mount(&disk, "1m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let server = TestServer::start().await;
+    let portal = PortalFixture::start().await;
+    let (device, code) = server.add_device(false);
+    // State directory, status file and audit log all on the small disk.
+    let dir = disk.join("agent");
+    let toml = agent_toml(server.tunnel, &server.pin, &code, &portal.url(), &dir, "");
+    let agent = TestAgent::start(&dir, &toml);
+    let since = agent.connected().await.since;
+    let audit = dir.join("state/audit.log");
+
+    let mut filler = std::fs::File::create(disk.join("filler")).unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    let mut full = false;
+    for _ in 0..64 {
+        if filler.write_all(&chunk).is_err() {
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "1 MiB tmpfs filled");
+    let audit_before = std::fs::read_to_string(&audit).unwrap_or_default();
+
+    let url = server.visit(&device, "alice", false);
+    let mut v = Visitor::new(server.public, &device);
+    v.open_visit(&url).await;
+    assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
+    for _ in 0..3 {
+        assert_eq!(v.get("/").await.status(), 200);
+    }
+    assert_eq!(agent.status.get().active_sessions.len(), 1);
+    assert_eq!(
+        std::fs::read_to_string(&audit).unwrap_or_default(),
+        audit_before,
+        "the disk really was full: the login could not be audited"
+    );
+    assert_eq!(agent.status.get().since, since, "no reconnect");
+    assert!(!agent.task.is_finished(), "the agent never exits");
+
+    // Space again: the next event and status change are written.
+    drop(filler);
+    std::fs::remove_file(disk.join("filler")).unwrap();
+    assert_eq!(v.get("/__remote/logout").await.status(), 200);
+    eventually(
+        Duration::from_secs(10),
+        "logout audited and status written",
+        || {
+            let logged = std::fs::read_to_string(&audit)
+                .unwrap_or_default()
+                .contains("\"logout\"");
+            let written = pbx_remote::status::read(&dir.join("status.json"))
+                .is_ok_and(|s| s.state == State::Connected && s.active_sessions.is_empty());
+            (logged && written).then_some(())
+        },
+    )
+    .await;
+    agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_portal_gives_504_within_the_portal_timeout_while_the_tunnel_stays() {
     let w = World::start_with_toml(false, |t| {
