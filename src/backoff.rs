@@ -83,11 +83,11 @@ impl RetryLog {
         }
     }
 
-    /// The loop succeeded: the next failure is news again. Returns how many failures went
-    /// unlogged since the last line.
-    pub fn succeeded(&mut self) -> u32 {
-        self.last = None;
-        std::mem::take(&mut self.repeats)
+    /// The loop succeeded: the next failure is news again. `None` if nothing had failed;
+    /// otherwise how many failures went unlogged since the last line.
+    pub fn succeeded(&mut self) -> Option<u32> {
+        self.last.take()?;
+        Some(std::mem::take(&mut self.repeats))
     }
 }
 
@@ -146,7 +146,8 @@ mod tests {
             Some("server down")
         );
         assert_eq!(log.failed("server down", t0), None);
-        assert_eq!(log.succeeded(), 1);
+        assert_eq!(log.succeeded(), Some(1));
+        assert_eq!(log.succeeded(), None);
         assert_eq!(
             log.failed("server down", t0).as_deref(),
             Some("server down")

@@ -132,8 +132,9 @@ struct Inner {
     path: PathBuf,
     tx: watch::Sender<Status>,
     /// Serialises file writes: each reads the latest status while holding it, so the file
-    /// always ends at the newest state even when tasks update at once.
-    writing: std::sync::Mutex<()>,
+    /// always ends at the newest state even when tasks update at once. It also holds which
+    /// write failures were logged, so a full disk is not warned about at every change.
+    writing: std::sync::Mutex<crate::backoff::RetryLog>,
 }
 
 impl StatusHandle {
@@ -144,7 +145,7 @@ impl StatusHandle {
             inner: Arc::new(Inner {
                 path,
                 tx,
-                writing: std::sync::Mutex::new(()),
+                writing: std::sync::Mutex::new(crate::backoff::RetryLog::default()),
             }),
         };
         h.write();
@@ -191,7 +192,7 @@ impl StatusHandle {
 
     fn write(&self) {
         // Invariant: nothing panics while the lock is held; a poisoned lock guards no data.
-        let _writing = self.inner.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failures = self.inner.writing.lock().unwrap_or_else(|p| p.into_inner());
         self.inner.tx.send_modify(|s| {
             s.pid = std::process::id();
             s.updated_at = rfc3339(SystemTime::now());
@@ -205,9 +206,18 @@ impl StatusHandle {
                 }
                 crate::fsutil::write_atomic(&self.inner.path, &json, 0o644)
             });
-        if let Err(e) = result {
+        match result {
             // A full disk must not stop the tunnel; the in-memory status stays right.
-            tracing::warn!(error = %format!("{e:#}"), "cannot write status file");
+            Err(e) => {
+                if let Some(line) = failures.failed(&format!("{e:#}"), std::time::Instant::now()) {
+                    tracing::warn!(error = %line, file = %self.inner.path.display(), "cannot write status file");
+                }
+            }
+            Ok(()) => {
+                if let Some(unlogged) = failures.succeeded() {
+                    tracing::info!(file = %self.inner.path.display(), unlogged_failures = unlogged, "status file written again");
+                }
+            }
         }
     }
 }
