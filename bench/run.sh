@@ -207,10 +207,11 @@ udp_out() { awk '/^Udp:/ { n++; if (n == 2) print $5 }' /proc/net/snmp; }   # Ou
 cpu_ticks() { # PID... → summed utime+stime clock ticks
   local sum=0 p; for p in "$@"; do sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$sum"
 }
+# The server process, for the measuring modes below.
+SERVER_PID=$(pgrep -f "pbx-remote-server run --data-dir $T/data" | head -1 || true)
 if [ "${BENCH_PERF:-}" = cpu ]; then
   # Where the CPU goes: each process's CPU seconds for the same work, direct and through the
   # tunnel (the client's share is the elapsed time × 2 cores minus the rest, roughly).
-  SERVER_PID=$(pgrep -f "pbx-remote-server run --data-dir $T/data" | head -1)
   NGINX_PIDS=$(pgrep -f "nginx: worker process" | tr '\n' ' ')
   HZ=$(getconf CLK_TCK)
   for t in direct tunnel; do
@@ -237,7 +238,6 @@ if [ "${BENCH_PERF:-}" = strace ]; then
   # System calls per tunnel request: strace counts the agent's and the server's calls during
   # one c=32 run (strace slows both down; the counts per request are what matter).
   need strace strace
-  SERVER_PID=$(pgrep -f "pbx-remote-server run --data-dir $T/data" | head -1)
   strace -c -f -p "$AGENT_PID" -o "$T/agent.strace" & P1=$!
   strace -c -f -p "$SERVER_PID" -o "$T/server.strace" & P2=$!
   sleep 1
@@ -254,7 +254,6 @@ if [ -n "${BENCH_PERF:-}" ]; then
   # Profile agent and server under the small-request load (BENCH_PERF=bulk: under bulk
   # downloads) instead of benchmarking. BENCH_PERF_G: perf's call-graph option (default -g;
   # "--call-graph dwarf" unwinds the release build, which has no frame pointers).
-  SERVER_PID=$(pgrep -f "pbx-remote-server run --data-dir $T/data" | head -1 || true)
   echo "profiling agent $AGENT_PID, server $SERVER_PID" >&2
   perf record -F 999 ${BENCH_PERF_G:--g} -p "$AGENT_PID" -o "$T/agent.perf" -- sleep 6 >/dev/null 2>&1 & P1=$!
   perf record -F 999 ${BENCH_PERF_G:--g} -p "$SERVER_PID" -o "$T/server.perf" -- sleep 6 >/dev/null 2>&1 & P2=$!
@@ -273,6 +272,7 @@ if [ -n "${BENCH_PERF:-}" ]; then
 fi
 declare -A R
 add() { R[$1]="${R[$1]:-} $2"; }   # add KEY VALUE: collects one value per round
+latest() { echo ${R[$1]:-} | awk '{print $NF}'; }   # latest KEY: the value last added
 watch_rss() { # samples the agent's RSS while a load runs; prints the peak
   local peak=0 now
   while [ -e "$T/loading" ]; do now=$(rss_kib); [ "$now" -gt "$peak" ] && peak=$now; sleep 0.05; done
@@ -297,7 +297,7 @@ for r in $(seq "$ROUNDS"); do
   done
   line="round $r:"
   for t in "${TARGETS[@]}"; do
-    line="$line $t[bulk $(echo ${R[$t.bulk]:-} | awk '{print $NF}') rps $(echo ${R[$t.rps]:-} | awk '{print $NF}') p99 $(echo ${R[$t.p99]:-} | awk '{print $NF}') burst $(echo ${R[$t.burst]:-} | awk '{print $NF}') at $(echo ${R[$t.brps]:-} | awk '{print $NF}') req/s]"
+    line="$line $t[bulk $(latest "$t.bulk") rps $(latest "$t.rps") p99 $(latest "$t.p99") burst $(latest "$t.burst") at $(latest "$t.brps") req/s]"
   done
   echo "$line" >&2
 done

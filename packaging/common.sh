@@ -22,11 +22,13 @@ pbxra_dirs() {
 }
 pbxra_systemd() { [ -d /run/systemd/system ]; }
 pbxra_sysctl() {
-  # The UDP buffer ceilings of /usr/lib/sysctl.d/30-pbx-remote-agent.conf, now rather than at the
-  # next boot; a higher value already set is kept. Best effort (a container may forbid it).
-  for k in rmem_max wmem_max; do
-    f=/proc/sys/net/core/$k
+  # The ceilings of the shipped sysctl.d file, now rather than at the next boot; a higher value
+  # already set is kept. Best effort (a container may forbid it).
+  conf=/usr/lib/sysctl.d/30-pbx-remote-agent.conf
+  [ -r "$conf" ] || return 0
+  grep '^net\.' "$conf" | while read -r key _ want; do
+    f=/proc/sys/$(echo "$key" | tr . /)
     [ -w "$f" ] || continue
-    [ "$(cat "$f" 2>/dev/null || echo 0)" -ge 4194304 ] || echo 4194304 >"$f" 2>/dev/null || true
+    [ "$(cat "$f" 2>/dev/null || echo 0)" -ge "$want" ] || echo "$want" >"$f" 2>/dev/null || true
   done
 }

@@ -195,7 +195,7 @@ async fn pages_uploads_and_a_websocket_stay_exact_under_loss_delay_reordering_an
         }
     }
     let body = pattern_bytes(0, 256 << 10);
-    let want = hex::encode(ring::digest::digest(&ring::digest::SHA256, &body).as_ref());
+    let want = pattern_sha256(body.len() as u64);
     for _ in 0..5 {
         let r = tokio::time::timeout(
             limit,
@@ -359,6 +359,15 @@ async fn a_blackhole_gives_502_is_detected_and_the_agent_returns_within_10s() {
     assert_eq!(v.get("/").await.status(), 200);
 }
 
+/// The agent's status once its message says `words` (within 30 s).
+async fn status_saying(agent: &TestAgent, words: &str) -> pbx_remote::status::Status {
+    agent
+        .wait(Duration::from_secs(30), |s| {
+            s.message.as_deref().is_some_and(|m| m.contains(words))
+        })
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn blocked_udp_is_named_in_the_status_while_tcp_answers() {
     use std::sync::atomic::Ordering::Relaxed;
@@ -366,14 +375,7 @@ async fn blocked_udp_is_named_in_the_status_while_tcp_answers() {
     // UDP. The agent activates, then every QUIC attempt gets silence.
     let net = Net::start(Impair::loss(100.0), "").await;
     let t0 = Instant::now();
-    let s = net
-        .agent
-        .wait(Duration::from_secs(30), |s| {
-            s.message
-                .as_deref()
-                .is_some_and(|m| m.contains("looks blocked"))
-        })
-        .await;
+    let s = status_saying(&net.agent, "looks blocked").await;
     eprintln!("status after {:?}: {:?}", t0.elapsed(), s.message);
     assert_eq!(s.state, State::Reconnecting);
     assert_eq!(
@@ -410,13 +412,7 @@ async fn a_server_down_on_udp_and_tcp_is_told_apart_from_blocked_udp() {
     } = World::start(false, "").await;
     let address = server.tunnel;
     server.shutdown().await;
-    let s = agent
-        .wait(Duration::from_secs(30), |s| {
-            s.message
-                .as_deref()
-                .is_some_and(|m| m.contains("down or unreachable"))
-        })
-        .await;
+    let s = status_saying(&agent, "down or unreachable").await;
     let m = s.message.unwrap();
     eprintln!("{m}");
     assert!(

@@ -229,13 +229,12 @@ impl Tunnel {
                 )
             })
             .map_err(|e| unreachable(format!("cannot open a UDP socket: {e}")))?;
-        let connecting = endpoint
+        let mut connecting = endpoint
             .connect_with(self.client.clone(), addr, &server.host)
             .map_err(|e| ConnectFailure {
                 reason: Reason::TlsError,
                 message: format!("cannot start QUIC to {server}: {e}"),
             })?;
-        let mut connecting = connecting;
         // Resolves once the server's first handshake flight is in: UDP gets through.
         if connecting.handshake_data().await.is_ok() {
             if let Ok(mut p) = progress.lock() {

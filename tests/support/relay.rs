@@ -201,7 +201,8 @@ async fn forward_tcp(listener: TcpListener, server: SocketAddr, stop: Cancellati
 
 /// What to do with one packet.
 enum Fate {
-    Drop,
+    /// Lost: to the blackhole or to the loss rate.
+    Drop { blackholed: bool },
     Send {
         after: Duration,
         copies: u8,
@@ -236,7 +237,7 @@ impl Control {
 
     fn fate(&mut self, upstream: bool) -> Fate {
         if self.blackhole {
-            return Fate::Drop;
+            return Fate::Drop { blackholed: true };
         }
         let i = if upstream { &self.up } else { &self.down };
         let (drop_pct, burst_max, delay, jitter, reorder_pct, dup_pct) = (
@@ -254,7 +255,7 @@ impl Control {
         };
         if *burst > 0 {
             *burst -= 1;
-            return Fate::Drop;
+            return Fate::Drop { blackholed: false };
         }
         if self.rng.chance(drop_pct) {
             let len = if burst_max > 1 {
@@ -268,7 +269,7 @@ impl Control {
                 &mut self.burst_down
             };
             *burst = len - 1;
-            return Fate::Drop;
+            return Fate::Drop { blackholed: false };
         }
         let mut after = delay + self.rng.upto(jitter);
         let held = self.rng.chance(reorder_pct);
@@ -323,12 +324,16 @@ async fn forward_udp(
         let Some(from) = from else { continue };
         *agent.lock().unwrap() = Some(from);
         let fate = ctl.lock().unwrap().fate(true);
-        if let Fate::Send { copies, .. } = fate {
-            stats
-                .bytes_up
-                .fetch_add((n * usize::from(copies)) as u64, Ordering::Relaxed);
-        }
-        send(&upstream, &up_line, &buf[..n], server, fate, &stats, &ctl).await;
+        send(
+            &upstream,
+            &up_line,
+            &buf[..n],
+            server,
+            fate,
+            &stats,
+            &stats.bytes_up,
+        )
+        .await;
     }
     upstream_stop.cancel();
 }
@@ -368,12 +373,16 @@ async fn new_upstream(
                 }
                 c.fate(false)
             };
-            if let Fate::Send { copies, .. } = fate {
-                stats
-                    .bytes_down
-                    .fetch_add((n * usize::from(copies)) as u64, Ordering::Relaxed);
-            }
-            send(&front, &down_line, &buf[..n], to, fate, &stats, &ctl).await;
+            send(
+                &front,
+                &down_line,
+                &buf[..n],
+                to,
+                fate,
+                &stats,
+                &stats.bytes_down,
+            )
+            .await;
         }
     });
     sock
@@ -386,15 +395,15 @@ async fn send(
     to: SocketAddr,
     fate: Fate,
     stats: &RelayStats,
-    ctl: &Arc<Mutex<Control>>,
+    // This direction's byte counter.
+    bytes: &AtomicU64,
 ) {
     match fate {
-        Fate::Drop => {
-            if ctl.lock().unwrap().blackhole {
-                stats.blackholed.fetch_add(1, Ordering::Relaxed);
-            } else {
-                stats.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        Fate::Drop { blackholed: true } => {
+            stats.blackholed.fetch_add(1, Ordering::Relaxed);
+        }
+        Fate::Drop { blackholed: false } => {
+            stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
         Fate::Send {
             after,
@@ -402,6 +411,10 @@ async fn send(
             held,
         } => {
             stats.forwarded.fetch_add(1, Ordering::Relaxed);
+            bytes.fetch_add(
+                (packet.len() * usize::from(copies)) as u64,
+                Ordering::Relaxed,
+            );
             if copies > 1 {
                 stats.duplicated.fetch_add(1, Ordering::Relaxed);
             }
