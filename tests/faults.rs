@@ -669,6 +669,82 @@ async fn hostile_heads_and_floods_get_limits_and_others_keep_working() {
     );
 }
 
+/// Writes `head` on a fresh connection to the front and returns the connection unread.
+async fn send_head(v: &Visitor, head: &str) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(v.public).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s
+}
+
+/// C6 open/cancel flood: requests abandoned by the thousand (closed tabs, or one session opening
+/// and dropping requests as fast as it can) leave nothing behind. The portal requests they started
+/// are cancelled — long before the portal timeout — the session gets its stream slots back, and
+/// the tunnel and other sessions carry on.
+#[tokio::test(flavor = "multi_thread")]
+async fn abandoned_requests_are_cancelled_at_the_portal_and_give_their_slots_back() {
+    use pbx_remote::server::hub::MAX_STREAMS_PER_GRANT;
+    let w = World::start_with_toml(false, |t| {
+        t.replace(
+            "drain_secs = 2",
+            "drain_secs = 2\nportal_timeout_secs = 600",
+        )
+    })
+    .await;
+    let since = w.agent.status.get().since;
+    let mut other = w.visitor("bob", false).await;
+    let v = w.visitor("mallory", false).await;
+    let head = format!(
+        "GET /slow HTTP/1.1\r\nHost: {}\r\nCookie: {}\r\n\r\n",
+        v.host,
+        v.cookie_header()
+    );
+    // The session's slots, less a few: a stream kept idle for one of the visitor's own
+    // connections holds a slot until the agent's head-read timeout closes it.
+    let slots = MAX_STREAMS_PER_GRANT - 8;
+    let mut abandoned = 0;
+    for round in 0..5 {
+        // The session's slots all held at the portal...
+        let mut held = vec![];
+        for _ in 0..slots {
+            held.push(send_head(&v, &head).await);
+        }
+        eventually(Duration::from_secs(20), "the portal holds them all", || {
+            (w.portal.held() == slots).then_some(())
+        })
+        .await;
+        // ...then 200 more opened and dropped at once, racing the full session, and all let go.
+        for _ in 0..200 {
+            drop(send_head(&v, &head).await);
+        }
+        abandoned += held.len() + 200;
+        drop(held);
+        let t0 = Instant::now();
+        eventually(
+            Duration::from_secs(20),
+            "abandoned requests cancelled at the portal",
+            || (w.portal.held() == 0 && w.portal.open() <= 1).then_some(()),
+        )
+        .await;
+        eprintln!(
+            "round {round}: {abandoned} abandoned so far; portal let go within {:?}",
+            t0.elapsed()
+        );
+        assert_eq!(other.get("/").await.status(), 200, "others keep working");
+    }
+
+    // The slots came back: the session can again fill them at once.
+    let mut full = tokio::task::JoinSet::new();
+    for _ in 0..slots {
+        let req = v.request(reqwest::Method::GET, "/delay/200");
+        full.spawn(async move { req.send().await.map(|r| r.status().as_u16()) });
+    }
+    while let Some(code) = full.join_next().await {
+        assert_eq!(code.unwrap().unwrap(), 200);
+    }
+    assert_eq!(w.agent.status.get().state, State::Connected);
+    assert_eq!(w.agent.status.get().since, since, "no reconnect");
+}
+
 // Longer variants: `tests/run-long.sh` runs them (not CI).
 
 #[tokio::test(flavor = "multi_thread")]

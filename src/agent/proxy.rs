@@ -93,6 +93,9 @@ pub async fn serve_stream(
             }
         };
     let header = Arc::new(header);
+    // Resolves with a code when the front stops reading this stream: the visitor went away, and
+    // with them any use for the answer.
+    let abandoned = send.stopped();
     let send = AckedSend {
         inner: send,
         acked: None,
@@ -121,6 +124,13 @@ pub async fn serve_stream(
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
+        // Dropping the connection cancels the portal request it waits on (hyper closes that
+        // portal connection), instead of holding it and a tunnel stream until the portal answers
+        // or times out: abandoned long requests must not pile up at the portal.
+        Ok(Some(_)) = abandoned => {
+            tracing::debug!("the front stopped reading; request abandoned");
+            return;
+        }
         // Draining: a request in progress finishes; a stream idle between requests ends now
         // instead of holding the drain until its head-read timeout.
         _ = stopping.cancelled() => {

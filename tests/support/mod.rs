@@ -61,6 +61,26 @@ pub struct PortalLog {
     pub requests: AtomicUsize,
     pub last_headers: Mutex<Vec<(String, String)>>,
     pub paths: Mutex<Vec<String>>,
+    /// Connections open now.
+    pub open: AtomicUsize,
+    /// `/slow` requests being held now (a cancelled one stops counting).
+    pub held: AtomicUsize,
+}
+
+/// Counts one in `n` while alive.
+struct Gauge<'a>(&'a AtomicUsize);
+
+impl<'a> Gauge<'a> {
+    fn up(n: &'a AtomicUsize) -> Gauge<'a> {
+        n.fetch_add(1, Ordering::SeqCst);
+        Gauge(n)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The portal fixture: `/` page, `/bytes/N`, `/upload`, `/headers`, `/ws` echo, `/redirect`,
@@ -90,6 +110,8 @@ impl PortalFixture {
                 };
                 let (l, s) = (l.clone(), s.clone());
                 tokio::spawn(async move {
+                    let _open = Gauge::up(&l.open);
+                    let l = l.clone();
                     let svc = hyper::service::service_fn(move |req| {
                         let l = l.clone();
                         async move { Ok::<_, Infallible>(portal_route(addr, &l, req).await) }
@@ -121,6 +143,16 @@ impl PortalFixture {
     /// Requests the portal has answered so far.
     pub fn hits(&self) -> usize {
         self.log.requests.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.log.open.load(Ordering::SeqCst)
+    }
+
+    /// `/slow` requests held now.
+    pub fn held(&self) -> usize {
+        self.log.held.load(Ordering::SeqCst)
     }
 }
 
@@ -207,6 +239,7 @@ async fn portal_route(
         return Response::new(full("delayed"));
     }
     if path == "/slow" {
+        let _held = Gauge::up(&log.held);
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
     if path == "/ws" {
