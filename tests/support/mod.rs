@@ -264,7 +264,7 @@ async fn portal_route(
             let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
                 TokioIo::new(upgraded),
                 tokio_tungstenite::tungstenite::protocol::Role::Server,
-                None,
+                Some(unlimited_ws()),
             )
             .await;
             while let Some(Ok(msg)) = ws.next().await {
@@ -290,6 +290,16 @@ async fn portal_route(
         .status(404)
         .body(full("no such page"))
         .unwrap()
+}
+
+/// WebSocket limits for the test's own ends (client and portal echo): none, so the frame sizes
+/// tried are the agent's and front's business alone.
+fn unlimited_ws() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+        max_message_size: None,
+        max_frame_size: None,
+        ..Default::default()
+    }
 }
 
 /// The reference server in-process.
@@ -777,7 +787,7 @@ impl Visitor {
             .insert("cookie", self.cookie_header().parse().unwrap());
         req.headers_mut().insert("origin", origin.parse().unwrap());
         let tcp = tokio::net::TcpStream::connect(self.public).await.unwrap();
-        tokio_tungstenite::client_async(req, tcp).await
+        tokio_tungstenite::client_async_with_config(req, tcp, Some(unlimited_ws())).await
     }
 
     pub async fn post_visit(&mut self, url: &str) -> reqwest::Response {
