@@ -340,7 +340,16 @@ impl TestServer {
         public: SocketAddr,
         f: impl FnOnce(&mut ServerOptions),
     ) -> TestServer {
-        let (udp, api) = server::bind_pair(tunnel).unwrap();
+        // On a restart the old endpoint lets go of its port once its connections have drained
+        // (3 PTO after the close; longer on an impaired path).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let (udp, api) = loop {
+            match server::bind_pair(tunnel) {
+                Ok(pair) => break pair,
+                Err(e) if std::time::Instant::now() > deadline => panic!("{e:#}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
         let public = TcpListener::bind(public).await.unwrap();
         let public_addr = public.local_addr().unwrap();
         let tunnel = udp.local_addr().unwrap();

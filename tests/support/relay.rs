@@ -442,11 +442,11 @@ async fn send(
     }
 }
 
-/// SplitMix64: small, seedable, good enough to pick packets.
-struct SplitMix(u64);
+/// SplitMix64: small, seedable, good enough to pick packets (and a test's next step).
+pub struct SplitMix(pub u64);
 
 impl SplitMix {
-    fn next(&mut self) -> u64 {
+    pub fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -454,11 +454,11 @@ impl SplitMix {
         z ^ (z >> 31)
     }
 
-    fn chance(&mut self, pct: f64) -> bool {
+    pub fn chance(&mut self, pct: f64) -> bool {
         pct > 0.0 && (self.next() as f64 / u64::MAX as f64) * 100.0 < pct
     }
 
-    fn upto(&mut self, d: Duration) -> Duration {
+    pub fn upto(&mut self, d: Duration) -> Duration {
         let n = d.as_nanos() as u64;
         if n == 0 {
             Duration::ZERO
