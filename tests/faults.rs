@@ -401,6 +401,25 @@ async fn blocked_udp_is_named_in_the_status_while_tcp_answers() {
         .await;
 }
 
+/// The server's first handshake packet gets through, then nothing more from it: UDP is not
+/// blocked, so the status says the handshake began and did not finish, not that UDP looks
+/// blocked. When the path mends, the agent connects.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handshake_cut_after_the_servers_first_packet_is_named_as_such() {
+    let net = Net::start(Impair::default(), "").await;
+    net.relay.pass_down(Some(1));
+    let s = status_saying(&net.agent, "began but did not finish").await;
+    assert_eq!(
+        s.reason,
+        Some(pbx_remote::protocol::Reason::ServerUnreachable)
+    );
+    assert!(!s.message.unwrap().contains("blocked"));
+    net.relay.pass_down(None);
+    net.agent
+        .wait(Duration::from_secs(15), |s| s.state == State::Connected)
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_down_on_udp_and_tcp_is_told_apart_from_blocked_udp() {
     let World {

@@ -70,6 +70,8 @@ struct Control {
     nat_timeout: Option<Duration>,
     /// When the agent last sent a packet (what keeps a NAT mapping alive).
     last_up: tokio::time::Instant,
+    /// Server → agent packets still let through; `None`: no limit.
+    down_budget: Option<u64>,
 }
 
 /// The relay. Dropping it stops it.
@@ -123,6 +125,7 @@ impl Relay {
             burst_down: 0,
             nat_timeout: None,
             last_up: tokio::time::Instant::now(),
+            down_budget: None,
         }));
         tokio::spawn(forward_tcp(tcp, server_tunnel, stop.clone()));
         let (rebind, rebinds) = tokio::sync::mpsc::unbounded_channel();
@@ -173,6 +176,12 @@ impl Relay {
     /// Whether the NAT mapping has timed out (and the agent has not sent since).
     pub fn mapping_expired(&self) -> bool {
         self.ctl.lock().unwrap().mapping_expired()
+    }
+
+    /// Lets only the next `n` server → agent packets through, then drops that direction (a path
+    /// that fails one way part-way through a handshake). `None` lifts the limit.
+    pub fn pass_down(&self, n: Option<u64>) {
+        self.ctl.lock().unwrap().down_budget = n;
     }
 
     /// From the next packet on, the server sees the agent from a new source port.
@@ -238,6 +247,14 @@ impl Control {
     fn fate(&mut self, upstream: bool) -> Fate {
         if self.blackhole {
             return Fate::Drop { blackholed: true };
+        }
+        if !upstream {
+            if let Some(left) = &mut self.down_budget {
+                if *left == 0 {
+                    return Fate::Drop { blackholed: true };
+                }
+                *left -= 1;
+            }
         }
         let i = if upstream { &self.up } else { &self.down };
         let (drop_pct, burst_max, delay, jitter, reorder_pct, dup_pct) = (
