@@ -600,6 +600,13 @@ async fn a_resetting_portal_gives_502_while_the_tunnel_stays() {
     assert_eq!(agent.status.get().state, State::Connected);
 }
 
+/// Writes `head` on a fresh connection to the front and returns the connection unread.
+async fn send_head(v: &Visitor, head: &str) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(v.public).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s
+}
+
 /// Sends raw bytes to the front as `v`'s browser would and returns the status line.
 async fn raw_front(v: &Visitor, head: &[u8]) -> String {
     let mut s = tokio::net::TcpStream::connect(v.public).await.unwrap();
@@ -642,9 +649,7 @@ async fn hostile_heads_and_floods_get_limits_and_others_keep_working() {
     // Slowloris: 100 connections trickling a head; the others are served meanwhile.
     let mut lorises = vec![];
     for _ in 0..100 {
-        let mut s = tokio::net::TcpStream::connect(v.public).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
-        lorises.push(s);
+        lorises.push(send_head(&v, "GET / HTTP/1.1\r\nHost: x\r\n").await);
     }
     assert_eq!(other.get("/").await.status(), 200);
 
@@ -686,13 +691,6 @@ async fn hostile_heads_and_floods_get_limits_and_others_keep_working() {
         "RSS grew by {} KiB",
         rss_after - rss_before
     );
-}
-
-/// Writes `head` on a fresh connection to the front and returns the connection unread.
-async fn send_head(v: &Visitor, head: &str) -> tokio::net::TcpStream {
-    let mut s = tokio::net::TcpStream::connect(v.public).await.unwrap();
-    s.write_all(head.as_bytes()).await.unwrap();
-    s
 }
 
 /// C6 open/cancel flood: requests abandoned by the thousand (closed tabs, or one session opening
