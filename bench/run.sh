@@ -207,6 +207,9 @@ udp_out() { awk '/^Udp:/ { n++; if (n == 2) print $5 }' /proc/net/snmp; }   # Ou
 cpu_ticks() { # PID... → summed utime+stime clock ticks
   local sum=0 p; for p in "$@"; do sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$sum"
 }
+switches() { # PID... → context switches of all their threads (voluntary + not)
+  cat $(for p in "$@"; do echo /proc/"$p"/task/*/status; done) 2>/dev/null | awk '/ctxt_switches/ {s += $2} END {print s + 0}'
+}
 # The server process, for the measuring modes below.
 SERVER_PID=$(pgrep -f "pbx-remote-server run --data-dir $T/data" | head -1 || true)
 if [ "${BENCH_PERF:-}" = cpu ]; then
@@ -218,7 +221,7 @@ if [ "${BENCH_PERF:-}" = cpu ]; then
     u=$(url_of "$t"); extra=(); curl_extra=()
     [ "$t" = tunnel ] && { extra=("${TH[@]}"); curl_extra=("${TC_ARGS[@]}"); }
     for work in bulk small; do
-      a0=$(cpu_ticks "$AGENT_PID"); s0=$(cpu_ticks "$SERVER_PID"); n0=$(cpu_ticks $NGINX_PIDS); d0=$(udp_out); w0=$(date +%s.%N)
+      a0=$(cpu_ticks "$AGENT_PID"); s0=$(cpu_ticks "$SERVER_PID"); as0=$(switches "$AGENT_PID"); ss0=$(switches "$SERVER_PID"); n0=$(cpu_ticks $NGINX_PIDS); d0=$(udp_out); w0=$(date +%s.%N)
       if [ $work = bulk ]; then
         out="$(bulk "$u/big.bin" "${curl_extra[@]}") MB/s"; work_n=1
       else
@@ -226,10 +229,10 @@ if [ "${BENCH_PERF:-}" = cpu ]; then
         work_n=$(awk -v r="$rps" -v s="$SECS" 'BEGIN { printf "%d", r * s }')
       fi
       w1=$(date +%s.%N)
-      d=$(( $(udp_out) - d0 )); a=$(( $(cpu_ticks "$AGENT_PID") - a0 )); s=$(( $(cpu_ticks "$SERVER_PID") - s0 )); n=$(( $(cpu_ticks $NGINX_PIDS) - n0 ))
+      d=$(( $(udp_out) - d0 )); as=$(( $(switches "$AGENT_PID") - as0 )); ss=$(( $(switches "$SERVER_PID") - ss0 )); a=$(( $(cpu_ticks "$AGENT_PID") - a0 )); s=$(( $(cpu_ticks "$SERVER_PID") - s0 )); n=$(( $(cpu_ticks $NGINX_PIDS) - n0 ))
       awk -v t="$t" -v w="$work" -v o="$out" -v a="$a" -v s="$s" -v n="$n" -v hz="$HZ" -v e="$(echo "$w1 - $w0" | bc)" \
-        -v d="$d" -v k="$work_n" \
-        'BEGIN { printf "%-6s %-5s %-14s elapsed %5.2fs  cpu s: agent %5.2f server %5.2f nginx %5.2f  UDP datagrams %s%.1f\n", t, w, o, e, a/hz, s/hz, n/hz, (k > 1 ? "per request " : ""), d/k }'
+        -v d="$d" -v k="$work_n" -v as="$as" -v ss="$ss" \
+        'BEGIN { printf "%-6s %-5s %-14s elapsed %5.2fs  cpu s: agent %5.2f server %5.2f nginx %5.2f  %sUDP datagrams %.1f, switches agent %.1f server %.1f\n", t, w, o, e, a/hz, s/hz, n/hz, (k > 1 ? "per request: " : ""), d/k, as/k, ss/k }'
     done
   done
   exit 0
