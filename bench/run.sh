@@ -10,7 +10,11 @@
 # BENCH_AGENT_ENV / BENCH_SERVER_ENV: "NAME=value …" set for the agent / server only (e.g.
 # TOKIO_WORKER_THREADS=1), to compare runtime settings without a rebuild. BENCH_AGENT_WRAP: a
 # command the agent runs under (e.g. "heaptrack -o /tmp/agent"; RSS figures are then the wrapper's).
-# BENCH_AGENT: another agent binary to run (e.g. a copy built before a change, for before/after).
+# BENCH_AGENT / BENCH_SERVER: another agent / server binary to run (e.g. a copy built before a
+# change, for before/after).
+# BENCH_PERF=cpu|strace|allocs|small|bulk measures instead of benchmarking: CPU seconds,
+# datagrams and context switches per request; system calls per request; heap allocations per
+# request in agent and server (heaptrack); perf profiles under small requests or bulk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
@@ -25,7 +29,7 @@ need python3 python3
 need bc bc
 
 cargo build --release --locked --bins -j2 >&2
-S=target/release/pbx-remote-server
+S=${BENCH_SERVER:-target/release/pbx-remote-server}
 A=${BENCH_AGENT:-target/release/pbx-remote-agent}
 
 T=$(mktemp -d /tmp/pbx-bench.XXXXXX)
@@ -55,8 +59,13 @@ http {
 NGX
 nginx -p "$T/nginx" -c "$T/nginx/nginx.conf" & PIDS+=($!)
 
-env ${BENCH_SERVER_ENV:-} "$S" run --data-dir "$T/data" --listen 127.0.0.1:0 --public-listen 127.0.0.1:0 > "$T/server.out" 2> "$T/server.err" & PIDS+=($!)
-for _ in $(seq 100); do [ -s "$T/server.out" ] && break; sleep 0.1; done
+# BENCH_PERF=allocs: agent and server run under heaptrack, which counts every allocation.
+if [ "${BENCH_PERF:-}" = allocs ]; then
+  need heaptrack heaptrack
+  BENCH_AGENT_WRAP="heaptrack -o $T/agent-heap"; BENCH_SERVER_WRAP="heaptrack -o $T/server-heap"
+fi
+env ${BENCH_SERVER_ENV:-} ${BENCH_SERVER_WRAP:-} "$S" run --data-dir "$T/data" --listen 127.0.0.1:0 --public-listen 127.0.0.1:0 > "$T/server.out" 2> "$T/server.err" & SERVER_WRAP_PID=$!; PIDS+=($!)
+for _ in $(seq 100); do grep -q "tunnel=" "$T/server.out" && break; sleep 0.1; done
 TUNNEL=$(sed -nE 's/.*tunnel=([^ ]+).*/\1/p' "$T/server.out")
 PUBLIC=$(sed -nE 's/.*public=([^ ]+).*/\1/p' "$T/server.out")
 PUBLIC_PORT=${PUBLIC##*:}
@@ -211,7 +220,8 @@ switches() { # PID... → context switches of all their threads (voluntary + not
   cat $(for p in "$@"; do echo /proc/"$p"/task/*/status; done) 2>/dev/null | awk '/ctxt_switches/ {s += $2} END {print s + 0}'
 }
 # The server process, for the measuring modes below.
-SERVER_PID=$(pgrep -f "pbx-remote-server run --data-dir $T/data" | head -1 || true)
+SERVER_PID=$SERVER_WRAP_PID   # env execs the server; under a wrapper, the server is its child
+[ -n "${BENCH_SERVER_WRAP:-}" ] && SERVER_PID=$(pgrep -P "$SERVER_WRAP_PID" -n || echo "$SERVER_WRAP_PID")
 if [ "${BENCH_PERF:-}" = cpu ]; then
   # Where the CPU goes: each process's CPU seconds for the same work, direct and through the
   # tunnel (the client's share is the elapsed time × 2 cores minus the rest, roughly).
@@ -250,6 +260,42 @@ if [ "${BENCH_PERF:-}" = strace ]; then
   for who in agent server; do
     echo "== $who: calls per request over $reqs requests"
     awk -v n="$reqs" '$1 ~ /^[0-9.]+$/ && NF >= 5 { calls = $4; errs = (NF == 6 ? $5 : 0); printf "  %-16s %7.2f  (errors %.2f)\n", $NF, calls / n, errs / n }' "$T/$who.strace" | sort -k2 -gr | head -12
+  done
+  exit 0
+fi
+if [ "${BENCH_PERF:-}" = allocs ]; then
+  # Heap allocations per tunnel request in agent and server: one c=32 run under heaptrack,
+  # then both are stopped so heaptrack writes its totals (startup and login add a few
+  # thousand, well under 1 % of a run's). Unlike CPU time, the count ignores the noise.
+  reqs=$(wrk -t2 -c32 -d"${SECS}s" "${TH[@]}" "$TUN/small.html" | awk '/requests in/ {print $1}')
+  pkill -TERM -P "$AGENT_PID" -x "$(basename "$A" | cut -c1-15)" || true
+  pkill -TERM -P "$SERVER_WRAP_PID" -x "$(basename "$S" | cut -c1-15)" || true
+  wait "$AGENT_PID" "$SERVER_WRAP_PID" 2>/dev/null || true
+  for who in agent server; do
+    heaptrack_print "$T/$who"-heap*.zst -F "$T/$who.stacks" --flamegraph-cost-type allocations > "$T/$who.heap" 2>/dev/null || true
+    [ -n "${BENCH_PERF_KEEP:-}" ] && cp "$T/$who.stacks" "$BENCH_PERF_KEEP.$who.stacks"
+    total=$(awk '/^calls to allocation functions:/ {print $5}' "$T/$who.heap")
+    echo "$who: $total allocations over $reqs requests: $(awk -v a="$total" -v r="$reqs" 'BEGIN { printf "%.1f", a / r }') per request"
+    echo "== where (innermost pbx_remote frame → what it called), per request"
+    python3 - "$T/$who.stacks" "$reqs" <<'PY'
+import collections, re, sys
+calls = collections.Counter()
+for line in open(sys.argv[1]):
+    stack, _, n = line.rstrip().rpartition(" ")
+    frames = [re.sub(r"::h[0-9a-f]{16}$", "", f) for f in stack.split(";")]
+    for old, new in (("$u7b$", "{"), ("$u7d$", "}"), ("$LT$", "<"), ("$GT$", ">"), ("$u20$", " "),
+                     ("$C$", ","), ("$RF$", "&"), ("..", "::")):
+        frames = [f.replace(old, new) for f in frames]
+    ours = [i for i, f in enumerate(frames) if "pbx_remote" in f]
+    if ours:
+        i = ours[-1]
+        key = frames[i] + ("  →  " + frames[i + 1] if i + 1 < len(frames) else "")
+    else:
+        key = next((f for f in reversed(frames) if re.match(r"<?(quinn|hyper|tokio)", f)), frames[-1])
+    calls[key[:150]] += int(n)
+for key, n in calls.most_common(15):
+    print(f"  {n / int(sys.argv[2]):6.2f}  {key}")
+PY
   done
   exit 0
 fi
