@@ -46,35 +46,47 @@ pub fn escape(s: &str) -> String {
         .replace('\'', "&#39;")
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) that never cross a proxy.
-pub const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Hop-by-hop headers (RFC 9110 §7.6.1) that never cross a proxy. Names, not strings: a
+/// string is parsed (and a non-standard name copied) at every use, on every request.
+pub const HOP_BY_HOP: [http::HeaderName; 9] = [
+    header::CONNECTION,
+    http::HeaderName::from_static("keep-alive"),
+    http::HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Removes hop-by-hop headers and every header named in `Connection`.
 pub fn strip_hop_by_hop(h: &mut http::HeaderMap) {
-    let listed: Vec<String> = h
+    // Names `Connection` lists beyond the hop-by-hop ones (usually none: `keep-alive` and
+    // `upgrade` are what it carries), so the common case allocates nothing.
+    let mut listed: Vec<http::HeaderName> = Vec::new();
+    for token in h
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
+        .map(str::trim)
         .filter(|t| !t.is_empty())
-        .collect();
-    for name in listed {
-        if let Ok(n) = http::HeaderName::from_bytes(name.as_bytes()) {
-            h.remove(n);
+    {
+        let hop = HOP_BY_HOP
+            .iter()
+            .any(|n| n.as_str().eq_ignore_ascii_case(token));
+        if !hop {
+            // from_bytes lowercases; a token that is no header name names nothing to remove.
+            if let Ok(n) = http::HeaderName::from_bytes(token.as_bytes()) {
+                listed.push(n);
+            }
         }
     }
-    for name in HOP_BY_HOP {
+    for name in listed {
+        h.remove(name);
+    }
+    for name in &HOP_BY_HOP {
         h.remove(name);
     }
 }

@@ -41,6 +41,14 @@ const MAX_FORM: usize = 8 * 1024;
 /// Past it, a new login ends the least recently active session.
 pub const MAX_SESSIONS: usize = 256;
 
+/// The identity headers the portal trusts.
+pub const X_PBX_REMOTE_USER: http::HeaderName = http::HeaderName::from_static("x-pbx-remote-user");
+/// See [`X_PBX_REMOTE_USER`].
+pub const X_PBX_REMOTE_ROLE: http::HeaderName = http::HeaderName::from_static("x-pbx-remote-role");
+/// See [`X_PBX_REMOTE_USER`].
+pub const X_PBX_REMOTE_ASSERTION: http::HeaderName =
+    http::HeaderName::from_static("x-pbx-remote-assertion");
+
 /// What a session may do on the portal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -89,8 +97,12 @@ impl Rules {
 pub struct Session {
     /// SHA-256 of the session id, hex (what logs and assertions carry).
     pub id_hash: String,
+    /// The same digest, the session store's key.
+    digest: [u8; 32],
     /// PBX-side user.
     pub user: String,
+    /// `user` as the portal's `X-PBX-Remote-User` value (none if it cannot be one).
+    user_header: Option<HeaderValue>,
     /// Role.
     pub role: Role,
     /// CM user that created it.
@@ -105,7 +117,8 @@ pub struct Session {
     last_activity: Mutex<Instant>,
     /// Cancelled when the session ends; WebSockets close on it.
     pub ended: CancellationToken,
-    assertion: Mutex<Option<(String, Instant)>>,
+    /// The assertion last minted for this session, as a header value, and when.
+    assertion: Mutex<Option<(HeaderValue, Instant)>>,
 }
 
 /// What the gate decided for a portal request.
@@ -122,7 +135,8 @@ pub struct Gate {
     server_key: Vec<u8>,
     rules: Mutex<Rules>,
     cm_passwordless: AtomicBool,
-    sessions: Mutex<HashMap<String, Arc<Session>>>,
+    /// Keyed by the SHA-256 of the session id.
+    sessions: Mutex<HashMap<[u8; 32], Arc<Session>>>,
     nonces: Mutex<HashMap<String, u64>>,
     lockout: Lockout,
     verify_slots: tokio::sync::Semaphore,
@@ -190,11 +204,17 @@ impl Gate {
         lock(&self.rules).clone()
     }
 
+    /// The idle logout in force (asked at every request: no copy of the rules for it).
+    fn auto_logout(&self) -> Duration {
+        lock(&self.rules).auto_logout
+    }
+
     // ---- sessions -------------------------------------------------------------------------
 
     fn create_session(&self, h: &StreamHeader, user: &str, role: Role) -> (String, Arc<Session>) {
         let id = crate::tls::random_token::<32>();
-        let id_hash = hex::encode(crate::tls::sha256(id.as_bytes()));
+        let digest = crate::tls::sha256(id.as_bytes());
+        let id_hash = hex::encode(digest);
         let now = self.clock.now();
         let mut deadline = now + ABSOLUTE_CAP;
         if h.grant_expires_ms > 0 {
@@ -202,8 +222,10 @@ impl Gate {
             deadline = deadline.min(now + Duration::from_millis(left));
         }
         let s = Arc::new(Session {
-            id_hash: id_hash.clone(),
+            id_hash,
+            digest,
             user: user.to_string(),
+            user_header: HeaderValue::from_str(user).ok(),
             role,
             cm_user: h.cm_user.clone(),
             grant_id: h.grant_id.clone(),
@@ -224,7 +246,7 @@ impl Gate {
                         .cloned()
                 })
                 .flatten();
-            sessions.insert(id_hash, s.clone());
+            sessions.insert(digest, s.clone());
             oldest
         };
         if let Some(old) = evicted {
@@ -236,8 +258,9 @@ impl Gate {
 
     fn lookup(&self, h: &StreamHeader, headers: &HeaderMap) -> Option<Arc<Session>> {
         let sid = web::cookie(headers, cookie_name(h))?;
-        let hash = hex::encode(crate::tls::sha256(sid.as_bytes()));
-        let s = lock(&self.sessions).get(&hash).cloned()?;
+        let s = lock(&self.sessions)
+            .get(&crate::tls::sha256(sid.as_bytes()))
+            .cloned()?;
         if let Some(why) = self.expired(&s) {
             self.end(&s, why, None);
             return None;
@@ -250,7 +273,7 @@ impl Gate {
         if now >= s.deadline {
             return Some("absolute_expiry");
         }
-        let idle = self.rules().auto_logout;
+        let idle = self.auto_logout();
         let last = *lock(&s.last_activity);
         (now.saturating_duration_since(last) >= idle).then_some("idle_expiry")
     }
@@ -262,7 +285,7 @@ impl Gate {
 
     /// Ends a session: gone from the store, its WebSockets closed, audited.
     fn end(&self, s: &Session, event: &str, reason: Option<&str>) {
-        let removed = lock(&self.sessions).remove(&s.id_hash).is_some();
+        let removed = lock(&self.sessions).remove(&s.digest).is_some();
         s.ended.cancel();
         if removed {
             self.audit.record(Event {
@@ -387,25 +410,27 @@ impl Gate {
             let now = self.clock.now();
             match &*cached {
                 Some((jwt, at)) if now.saturating_duration_since(*at) < ASSERTION_REUSE => {
-                    jwt.clone()
+                    Some(jwt.clone())
                 }
                 _ => {
-                    let jwt =
-                        self.assertions
-                            .mint(&s.user, s.role.as_str(), &s.cm_user, &s.id_hash);
-                    *cached = Some((jwt.clone(), now));
+                    let jwt = HeaderValue::from_str(&self.assertions.mint(
+                        &s.user,
+                        s.role.as_str(),
+                        &s.cm_user,
+                        &s.id_hash,
+                    ))
+                    .ok();
+                    *cached = jwt.clone().map(|j| (j, now));
                     jwt
                 }
             }
         };
-        for (name, value) in [
-            ("x-pbx-remote-user", s.user.as_str()),
-            ("x-pbx-remote-role", s.role.as_str()),
-            ("x-pbx-remote-assertion", jwt.as_str()),
-        ] {
-            if let Ok(v) = HeaderValue::from_str(value) {
-                h.insert(name, v);
-            }
+        if let Some(user) = &s.user_header {
+            h.insert(X_PBX_REMOTE_USER, user.clone());
+        }
+        h.insert(X_PBX_REMOTE_ROLE, HeaderValue::from_static(s.role.as_str()));
+        if let Some(jwt) = jwt {
+            h.insert(X_PBX_REMOTE_ASSERTION, jwt);
         }
     }
 
@@ -706,7 +731,7 @@ impl Gate {
                 serde_json::json!({"error": "no session"}),
             );
         };
-        let idle_left = self.rules().auto_logout.saturating_sub(
+        let idle_left = self.auto_logout().saturating_sub(
             self.clock
                 .now()
                 .saturating_duration_since(*lock(&s.last_activity)),

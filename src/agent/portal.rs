@@ -43,6 +43,8 @@ pub struct Portal {
     host: String,
     port: u16,
     authority: String,
+    /// `authority` as the `Host` value every request carries.
+    host_header: hyper::header::HeaderValue,
     origin: String,
     tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
     source: Option<IpAddr>,
@@ -99,10 +101,13 @@ impl Portal {
         } else {
             None
         };
+        let host_header = hyper::header::HeaderValue::from_str(&authority)
+            .context("pbx.portal_url's host and port cannot be a Host header")?;
         Ok(Portal {
             scheme_https: https,
             host,
             port,
+            host_header,
             authority,
             origin,
             tls,
@@ -115,6 +120,11 @@ impl Portal {
     /// `host[:port]` as the portal expects it in `Host`.
     pub fn authority(&self) -> &str {
         &self.authority
+    }
+
+    /// [`Portal::authority`] as a `Host` header value.
+    pub fn host_header(&self) -> &hyper::header::HeaderValue {
+        &self.host_header
     }
 
     /// `scheme://authority` of the portal.

@@ -92,7 +92,10 @@ pub async fn serve_stream(
                 return;
             }
         };
-    let header = Arc::new(header);
+    let visit = Arc::new(Visit {
+        forwarded: forwarded_headers(&header),
+        header,
+    });
     // Resolves with a code when the front stops reading this stream: the visitor went away, and
     // with them any use for the answer.
     let abandoned = send.stopped();
@@ -103,9 +106,9 @@ pub async fn serve_stream(
     let io = TokioIo::new(tokio::io::join(recv, send));
     let svc = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
-        let header = header.clone();
+        let visit = visit.clone();
         async move {
-            let resp = handle(&ctx, &header, req).await;
+            let resp = handle(&ctx, &visit, req).await;
             ctx.metrics.request(resp.status());
             Ok::<_, Infallible>(resp)
         }
@@ -226,7 +229,15 @@ impl AsyncWrite for AckedSend {
     }
 }
 
-async fn handle(ctx: &ProxyCtx, h: &StreamHeader, mut req: Request<Incoming>) -> Response<Body> {
+/// A stream's header and the forwarding headers every request on it carries to the portal,
+/// worked out once per stream rather than per request.
+struct Visit {
+    header: StreamHeader,
+    forwarded: [(HeaderName, Option<HeaderValue>); 3],
+}
+
+async fn handle(ctx: &ProxyCtx, visit: &Visit, mut req: Request<Incoming>) -> Response<Body> {
+    let h = &visit.header;
     if req.method() == Method::CONNECT {
         return page(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -237,8 +248,8 @@ async fn handle(ctx: &ProxyCtx, h: &StreamHeader, mut req: Request<Incoming>) ->
     let Some(path) = req
         .uri()
         .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .filter(|p| p.starts_with('/'))
+        .filter(|p| p.as_str().starts_with('/'))
+        .cloned()
     else {
         return page(
             StatusCode::BAD_REQUEST,
@@ -276,14 +287,16 @@ async fn handle(ctx: &ProxyCtx, h: &StreamHeader, mut req: Request<Incoming>) ->
     let (mut parts, body) = req.into_parts();
     strip_inbound(&mut parts.headers, websocket);
     rewrite_inbound_origin(&mut parts.headers, &h.origin, portal.origin());
-    set_forwarded(&mut parts.headers, h);
+    for (name, value) in &visit.forwarded {
+        if let Some(v) = value {
+            parts.headers.insert(name, v.clone());
+        }
+    }
     ctx.gate.identity_headers(&session, &mut parts.headers);
-    parts.headers.insert(
-        header::HOST,
-        HeaderValue::from_str(portal.authority()).unwrap_or(HeaderValue::from_static("localhost")),
-    );
-    // Invariant: `path` starts with '/' and came from a parsed URI, so it parses again.
-    parts.uri = path.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+    parts
+        .headers
+        .insert(header::HOST, portal.host_header().clone());
+    parts.uri = http::Uri::from(path);
     parts.version = http::Version::HTTP_11;
     let upstream = Request::from_parts(parts, body);
     let mut resp = match portal.send(upstream).await {
@@ -414,7 +427,17 @@ pub const REMOTE_PREFIX: &str = "/__remote/";
 
 /// Bytes of a request head as sent: request line plus `name: value\r\n` per header.
 fn head_size<B>(req: &Request<B>) -> usize {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    /// Counts what is written instead of keeping it.
+    struct Len(usize);
+    impl std::fmt::Write for Len {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0 += s.len();
+            Ok(())
+        }
+    }
+    let mut target = Len(0);
+    let _ = std::fmt::Write::write_fmt(&mut target, format_args!("{}", req.uri()));
+    let line = req.method().as_str().len() + target.0 + 12;
     let headers: usize = req
         .headers()
         .iter()
@@ -489,7 +512,8 @@ pub fn strip_inbound(h: &mut HeaderMap, websocket: bool) {
 }
 
 fn strip_reserved_cookies(h: &mut HeaderMap) {
-    let kept: Vec<String> = h
+    let mut kept = String::new();
+    for c in h
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -500,11 +524,16 @@ fn strip_reserved_cookies(h: &mut HeaderMap) {
             let name = c.split('=').next().unwrap_or("").trim();
             !RESERVED_COOKIES.contains(&name)
         })
-        .map(str::to_string)
-        .collect();
+    {
+        if !kept.is_empty() {
+            kept.push_str("; ");
+        }
+        kept.push_str(c);
+    }
     h.remove(header::COOKIE);
     if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+        // The string's buffer becomes the value (checked, not copied).
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(kept)) {
             h.insert(header::COOKIE, v);
         }
     }
@@ -533,18 +562,21 @@ pub fn rewrite_inbound_origin(h: &mut HeaderMap, visitor: &str, portal: &str) {
     }
 }
 
-fn set_forwarded(h: &mut HeaderMap, sh: &StreamHeader) {
+/// `X-Forwarded-For`/`-Host`/`-Proto`: the visitor's address, host and scheme. A value that
+/// cannot be a header value (the front never sends one) is left out.
+fn forwarded_headers(sh: &StreamHeader) -> [(HeaderName, Option<HeaderValue>); 3] {
     let visitor_host = sh.origin.split_once("://").map(|(_, a)| a).unwrap_or("");
-    for (name, value) in [
-        ("x-forwarded-for", sh.client_addr.as_str()),
-        ("x-forwarded-host", visitor_host),
-        ("x-forwarded-proto", sh.scheme.as_str()),
-    ] {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            h.insert(name, v);
-        }
-    }
+    let value = |v: &str| HeaderValue::from_str(v).ok();
+    [
+        (X_FORWARDED_FOR, value(&sh.client_addr)),
+        (X_FORWARDED_HOST, value(visitor_host)),
+        (X_FORWARDED_PROTO, value(&sh.scheme)),
+    ]
 }
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// `url` with a leading `from` origin replaced by `to`; `None` if it is from elsewhere.
 fn replace_origin_prefix(url: &str, from: &str, to: &str) -> Option<String> {
@@ -629,8 +661,10 @@ mod tests {
     #[test]
     fn inbound_strips_hop_by_hop_connection_listed_and_forged_identity() {
         let mut h = map(&[
-            ("connection", "keep-alive, x-secret"),
+            ("connection", "Keep-Alive, x-secret"),
+            ("connection", " X-Other ,, not a name"),
             ("x-secret", "1"),
+            ("x-other", "1"),
             ("keep-alive", "5"),
             ("te", "trailers"),
             ("x-pbx-remote-user", "root"),

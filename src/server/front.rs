@@ -79,10 +79,12 @@ pub async fn serve(
             let svc = {
                 let state = state.clone();
                 let keeper = Keeper::default();
+                let public = Arc::new(PublicUrl::of(&state));
                 hyper::service::service_fn(move |req| {
-                    let (state, keeper) = (state.clone(), keeper.clone());
+                    let (state, keeper, public) = (state.clone(), keeper.clone(), public.clone());
                     async move {
-                        Ok::<_, std::convert::Infallible>(handle(&state, peer, &keeper, req).await)
+                        let resp = handle(&state, &public, peer, &keeper, req).await;
+                        Ok::<_, std::convert::Infallible>(resp)
                     }
                 })
             };
@@ -167,20 +169,19 @@ impl PublicUrl {
 
     /// The device label in `Host`, if it is one of ours.
     fn device_of(&self, host: &str) -> Option<String> {
-        let host = host.to_ascii_lowercase();
         let name = match host.rsplit_once(':') {
-            Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(']') => {
-                h.to_string()
-            }
+            Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(']') => h,
             _ => host,
         };
-        let label = name.strip_suffix(&format!(".{}", self.host))?;
-        let valid = !label.is_empty()
+        // `LABEL.` + our host, compared without case.
+        let cut = name.len().checked_sub(self.host.len() + 1)?;
+        let (label, suffix) = (name.get(..cut)?, name.get(cut..)?);
+        let ours = suffix.starts_with('.') && suffix[1..].eq_ignore_ascii_case(&self.host);
+        let valid = ours
+            && !label.is_empty()
             && label.len() <= 63
-            && label
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-        valid.then(|| label.to_string())
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        valid.then(|| label.to_ascii_lowercase())
     }
 }
 
@@ -224,19 +225,18 @@ fn client_addr(state: &ServerState, peer: SocketAddr, headers: &http::HeaderMap)
 
 async fn handle(
     state: &ServerState,
+    public: &PublicUrl,
     peer: SocketAddr,
     keeper: &Keeper,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let public = PublicUrl::of(state);
     let host = req
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
-        .unwrap_or("")
-        .to_string();
-    let Some(device) = public.device_of(&host) else {
+        .unwrap_or("");
+    let Some(device) = public.device_of(host) else {
         return web::page(
             StatusCode::NOT_FOUND,
             "Unknown address",
@@ -254,18 +254,18 @@ async fn handle(
         )),
         Err(e) => Some(internal(e)),
     };
-    let path = req.uri().path().to_string();
-    if let Some(token) = path.strip_prefix("/__cm/visit/") {
+    if let Some(token) = req.uri().path().strip_prefix("/__cm/visit/") {
+        let token = token.to_string();
         if let Some(page) = unknown_device() {
             return page;
         }
-        return visit(state, &public, &device, token, req).await;
+        return visit(state, public, &device, &token, req).await;
     }
-    if path.starts_with("/__cm/") {
+    if req.uri().path().starts_with("/__cm/") {
         return web::page(StatusCode::NOT_FOUND, "Not found", "No such page.");
     }
     let grant = match web::cookie(req.headers(), public.cookie_name())
-        .map(|c| keeper.grant(c, |c| state.db.grant_by_cookie(c)))
+        .map(|c| keeper.grant(c, |c| Ok(state.db.grant_by_cookie(c)?.map(Arc::new))))
     {
         Some(Ok(Some(g))) if g.device_id == device => g,
         Some(Err(e)) => return internal(e),
@@ -281,7 +281,7 @@ async fn handle(
         }
     };
     let client = client_addr(state, peer, req.headers());
-    forward(state, &public, &device, grant, client, keeper, req).await
+    forward(state, public, &device, grant, client, keeper, req).await
 }
 
 fn internal(e: anyhow::Error) -> Response<Body> {
@@ -385,7 +385,7 @@ async fn forward(
     state: &ServerState,
     public: &PublicUrl,
     device: &str,
-    grant: Grant,
+    grant: Arc<Grant>,
     client: IpAddr,
     keeper: &Keeper,
     mut req: Request<Incoming>,
@@ -397,15 +397,6 @@ async fn forward(
             "This PBX is not connected to the management platform right now. Check its network and its Remote Management status.",
         );
     };
-    let mut header = StreamHeader {
-        cm_user: grant.cm_user.clone(),
-        grant_id: grant.id.clone(),
-        client_addr: client.to_string(),
-        scheme: public.scheme.clone(),
-        origin: public.device_origin(device),
-        grant_expires_ms: (grant.expires_at.max(0) as u64) * 1000,
-        passwordless_token: None,
-    };
     let redeeming = grant.passwordless && req.uri().path() == PASSWORDLESS_PATH;
     let visitor_upgrade = req
         .headers()
@@ -416,13 +407,14 @@ async fn forward(
     strip_grant_cookie(req.headers_mut());
 
     if let Some(mut kept) = reusable
-        .then(|| keeper.take(link.generation, &header))
+        .then(|| keeper.take(link.generation, &grant, client))
         .flatten()
     {
-        if kept.ready().await.is_ok() {
-            match kept.try_send_request(req).await {
+        if kept.sender.ready().await.is_ok() {
+            match kept.sender.try_send_request(req).await {
                 Ok(resp) => {
-                    let back = (keeper.clone(), KeptStream::new(&link, header, kept));
+                    kept.idle_since = std::time::Instant::now();
+                    let back = (keeper.clone(), kept);
                     return response_from_tunnel(device, resp, None, Some(back));
                 }
                 // The agent closed the kept stream before taking the request: use a new one.
@@ -455,6 +447,16 @@ async fn forward(
             "The PBX is busy",
             "Too many requests are in flight to this PBX; try again in a moment.",
         );
+    };
+    // Built only for a new stream: a kept one already carries it.
+    let mut header = StreamHeader {
+        cm_user: grant.cm_user.clone(),
+        grant_id: grant.id.clone(),
+        client_addr: client.to_string(),
+        scheme: public.scheme.clone(),
+        origin: public.device_origin(device),
+        grant_expires_ms: expires_ms(&grant),
+        passwordless_token: None,
     };
     if redeeming {
         match state.db.mark_grant_redeemed(&grant.id) {
@@ -497,11 +499,21 @@ async fn forward(
     });
     match sender.send_request(req).await {
         Ok(resp) => {
-            let back = reusable.then(|| (keeper.clone(), KeptStream::new(&link, header, sender)));
+            let back = reusable.then(|| {
+                (
+                    keeper.clone(),
+                    KeptStream::new(&link, header, client, sender),
+                )
+            });
             response_from_tunnel(device, resp, visitor_upgrade, back)
         }
         Err(e) => tunnel_failed(device, &e),
     }
+}
+
+/// When a grant ends, as the stream header says it (ms since the epoch).
+fn expires_ms(grant: &Grant) -> u64 {
+    (grant.expires_at.max(0) as u64) * 1000
 }
 
 fn tunnel_failed(device: &str, e: &hyper::Error) -> Response<Body> {
@@ -572,6 +584,8 @@ pub(crate) struct KeptStream {
     /// The link's stream permits: a stream is kept only while others remain free.
     streams: Arc<tokio::sync::Semaphore>,
     header: StreamHeader,
+    /// The visitor address `header` names, for comparing without formatting.
+    client: IpAddr,
     sender: hyper::client::conn::http1::SendRequest<Incoming>,
     idle_since: std::time::Instant,
 }
@@ -580,29 +594,30 @@ impl KeptStream {
     fn new(
         link: &crate::server::hub::Link,
         header: StreamHeader,
+        client: IpAddr,
         sender: hyper::client::conn::http1::SendRequest<Incoming>,
     ) -> KeptStream {
         KeptStream {
             generation: link.generation,
             streams: link.streams.clone(),
             header,
+            client,
             sender,
             idle_since: std::time::Instant::now(),
         }
     }
 
-    /// Whether this stream speaks for exactly this visit (same link, grant, user and address).
-    fn serves(&self, generation: u64, h: &StreamHeader) -> bool {
+    /// Whether this stream speaks for exactly this visit: same link, grant (and with it the
+    /// device, hence scheme and origin), user, expiry and address, and no passwordless token.
+    /// Compared field by field, so a request on a kept stream builds no header.
+    fn serves(&self, generation: u64, grant: &Grant, client: IpAddr) -> bool {
         let k = &self.header;
         self.generation == generation
-            && k.grant_id == h.grant_id
-            && k.cm_user == h.cm_user
-            && k.client_addr == h.client_addr
-            && k.scheme == h.scheme
-            && k.origin == h.origin
-            && k.grant_expires_ms == h.grant_expires_ms
+            && k.grant_id == grant.id
+            && k.cm_user == grant.cm_user
+            && k.grant_expires_ms == expires_ms(grant)
+            && self.client == client
             && k.passwordless_token.is_none()
-            && h.passwordless_token.is_none()
     }
 }
 
@@ -620,21 +635,17 @@ pub(crate) struct Keeper(Arc<std::sync::Mutex<Kept>>);
 pub(crate) struct Kept {
     stream: Option<KeptStream>,
     /// (cookie hash, grant, when looked up).
-    grant: Option<([u8; 32], Grant, std::time::Instant)>,
+    grant: Option<([u8; 32], Arc<Grant>, std::time::Instant)>,
 }
 
 impl Keeper {
     /// Takes the kept stream if it still serves this visit; anything else is dropped (closed).
-    fn take(
-        &self,
-        generation: u64,
-        h: &StreamHeader,
-    ) -> Option<hyper::client::conn::http1::SendRequest<Incoming>> {
+    fn take(&self, generation: u64, grant: &Grant, client: IpAddr) -> Option<KeptStream> {
         let kept = self.lock().stream.take()?;
-        (kept.serves(generation, h)
+        (kept.serves(generation, grant, client)
             && kept.idle_since.elapsed() < KEEP_IDLE
             && !kept.sender.is_closed())
-        .then_some(kept.sender)
+        .then_some(kept)
     }
 
     /// Keeps the stream for the next request, unless the tunnel is nearly full: then it is
@@ -652,8 +663,8 @@ impl Keeper {
     fn grant(
         &self,
         cookie: &str,
-        lookup: impl FnOnce(&str) -> Result<Option<Grant>>,
-    ) -> Result<Option<Grant>> {
+        lookup: impl FnOnce(&str) -> Result<Option<Arc<Grant>>>,
+    ) -> Result<Option<Arc<Grant>>> {
         let hash = crate::tls::sha256(cookie.as_bytes());
         if let Some((h, g, at)) = &self.lock().grant {
             if *h == hash && at.elapsed() < GRANT_RECHECK {
@@ -741,41 +752,47 @@ fn mint_token(state: &ServerState, device: &str, grant: &Grant) -> Result<String
 }
 
 fn strip_grant_cookie(h: &mut http::HeaderMap) {
-    let kept: Vec<String> = h
+    let mut kept = String::new();
+    for c in h
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .map(str::trim)
-        .filter(|c| {
-            let name = c.split('=').next().unwrap_or("").trim();
-            !c.is_empty() && name != GRANT_COOKIE && name != GRANT_COOKIE_SECURE
-        })
-        .map(str::to_string)
-        .collect();
-    h.remove(header::COOKIE);
-    if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+        .filter(|c| !c.is_empty() && !is_grant_cookie(c))
+    {
         if !kept.is_empty() {
+            kept.push_str("; ");
+        }
+        kept.push_str(c);
+    }
+    h.remove(header::COOKIE);
+    if !kept.is_empty() {
+        // The string's buffer becomes the value (checked, not copied).
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(kept)) {
             h.insert(header::COOKIE, v);
         }
     }
 }
 
+/// `name=value…` names the front's grant cookie.
+fn is_grant_cookie(c: &str) -> bool {
+    let name = c.split('=').next().unwrap_or("").trim();
+    name == GRANT_COOKIE || name == GRANT_COOKIE_SECURE
+}
+
 fn drop_grant_set_cookie(h: &mut http::HeaderMap) {
+    if !h
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .any(|v| is_grant_cookie(v.to_str().unwrap_or("")))
+    {
+        return;
+    }
     let kept: Vec<HeaderValue> = h
         .get_all(header::SET_COOKIE)
         .iter()
-        .filter(|v| {
-            let name = v
-                .to_str()
-                .unwrap_or("")
-                .split('=')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string();
-            name != GRANT_COOKIE && name != GRANT_COOKIE_SECURE
-        })
+        .filter(|v| !is_grant_cookie(v.to_str().unwrap_or("")))
         .cloned()
         .collect();
     h.remove(header::SET_COOKIE);
@@ -788,6 +805,19 @@ fn drop_grant_set_cookie(h: &mut http::HeaderMap) {
 mod tests {
     use super::*;
 
+    const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+
+    fn grant(id: &str) -> Grant {
+        Grant {
+            id: id.into(),
+            device_id: "dev".into(),
+            cm_user: "alice".into(),
+            passwordless: false,
+            redeemed: false,
+            expires_at: 0,
+        }
+    }
+
     fn header(grant: &str) -> StreamHeader {
         StreamHeader {
             cm_user: "alice".into(),
@@ -795,7 +825,7 @@ mod tests {
             client_addr: "10.0.0.1".into(),
             scheme: "https".into(),
             origin: "https://dev.cm.example".into(),
-            grant_expires_ms: 1,
+            grant_expires_ms: 0,
             passwordless_token: None,
         }
     }
@@ -812,6 +842,7 @@ mod tests {
             generation: 7,
             streams: Arc::new(tokio::sync::Semaphore::new(free)),
             header: header(grant),
+            client: CLIENT,
             sender,
             idle_since: std::time::Instant::now(),
         };
@@ -832,7 +863,7 @@ mod tests {
         let lookups = std::cell::Cell::new(0);
         let db = |c: &str| {
             lookups.set(lookups.get() + 1);
-            Ok((c == "good").then(|| grant.clone()))
+            Ok((c == "good").then(|| Arc::new(grant.clone())))
         };
         assert!(keeper.grant("good", db).unwrap().is_some());
         assert!(keeper.grant("good", db).unwrap().is_some());
@@ -857,29 +888,64 @@ mod tests {
         let keeper = Keeper::default();
         let (k, _pipe) = kept(KEEP_HEADROOM, "g1").await;
         keeper.put(k);
-        assert!(keeper.take(7, &header("g2")).is_none(), "another visit");
+        assert!(
+            keeper.take(7, &grant("g2"), CLIENT).is_none(),
+            "another visit"
+        );
+        for (other, what) in [
+            (
+                Grant {
+                    cm_user: "bob".into(),
+                    ..grant("g1")
+                },
+                "another CM user",
+            ),
+            (
+                Grant {
+                    expires_at: 5,
+                    ..grant("g1")
+                },
+                "another expiry",
+            ),
+        ] {
+            let (k, _pipe) = kept(KEEP_HEADROOM, "g1").await;
+            keeper.put(k);
+            assert!(keeper.take(7, &other, CLIENT).is_none(), "{what}");
+        }
+        let (k, _pipe) = kept(KEEP_HEADROOM, "g1").await;
+        keeper.put(k);
+        let elsewhere = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+        assert!(
+            keeper.take(7, &grant("g1"), elsewhere).is_none(),
+            "another visitor address"
+        );
         let (k, _pipe) = kept(KEEP_HEADROOM, "g1").await;
         keeper.put(k);
         assert!(
-            keeper.take(8, &header("g1")).is_none(),
+            keeper.take(8, &grant("g1"), CLIENT).is_none(),
             "another tunnel connection"
         );
-        let (k, _pipe) = kept(KEEP_HEADROOM, "g1").await;
+        let (mut k, _pipe) = kept(KEEP_HEADROOM, "g1").await;
+        k.header.passwordless_token = Some(Secret::new("t"));
         keeper.put(k);
-        let mut redeeming = header("g1");
-        redeeming.passwordless_token = Some(Secret::new("t"));
         assert!(
-            keeper.take(7, &redeeming).is_none(),
-            "a passwordless redemption"
+            keeper.take(7, &grant("g1"), CLIENT).is_none(),
+            "a stream that carried a passwordless token"
         );
         let (k, _pipe) = kept(KEEP_HEADROOM, "g1").await;
         keeper.put(k);
-        assert!(keeper.take(7, &header("g1")).is_some(), "the same visit");
-        assert!(keeper.take(7, &header("g1")).is_none(), "taken once");
+        assert!(
+            keeper.take(7, &grant("g1"), CLIENT).is_some(),
+            "the same visit"
+        );
+        assert!(keeper.take(7, &grant("g1"), CLIENT).is_none(), "taken once");
         // A nearly full tunnel: the stream is closed instead of kept.
         let (k, _pipe) = kept(KEEP_HEADROOM - 1, "g1").await;
         keeper.put(k);
-        assert!(keeper.take(7, &header("g1")).is_none(), "no headroom");
+        assert!(
+            keeper.take(7, &grant("g1"), CLIENT).is_none(),
+            "no headroom"
+        );
     }
 
     #[test]
@@ -897,6 +963,15 @@ mod tests {
         assert_eq!(p.device_of("localhost:8080"), None);
         assert_eq!(p.device_of("a.b.localhost"), None);
         assert_eq!(p.device_of("acme.localhost.evil.com"), None);
+        assert_eq!(
+            p.device_of("ACME-1.LocalHost:8080").as_deref(),
+            Some("acme-1")
+        );
+        assert_eq!(p.device_of(".localhost"), None);
+        assert_eq!(p.device_of("acmelocalhost"), None);
+        assert_eq!(p.device_of("acmé.localhost"), None);
+        assert_eq!(p.device_of("é.localhost"), None);
+        assert_eq!(p.device_of(&format!("{}.localhost", "a".repeat(64))), None);
         assert_eq!(p.device_origin("acme-1"), "http://acme-1.localhost:8080");
     }
 

@@ -41,53 +41,66 @@ pub struct Link {
     settings_tx: mpsc::UnboundedSender<DeviceSettings>,
 }
 
-/// Connected nodes by (device id, role): the newest connection wins per node, and the two
-/// nodes of a Hot Standby pair do not displace each other.
+/// Connected nodes by device id, one per role: the newest connection wins per node, and the
+/// two nodes of a Hot Standby pair do not displace each other. Looked up by `&str` at every
+/// visitor request, so the lookup allocates nothing.
 #[derive(Default)]
 pub struct Hub {
-    links: Mutex<HashMap<(String, String), Arc<Link>>>,
+    links: Mutex<HashMap<String, Vec<Arc<Link>>>>,
     generation: AtomicU64,
 }
+
+/// Node roles in the order visits fall back to them when no node reports "active".
+const ROLES: [&str; 3] = ["single", "primary", "secondary"];
 
 impl Hub {
     /// The node of `device` that visits go to: the one reporting "active", else a lone node,
     /// else the primary, else any.
     pub fn get(&self, device: &str) -> Option<Arc<Link>> {
         let links = self.lock();
-        let nodes: Vec<&Arc<Link>> = ["single", "primary", "secondary"]
-            .iter()
-            .filter_map(|role| links.get(&(device.to_string(), role.to_string())))
-            .collect();
+        let rank = |l: &&Arc<Link>| ROLES.iter().position(|r| *r == l.role);
+        let nodes = links.get(device)?.iter().filter(|l| rank(l).is_some());
         let active = nodes
-            .iter()
-            .find(|l| lock(&l.ha_state).as_deref() == Some("active"));
-        active.or(nodes.first()).map(|l| Arc::clone(l))
+            .clone()
+            .filter(|l| lock(&l.ha_state).as_deref() == Some("active"))
+            .min_by_key(rank);
+        active.or_else(|| nodes.min_by_key(rank)).cloned()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<Link>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<Link>>>> {
         // Invariant: no panics inside the short critical sections below.
         self.links.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn register(&self, link: Arc<Link>) -> Option<Arc<Link>> {
-        self.lock()
-            .insert((link.device_id.clone(), link.role.clone()), link)
+        let mut links = self.lock();
+        let nodes = links.entry(link.device_id.clone()).or_default();
+        match nodes.iter_mut().find(|l| l.role == link.role) {
+            Some(node) => Some(std::mem::replace(node, link)),
+            None => {
+                nodes.push(link);
+                None
+            }
+        }
     }
 
     /// Removes the link if it is still the current one; true if it was.
     fn deregister(&self, device: &str, role: &str, generation: u64) -> bool {
         let mut links = self.lock();
-        let key = (device.to_string(), role.to_string());
-        if links.get(&key).is_some_and(|l| l.generation == generation) {
-            links.remove(&key);
-            true
-        } else {
-            false
+        let Some(nodes) = links.get_mut(device) else {
+            return false;
+        };
+        let before = nodes.len();
+        nodes.retain(|l| !(l.role == role && l.generation == generation));
+        let removed = nodes.len() < before;
+        if nodes.is_empty() {
+            links.remove(device);
         }
+        removed
     }
 
     fn all(&self) -> Vec<Arc<Link>> {
-        self.lock().values().cloned().collect()
+        self.lock().values().flatten().cloned().collect()
     }
 }
 
