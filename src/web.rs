@@ -91,6 +91,37 @@ pub fn strip_hop_by_hop(h: &mut http::HeaderMap) {
     }
 }
 
+/// The name in a `name=value…` cookie pair (request or `Set-Cookie`).
+pub fn cookie_pair_name(pair: &str) -> &str {
+    pair.split('=').next().unwrap_or("").trim()
+}
+
+/// Removes the cookies named in `names` from a request's `Cookie` headers; the others stay, in
+/// one header.
+pub fn drop_cookies(h: &mut http::HeaderMap, names: &[&str]) {
+    let mut kept = String::new();
+    for c in h
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && !names.contains(&cookie_pair_name(c)))
+    {
+        if !kept.is_empty() {
+            kept.push_str("; ");
+        }
+        kept.push_str(c);
+    }
+    h.remove(header::COOKIE);
+    if !kept.is_empty() {
+        // The string's buffer becomes the value (checked, not copied).
+        if let Ok(v) = http::HeaderValue::from_maybe_shared(Bytes::from(kept)) {
+            h.insert(header::COOKIE, v);
+        }
+    }
+}
+
 /// The value of cookie `name` in a request's `Cookie` headers.
 pub fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
     headers

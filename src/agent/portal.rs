@@ -121,11 +121,6 @@ impl Portal {
     }
 
     /// `host[:port]` as the portal expects it in `Host`.
-    pub fn authority(&self) -> &str {
-        &self.authority
-    }
-
-    /// [`Portal::authority`] as a `Host` header value.
     pub fn host_header(&self) -> &hyper::header::HeaderValue {
         &self.host_header
     }

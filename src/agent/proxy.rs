@@ -504,38 +504,10 @@ pub fn strip_inbound(h: &mut HeaderMap, websocket: bool) {
     for k in forged {
         h.remove(k);
     }
-    strip_reserved_cookies(h);
+    crate::web::drop_cookies(h, &RESERVED_COOKIES);
     if websocket {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    }
-}
-
-fn strip_reserved_cookies(h: &mut HeaderMap) {
-    let mut kept = String::new();
-    for c in h
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .filter(|c| {
-            let name = c.split('=').next().unwrap_or("").trim();
-            !RESERVED_COOKIES.contains(&name)
-        })
-    {
-        if !kept.is_empty() {
-            kept.push_str("; ");
-        }
-        kept.push_str(c);
-    }
-    h.remove(header::COOKIE);
-    if !kept.is_empty() {
-        // The string's buffer becomes the value (checked, not copied).
-        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(kept)) {
-            h.insert(header::COOKIE, v);
-        }
     }
 }
 
@@ -616,10 +588,7 @@ pub fn rewrite_outbound(h: &mut HeaderMap, portal: &str, visitor: &str, switchin
         .get_all(header::SET_COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .filter(|c| {
-            let name = c.split('=').next().unwrap_or("").trim();
-            !RESERVED_COOKIES.contains(&name)
-        })
+        .filter(|c| !RESERVED_COOKIES.contains(&crate::web::cookie_pair_name(c)))
         .filter_map(|c| HeaderValue::from_str(&strip_cookie_domain(c)).ok())
         .collect();
     h.remove(header::SET_COOKIE);

@@ -413,7 +413,6 @@ async fn forward(
         if kept.sender.ready().await.is_ok() {
             match kept.sender.try_send_request(req).await {
                 Ok(resp) => {
-                    kept.idle_since = std::time::Instant::now();
                     let back = (keeper.clone(), kept);
                     return response_from_tunnel(device, resp, None, Some(back));
                 }
@@ -752,33 +751,12 @@ fn mint_token(state: &ServerState, device: &str, grant: &Grant) -> Result<String
 }
 
 fn strip_grant_cookie(h: &mut http::HeaderMap) {
-    let mut kept = String::new();
-    for c in h
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|c| !c.is_empty() && !is_grant_cookie(c))
-    {
-        if !kept.is_empty() {
-            kept.push_str("; ");
-        }
-        kept.push_str(c);
-    }
-    h.remove(header::COOKIE);
-    if !kept.is_empty() {
-        // The string's buffer becomes the value (checked, not copied).
-        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(kept)) {
-            h.insert(header::COOKIE, v);
-        }
-    }
+    web::drop_cookies(h, &[GRANT_COOKIE, GRANT_COOKIE_SECURE]);
 }
 
 /// `name=value…` names the front's grant cookie.
 fn is_grant_cookie(c: &str) -> bool {
-    let name = c.split('=').next().unwrap_or("").trim();
-    name == GRANT_COOKIE || name == GRANT_COOKIE_SECURE
+    [GRANT_COOKIE, GRANT_COOKIE_SECURE].contains(&web::cookie_pair_name(c))
 }
 
 fn drop_grant_set_cookie(h: &mut http::HeaderMap) {
