@@ -517,7 +517,7 @@ async fn a_full_disk_stops_neither_the_tunnel_nor_logins() {
     // Space again: the next event and status change are written.
     drop(filler);
     std::fs::remove_file(disk.join("filler")).unwrap();
-    assert_eq!(v.get("/__remote/logout").await.status(), 200);
+    assert_eq!(v.logout().await.status(), 200);
     eventually(
         Duration::from_secs(10),
         "logout audited and status written",
@@ -839,7 +839,7 @@ async fn a_seeded_walk_through_faults_restarts_and_sessions_keeps_the_invariants
                 logged_in = false;
             }
             6 if logged_in => {
-                let code = bounded("logout", v.get("/__remote/logout")).await;
+                let code = bounded("logout", v.logout()).await;
                 trace.push(format!("logout → {code}"));
                 logged_in = code != 200;
             }

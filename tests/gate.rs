@@ -160,9 +160,68 @@ async fn account_login_session_identity_and_logout() {
     assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
     assert_ne!(v.cookie("__pbxra_sid").unwrap(), first_sid);
 
-    let r = v.get("/__remote/logout").await;
+    // Another site cannot end the session: a link or image (cross-site GET, which carries the
+    // Lax cookies) gets a confirmation form, and a cross-site form post is refused.
+    for (method, headers, code) in [
+        (
+            reqwest::Method::GET,
+            vec![("sec-fetch-site", "cross-site")],
+            200,
+        ),
+        (reqwest::Method::GET, vec![], 200),
+        (
+            reqwest::Method::POST,
+            vec![("origin", "https://evil.example")],
+            403,
+        ),
+        (reqwest::Method::POST, vec![("origin", "null")], 403),
+        (reqwest::Method::DELETE, vec![], 405),
+    ] {
+        let mut rb = v
+            .client
+            .request(method.clone(), format!("{}/__remote/logout", v.origin))
+            .header("cookie", v.cookie_header());
+        for (k, val) in &headers {
+            rb = rb.header(*k, *val);
+        }
+        let r = rb.send().await.unwrap();
+        assert_eq!(r.status(), code, "{method} {headers:?}");
+        assert!(
+            r.headers().get("set-cookie").is_none(),
+            "{method} {headers:?}"
+        );
+        let html = r.text().await.unwrap();
+        if code == 200 {
+            assert!(
+                html.contains("<form method=\"post\" action=\"/__remote/logout\"")
+                    && html.contains(USER),
+                "{html}"
+            );
+        }
+        assert_eq!(w.agent.status.get().active_sessions.len(), 1);
+    }
+    assert_eq!(v.get("/__remote/session").await.status(), 200);
+    assert_eq!(events(&w, "logout").len(), 1);
+    // Nor log the browser in (to an account it chose) from another site.
+    let r = v
+        .client
+        .post(format!("{}/__remote/login", v.origin))
+        .header("cookie", v.cookie_header())
+        .header("origin", "https://evil.example")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("username={USER}&password={PASSWORD}&next=%2F"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.headers().get("set-cookie").is_none());
+    assert_eq!(events(&w, "login_ok").len(), 2);
+
+    let r = v.logout().await;
     assert_eq!(r.status(), 200);
     assert!(v.cookie("__pbxra_sid").is_none(), "cookie cleared");
+    let html = v.get("/__remote/logout").await.text().await.unwrap();
+    assert!(html.contains("no remote session"), "{html}");
     assert!(w.agent.status.get().active_sessions.is_empty());
     let logouts = events(&w, "logout");
     assert_eq!(logouts.len(), 2);
@@ -405,7 +464,7 @@ async fn logout_closes_websockets_within_a_second() {
     echo(&mut ws, "hi").await;
     let mut other = Visitor::new(w.server.public, &w.device);
     other.cookies = v.cookies.clone();
-    assert_eq!(other.get("/__remote/logout").await.status(), 200);
+    assert_eq!(other.logout().await.status(), 200);
     closes_within(&mut ws, Duration::from_secs(1)).await;
     assert_eq!(v.get("/").await.status(), 303);
 }
@@ -560,7 +619,7 @@ async fn audit_lines_are_private_json_and_status_shows_sessions() {
     use std::os::unix::fs::PermissionsExt;
     let w = World::start(false, "").await;
     let mut v = w.visitor("alice", false).await;
-    v.get("/__remote/logout").await;
+    v.logout().await;
     let path = w.agent.dir.join("state/audit.log");
     assert_eq!(
         std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,

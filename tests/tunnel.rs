@@ -420,7 +420,7 @@ async fn a_visitor_connection_reuses_its_stream_and_every_request_is_still_judge
 
     // Logged out on the kept stream: the next request on it is judged again and stopped.
     v.cookies = alice_cookies;
-    assert_eq!(v.get("/__remote/logout").await.status(), 200);
+    assert_eq!(v.logout().await.status(), 200);
     let hits = w.portal.hits();
     let r = v.get("/").await;
     assert_ne!(r.status(), 200);

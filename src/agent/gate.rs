@@ -444,6 +444,15 @@ impl Gate {
                 let next = query_param(req.uri().query(), "next").unwrap_or_else(|| "/".into());
                 self.login_page(StatusCode::OK, &next, None)
             }
+            (Method::POST, "/__remote/login" | "/__remote/logout")
+                if !crate::agent::proxy::same_origin(req.headers(), &h.origin) =>
+            {
+                web::page(
+                    StatusCode::FORBIDDEN,
+                    "Cross-site request refused",
+                    "This form was not sent from this PBX's remote access pages.",
+                )
+            }
             (Method::POST, "/__remote/login") => {
                 let previous = self.lookup(h, req.headers());
                 let resp = self.login_post(h, req).await;
@@ -452,7 +461,20 @@ impl Gate {
                 }
                 resp
             }
-            (_, "/__remote/logout") => self.logout(h, req.headers()),
+            // Only a same-origin POST ends a session: a link or an image on another site
+            // (a cross-site GET carries the Lax cookies) gets the confirmation form instead.
+            (Method::GET | Method::HEAD, "/__remote/logout") => self.logout_form(h, req.headers()),
+            (Method::POST, "/__remote/logout") => self.logout(h, req.headers()),
+            (_, "/__remote/login" | "/__remote/logout") => {
+                let mut r = web::page(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "Method not allowed",
+                    "This page takes GET or POST.",
+                );
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST"));
+                r
+            }
             (Method::GET | Method::HEAD, "/__remote/session") => {
                 self.session_json(h, req.headers())
             }
@@ -707,6 +729,23 @@ impl Gate {
             reason: None,
         });
         redirect_with_cookie(location, &session_cookie(h, &id))
+    }
+
+    /// The page a logout link opens: a button that posts the logout, or word that there is no
+    /// session to end.
+    fn logout_form(&self, h: &StreamHeader, headers: &HeaderMap) -> Response<Body> {
+        let body = match self.lookup(h, headers) {
+            Some(s) => format!(
+                "<p>Signed in as <strong>{}</strong>.</p>\
+                 <form method=\"post\" action=\"/__remote/logout\">\
+                 <p><button type=\"submit\">Log out</button></p></form>",
+                web::escape(&s.user)
+            ),
+            None => "<p>There is no remote session to end.</p>\
+                     <p><a href=\"/__remote/login\">Log in</a></p>"
+                .to_string(),
+        };
+        web::html(StatusCode::OK, "Log out", &body)
     }
 
     fn logout(&self, h: &StreamHeader, headers: &HeaderMap) -> Response<Body> {

@@ -49,7 +49,7 @@ fn page(req: Request<Incoming>) -> Response<Body> {
     }
     let body = format!(
         "<p>This is the demo PBX web portal. You reached <code>{} {}</code> through the tunnel.</p>\
-         <table>{rows}</table><p><a href=\"/__remote/session\">session</a> · <a href=\"/__remote/logout\">log out</a></p>",
+         <table>{rows}</table><form method=\"post\" action=\"/__remote/logout\"><p><a href=\"/__remote/session\">session</a> · <button type=\"submit\">log out</button></p></form>",
         web::escape(req.method().as_str()),
         web::escape(&req.uri().to_string())
     );

@@ -769,6 +769,17 @@ impl Visitor {
         resp
     }
 
+    /// Logs out as the browser does: a same-origin POST.
+    pub async fn logout(&mut self) -> reqwest::Response {
+        let resp = self
+            .request(reqwest::Method::POST, "/__remote/logout")
+            .send()
+            .await
+            .unwrap();
+        self.take_cookies(&resp);
+        resp
+    }
+
     /// The cookie named `name`, if held.
     pub fn cookie(&self, name: &str) -> Option<&str> {
         self.cookies
