@@ -864,16 +864,13 @@ impl Validator<'_> {
             ));
         }
         if let Some(file) = &pbx.extension_emails_file {
-            let text = std::fs::read_to_string(file).map_err(|e| {
+            let taken = is_extension_email(file, username).map_err(|e| {
                 self.err(
                     "pbx.extension_emails_file",
                     format!("cannot read {}: {e}", file.display()),
                 )
             })?;
-            if text
-                .lines()
-                .any(|l| l.trim().eq_ignore_ascii_case(username))
-            {
+            if taken {
                 return Err(self.err(
                     key,
                     format!(
@@ -885,6 +882,15 @@ impl Validator<'_> {
         }
         Ok(())
     }
+}
+
+/// Whether `username` is listed (one email per line, any case) in the extension-email file.
+/// The agent asks again while it runs: an extension can take the remote account's name as its
+/// email after the config was checked.
+pub fn is_extension_email(file: &Path, username: &str) -> std::io::Result<bool> {
+    Ok(std::fs::read_to_string(file)?
+        .lines()
+        .any(|l| l.trim().eq_ignore_ascii_case(username)))
 }
 
 /// Checks a PHC string is argon2id with a memory cost the PBX can afford.

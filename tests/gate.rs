@@ -747,3 +747,58 @@ async fn revocation_cuts_downloads_and_websockets_within_5s() {
     );
     assert!(t0.elapsed() < Duration::from_secs(6));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_extension_taking_the_accounts_name_suspends_account_login_until_it_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let emails = dir.path().join("extension-emails");
+    std::fs::write(&emails, "ann@example.com\n").unwrap();
+    let line = format!("[pbx]\nextension_emails_file = \"{}\"\n", emails.display());
+    let w = World::start_with_toml(true, move |t| t.replacen("[pbx]\n", &line, 1)).await;
+    let mut v = w.visitor("alice", false).await;
+    let mut p = w.visitor("bob", true).await;
+    assert_eq!(v.get("/").await.status(), 200);
+
+    // The PBX rewrites the list: an extension now has the remote account's name as its email.
+    let replaced = dir.path().join("extension-emails.new");
+    std::fs::write(
+        &replaced,
+        format!("ann@example.com\n {}\n", USER.to_uppercase()),
+    )
+    .unwrap();
+    std::fs::rename(&replaced, &emails).unwrap();
+    let st = w
+        .agent
+        .wait(Duration::from_secs(10), |s| s.config_error.is_some())
+        .await;
+    let error = st.config_error.unwrap();
+    assert!(
+        error.contains("remote_access.account.username")
+            && error.contains(&emails.display().to_string()),
+        "{error}"
+    );
+    // The account's session ended, the passwordless one did not.
+    assert_eq!(st.active_sessions.len(), 1, "{:?}", st.active_sessions);
+    assert_eq!(st.active_sessions[0].role, "super_admin");
+    let hits = w.portal.hits();
+    assert_eq!(v.get("/").await.status(), 303);
+    assert_eq!(w.portal.hits(), hits);
+    assert_eq!(p.get("/").await.status(), 200);
+    let revoked = events(&w, "revoked");
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(revoked[0]["role"], "administrator");
+    // No new account session while the clash lasts: the page says why, a right password fails.
+    let page = v.get("/__remote/login").await;
+    assert_eq!(page.status(), 403);
+    assert!(page.text().await.unwrap().contains("suspended"));
+    assert_eq!(v.login(USER, PASSWORD).await.status(), 403);
+    assert_eq!(events(&w, "login_ok").len(), 1);
+
+    // The extension's email changes again: account login is back.
+    std::fs::write(&emails, "ann@example.com\n").unwrap();
+    w.agent
+        .wait(Duration::from_secs(10), |s| s.config_error.is_none())
+        .await;
+    assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
+    assert_eq!(v.get("/").await.status(), 200);
+}

@@ -134,6 +134,9 @@ pub struct Gate {
     device_id: String,
     server_key: Vec<u8>,
     rules: Mutex<Rules>,
+    /// Why Account Login is suspended although the rules enable it (its username became
+    /// reserved while the agent ran), if it is.
+    account_suspended: Mutex<Option<String>>,
     cm_passwordless: AtomicBool,
     /// Keyed by the SHA-256 of the session id.
     sessions: Mutex<HashMap<[u8; 32], Arc<Session>>>,
@@ -173,6 +176,7 @@ impl Gate {
             device_id: device_id.to_string(),
             server_key,
             rules: Mutex::new(Rules::from_config(config)),
+            account_suspended: Mutex::new(None),
             cm_passwordless: AtomicBool::new(false),
             sessions: Mutex::new(HashMap::new()),
             nonces: Mutex::new(HashMap::new()),
@@ -361,6 +365,33 @@ impl Gate {
         }
     }
 
+    /// Suspends Account Login while `why` is set (the remote account's username became
+    /// reserved: an extension took it as its email), ending the account's sessions at once;
+    /// `None` lifts the suspension. Passwordless Login is not affected.
+    pub fn suspend_account(&self, why: Option<String>) {
+        let was = std::mem::replace(&mut *lock(&self.account_suspended), why.clone());
+        match (was, why) {
+            (None, Some(why)) => {
+                tracing::warn!(reason = %why, "account login suspended");
+                self.end_where(
+                    |s| s.role == Role::Administrator,
+                    "revoked",
+                    "the remote account's username is now reserved",
+                );
+            }
+            (Some(_), None) => tracing::info!("account login resumed"),
+            _ => {}
+        }
+    }
+
+    /// The remote account, if Account Login is enabled and not suspended.
+    fn account(&self) -> Option<Account> {
+        if lock(&self.account_suspended).is_some() {
+            return None;
+        }
+        self.rules().account
+    }
+
     fn publish_sessions(&self) {
         let mut list: Vec<SessionInfo> = lock(&self.sessions)
             .values()
@@ -506,6 +537,17 @@ impl Gate {
 
     fn login_page(&self, status: StatusCode, next: &str, error: Option<&str>) -> Response<Body> {
         let rules = self.rules();
+        if rules.account.is_some() && lock(&self.account_suspended).is_some() {
+            let mut body = String::from(
+                "<p>Account login is suspended on this PBX: the remote account's username is \
+                 now used by one of its extensions. The PBX administrator must rename one of \
+                 them.</p>",
+            );
+            if rules.passwordless {
+                body.push_str("<p>Ask the provider for a passwordless visit link.</p>");
+            }
+            return web::html(StatusCode::FORBIDDEN, "Remote login", &body);
+        }
         if rules.account.is_none() {
             let mut body = String::from("<p>Account login is not enabled on this PBX.</p>");
             if rules.passwordless {
@@ -529,7 +571,7 @@ impl Gate {
     }
 
     async fn login_post(&self, h: &StreamHeader, req: Request<Incoming>) -> Response<Body> {
-        let Some(account) = self.rules().account else {
+        let Some(account) = self.account() else {
             return self.login_page(StatusCode::FORBIDDEN, "/", None);
         };
         let form = match Limited::new(req.into_body(), MAX_FORM).collect().await {
@@ -609,6 +651,11 @@ impl Gate {
             if locked_now {
                 audit("lockout", Some("3 failed logins; locked for 10 minutes"));
             }
+            return self.login_page(StatusCode::UNAUTHORIZED, &next, Some(GENERIC));
+        }
+        // The rules may have changed during the (slow) password check.
+        // (A suspended account gets the suspension page; a changed password, the generic error.)
+        if self.account().as_ref() != Some(&account) {
             return self.login_page(StatusCode::UNAUTHORIZED, &next, Some(GENERIC));
         }
         self.open_session(

@@ -337,6 +337,7 @@ async fn run_inner(
         proxy: proxy.clone(),
         config: config_tx,
     });
+    let reserved_config = config_rx.clone();
     let tunnel = tunnel::Tunnel::new(
         config_rx,
         credential,
@@ -348,6 +349,12 @@ async fn run_inner(
     )?;
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(sweep_sessions(gate.clone(), shutdown.clone()));
+    tasks.spawn(watch_reserved_names(
+        gate.clone(),
+        reserved_config,
+        status.clone(),
+        shutdown.clone(),
+    ));
     tasks.close();
     status.set(State::Connecting, None, None);
     loop {
@@ -411,6 +418,77 @@ async fn sweep_sessions(gate: Arc<gate::Gate>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => gate.sweep(),
         }
+    }
+}
+
+/// How often the agent reads `pbx.extension_emails_file` again for the remote account's name.
+pub const RESERVED_POLL: Duration = Duration::from_secs(2);
+
+/// Suspends Account Login while an extension's email equals the remote account's username, and
+/// lifts the suspension when the clash goes. The config check refuses such a config, but the
+/// PBX rewrites the list whenever extensions change, long after the check. `config_error` says
+/// why while it lasts. A list that cannot be read (being replaced, say) keeps the last verdict.
+async fn watch_reserved_names(
+    gate: Arc<gate::Gate>,
+    config: watch::Receiver<Arc<AgentConfig>>,
+    status: StatusHandle,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(RESERVED_POLL);
+    let mut shown: Option<String> = None;
+    let mut unreadable = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let c = config.borrow().clone();
+        let (Some(account), Some(file)) = (&c.remote_access.account, &c.pbx.extension_emails_file)
+        else {
+            if let Some(old) = shown.take() {
+                gate.suspend_account(None);
+                status.update(|s| {
+                    if s.config_error.as_ref() == Some(&old) {
+                        s.config_error = None;
+                    }
+                });
+            }
+            continue;
+        };
+        let clash = match crate::config::is_extension_email(file, &account.username) {
+            Ok(taken) => {
+                unreadable = false;
+                taken.then(|| {
+                    format!(
+                        "{}: remote_access.account.username: {:?} is now an extension's email \
+                         (listed in {}); Account Login is suspended until one of them is renamed",
+                        c.source.display(),
+                        account.username,
+                        file.display()
+                    )
+                })
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut unreadable, true) {
+                    tracing::warn!(file = %file.display(), error = %e, "cannot read pbx.extension_emails_file; keeping the last check");
+                }
+                continue;
+            }
+        };
+        if clash != shown {
+            gate.suspend_account(clash.clone());
+        }
+        // Shown while it lasts (a reload that clears `config_error` does not hide it), without
+        // hiding a refused reload's message.
+        let current = status.get().config_error;
+        match &clash {
+            Some(m) if current.is_none() || (current == shown && current != clash) => {
+                status.update(|s| s.config_error = Some(m.clone()))
+            }
+            None if shown.is_some() && current == shown => status.update(|s| s.config_error = None),
+            _ => {}
+        }
+        shown = clash;
     }
 }
 
