@@ -348,8 +348,7 @@ async fn run_inner(
         status.clone(),
     )?;
     let tasks = tokio_util::task::TaskTracker::new();
-    tasks.spawn(sweep_sessions(gate.clone(), shutdown.clone()));
-    tasks.spawn(watch_reserved_names(
+    tasks.spawn(sweep_sessions(
         gate.clone(),
         reserved_config,
         status.clone(),
@@ -411,12 +410,25 @@ async fn run_inner(
 /// How often idle and over-age sessions are ended (WebSockets close within this).
 pub const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
-async fn sweep_sessions(gate: Arc<gate::Gate>, shutdown: CancellationToken) {
+/// Ends idle and over-age sessions every [`SWEEP_EVERY`], and runs the extension-email check
+/// ([`ReservedNames`]) every [`RESERVED_POLL`].
+async fn sweep_sessions(
+    gate: Arc<gate::Gate>,
+    config: watch::Receiver<Arc<AgentConfig>>,
+    status: StatusHandle,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
-    loop {
+    let every = (RESERVED_POLL.as_millis() / SWEEP_EVERY.as_millis()).max(1);
+    let mut reserved = ReservedNames::default();
+    for n in 0u128.. {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => gate.sweep(),
+        }
+        if n % every == 0 {
+            let current = config.borrow().clone();
+            reserved.check(&gate, &current, &status);
         }
     }
 }
@@ -428,67 +440,56 @@ pub const RESERVED_POLL: Duration = Duration::from_secs(2);
 /// lifts the suspension when the clash goes. The config check refuses such a config, but the
 /// PBX rewrites the list whenever extensions change, long after the check. `config_error` says
 /// why while it lasts. A list that cannot be read (being replaced, say) keeps the last verdict.
-async fn watch_reserved_names(
-    gate: Arc<gate::Gate>,
-    config: watch::Receiver<Arc<AgentConfig>>,
-    status: StatusHandle,
-    shutdown: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(RESERVED_POLL);
-    let mut shown: Option<String> = None;
-    let mut unreadable = false;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let c = config.borrow().clone();
-        let (Some(account), Some(file)) = (&c.remote_access.account, &c.pbx.extension_emails_file)
-        else {
-            if let Some(old) = shown.take() {
-                gate.suspend_account(None);
-                status.update(|s| {
-                    if s.config_error.as_ref() == Some(&old) {
-                        s.config_error = None;
+#[derive(Default)]
+struct ReservedNames {
+    /// The clash last found (and shown in `config_error`).
+    shown: Option<String>,
+    /// Whether the last read failed (so the failure is logged once).
+    unreadable: bool,
+}
+
+impl ReservedNames {
+    fn check(&mut self, gate: &gate::Gate, c: &AgentConfig, status: &StatusHandle) {
+        let clash = match (&c.remote_access.account, &c.pbx.extension_emails_file) {
+            (Some(account), Some(file)) => {
+                match crate::config::is_extension_email(file, &account.username) {
+                    Ok(taken) => taken.then(|| {
+                        format!(
+                            "{}: remote_access.account.username: {:?} is now an extension's \
+                             email (listed in {}); Account Login is suspended until one of \
+                             them is renamed",
+                            c.source.display(),
+                            account.username,
+                            file.display()
+                        )
+                    }),
+                    Err(e) => {
+                        if !std::mem::replace(&mut self.unreadable, true) {
+                            tracing::warn!(file = %file.display(), error = %e, "cannot read pbx.extension_emails_file; keeping the last check");
+                        }
+                        return;
                     }
-                });
-            }
-            continue;
-        };
-        let clash = match crate::config::is_extension_email(file, &account.username) {
-            Ok(taken) => {
-                unreadable = false;
-                taken.then(|| {
-                    format!(
-                        "{}: remote_access.account.username: {:?} is now an extension's email \
-                         (listed in {}); Account Login is suspended until one of them is renamed",
-                        c.source.display(),
-                        account.username,
-                        file.display()
-                    )
-                })
-            }
-            Err(e) => {
-                if !std::mem::replace(&mut unreadable, true) {
-                    tracing::warn!(file = %file.display(), error = %e, "cannot read pbx.extension_emails_file; keeping the last check");
                 }
-                continue;
             }
+            _ => None,
         };
-        if clash != shown {
+        self.unreadable = false;
+        if clash != self.shown {
             gate.suspend_account(clash.clone());
         }
         // Shown while it lasts (a reload that clears `config_error` does not hide it), without
         // hiding a refused reload's message.
         let current = status.get().config_error;
         match &clash {
-            Some(m) if current.is_none() || (current == shown && current != clash) => {
+            Some(m) if current.is_none() || (current == self.shown && current != clash) => {
                 status.update(|s| s.config_error = Some(m.clone()))
             }
-            None if shown.is_some() && current == shown => status.update(|s| s.config_error = None),
+            None if self.shown.is_some() && current == self.shown => {
+                status.update(|s| s.config_error = None)
+            }
             _ => {}
         }
-        shown = clash;
+        self.shown = clash;
     }
 }
 
