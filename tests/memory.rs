@@ -4,11 +4,10 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 use support::*;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_pbx-remote-agent");
 /// Whole-process peak, login included: a password check holds argon2id's 19 MiB while it runs
 /// (this test binary's agent is a debug build, ~13 MiB before that).
 const RSS_LIMIT_KIB: u64 = 40 * 1024;
@@ -21,10 +20,9 @@ async fn gigabyte_download_large_upload_and_100_mib_websocket_frame_in_bounded_m
     let portal = PortalFixture::start().await;
     let (device, code) = server.add_device(false);
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = tmp.path().join("agent.toml");
-    std::fs::write(
-        &cfg,
-        agent_toml(
+    let mut agent = AgentProcess::spawn(
+        tmp.path(),
+        &agent_toml(
             server.tunnel,
             &server.pin,
             &code,
@@ -32,30 +30,13 @@ async fn gigabyte_download_large_upload_and_100_mib_websocket_frame_in_bounded_m
             tmp.path(),
             "",
         ),
-    )
-    .unwrap();
-    let mut child = Command::new(AGENT)
         // As the shipped unit runs it (one malloc arena).
-        .env("MALLOC_ARENA_MAX", "1")
-        .args(["run", "-c"])
-        .arg(&cfg)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let status_file = tmp.path().join("status.json");
-    let mut connected = false;
-    for _ in 0..400 {
-        if pbx_remote::status::read(&status_file)
-            .map(|s| s.state.as_str() == "connected")
-            .unwrap_or(false)
-        {
-            connected = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(connected, "agent process did not connect");
+        |c| {
+            c.env("MALLOC_ARENA_MAX", "1");
+        },
+    );
+    let pid = agent.pid();
+    agent.connected().await;
 
     let url = server.visit(&device, "alice", false);
     let mut v = Visitor::new(server.public, &device);
@@ -125,7 +106,7 @@ async fn gigabyte_download_large_upload_and_100_mib_websocket_frame_in_bounded_m
         .arg("-TERM")
         .arg(pid.to_string())
         .status();
-    let _ = child.wait();
+    let _ = agent.child.0.wait();
     for (what, peak) in [
         ("1 GiB down", download),
         ("256 MiB up", upload),

@@ -7,22 +7,9 @@ mod support;
 use pbx_remote::protocol::StreamHeader;
 use pbx_remote::secret::Secret;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use support::*;
-
-const AGENT: &str = env!("CARGO_BIN_EXE_pbx-remote-agent");
-
-async fn wait_status(
-    path: &Path,
-    what: &str,
-    f: impl Fn(&pbx_remote::status::Status) -> bool,
-) -> pbx_remote::status::Status {
-    eventually(Duration::from_secs(30), what, || {
-        pbx_remote::status::read(path).ok().filter(|s| f(s))
-    })
-    .await
-}
 
 /// How a key file would look if it leaked: PEM body lines, or for DER the whole document and
 /// its 32-byte Ed25519 seed in base64 (both alphabets) and hex.
@@ -52,33 +39,19 @@ async fn no_secret_reaches_logs_status_audit_or_cmdline_at_trace_level() {
     let (device, code) = server.add_device(true);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("agent");
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        agent_toml(server.tunnel, &server.pin, &code, &portal.url(), &dir, ""),
-    )
-    .unwrap();
     let stdout = std::fs::File::create(tmp.path().join("stdout")).unwrap();
     let stderr = std::fs::File::create(tmp.path().join("stderr")).unwrap();
-    let mut agent = ChildGuard(
-        Command::new(AGENT)
-            .args(["run", "-c"])
-            .arg(&config)
-            .env("RUST_LOG", "trace")
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .unwrap(),
+    let mut agent = AgentProcess::spawn(
+        &dir,
+        &agent_toml(server.tunnel, &server.pin, &code, &portal.url(), &dir, ""),
+        |c| {
+            c.env("RUST_LOG", "trace").stdout(stdout).stderr(stderr);
+        },
     );
-    let status_file = dir.join("status.json");
+    let status_file = agent.status_file.clone();
 
     // Activation with the code.
-    let first = wait_status(&status_file, "connected", |s| {
-        s.state.as_str() == "connected"
-    })
-    .await;
+    let first = agent.connected().await;
     let mut secrets: Vec<(String, String)> = vec![("auth code".into(), code.clone())];
 
     // A reconnect: the server drops the connection.
@@ -89,10 +62,11 @@ async fn no_secret_reaches_logs_status_audit_or_cmdline_at_trace_level() {
         .expect("agent connected")
         .conn
         .close(0u32.into(), b"canary reconnect");
-    wait_status(&status_file, "reconnected", |s| {
-        s.state.as_str() == "connected" && s.since != first.since
-    })
-    .await;
+    agent
+        .wait_status("reconnected", |s| {
+            s.state.as_str() == "connected" && s.since != first.since
+        })
+        .await;
 
     // An account login, after a failed one.
     let url = server.visit(&device, "alice", false);
@@ -164,10 +138,9 @@ async fn no_secret_reaches_logs_status_audit_or_cmdline_at_trace_level() {
         .expect("a session cookie");
     secrets.push(("passwordless token".into(), token));
     secrets.push(("passwordless session cookie".into(), session));
-    wait_status(&status_file, "two sessions", |s| {
-        s.active_sessions.len() == 2
-    })
-    .await;
+    agent
+        .wait_status("two sessions", |s| s.active_sessions.len() == 2)
+        .await;
 
     // Private keys of the device and of the assertion signer.
     for key in ["device.key", "assertion.key"] {
@@ -177,13 +150,13 @@ async fn no_secret_reaches_logs_status_audit_or_cmdline_at_trace_level() {
     }
     assert!(secrets.iter().all(|(_, s)| s.len() >= 8), "{secrets:?}");
 
-    let cmdline = std::fs::read(format!("/proc/{}/cmdline", agent.0.id())).unwrap();
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", agent.pid())).unwrap();
     let stopped = Instant::now();
     Command::new("kill")
-        .args(["-TERM", &agent.0.id().to_string()])
+        .args(["-TERM", &agent.pid().to_string()])
         .status()
         .unwrap();
-    while agent.0.try_wait().unwrap().is_none() {
+    while agent.child.0.try_wait().unwrap().is_none() {
         assert!(
             stopped.elapsed() < Duration::from_secs(20),
             "agent did not stop"

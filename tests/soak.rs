@@ -7,12 +7,9 @@
 mod support;
 
 use futures_util::{SinkExt, StreamExt};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::relay::{Impair, Relay};
 use support::*;
-
-const AGENT: &str = env!("CARGO_BIN_EXE_pbx-remote-agent");
 
 /// One round of use: log in with a fresh visit, a page, a 1 MiB download, a WebSocket echo.
 async fn round(server: &TestServer, device: &str, n: u32) -> Result<(), String> {
@@ -85,12 +82,10 @@ async fn soak() {
     let (device, code) = server.add_device(false);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("agent");
-    std::fs::create_dir_all(&dir).unwrap();
     let metrics_port = free_port();
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        agent_toml(
+    let agent = AgentProcess::spawn(
+        &dir,
+        &agent_toml(
             relay.addr,
             &server.pin,
             &code,
@@ -98,25 +93,10 @@ async fn soak() {
             &dir,
             &format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
         ),
-    )
-    .unwrap();
-    let agent = ChildGuard(
-        Command::new(AGENT)
-            .args(["run", "-c"])
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+        |_| {},
     );
-    let pid = agent.0.id();
-    eventually(Duration::from_secs(30), "agent connected", || {
-        pbx_remote::status::read(&dir.join("status.json"))
-            .ok()
-            .filter(|s| s.state.as_str() == "connected")
-    })
-    .await;
+    let pid = agent.pid();
+    agent.connected().await;
 
     let start = Instant::now();
     let (mut next_restart, mut next_rebind) = (restart_every, rebind_every);
@@ -201,5 +181,5 @@ async fn soak() {
     }
     assert!(errors.is_empty(), "{} errors", errors.len());
     assert!(last.2 <= first.2 + 8, "fd count grew");
-    assert!(agent.0.id() == pid);
+    assert!(agent.pid() == pid);
 }

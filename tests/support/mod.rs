@@ -852,6 +852,59 @@ pub async fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> O
 /// holding the test's stdout keeps a `| grep` waiting forever).
 pub struct ChildGuard(pub std::process::Child);
 
+/// The agent binary in a process of its own (so its memory and fds are its own), reading the
+/// config written to `dir/agent.toml`; `cmd` adds environment and output. Killed on drop.
+pub struct AgentProcess {
+    pub child: ChildGuard,
+    pub config: PathBuf,
+    pub status_file: PathBuf,
+}
+
+impl AgentProcess {
+    /// Writes `toml` (whose state and status live under `dir`, as [`agent_toml`] puts them) and
+    /// starts `pbx-remote-agent run` on it.
+    pub fn spawn(
+        dir: &Path,
+        toml: &str,
+        cmd: impl FnOnce(&mut std::process::Command),
+    ) -> AgentProcess {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("agent.toml");
+        std::fs::write(&config, toml).unwrap();
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_pbx-remote-agent"));
+        c.args(["run", "-c"])
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        cmd(&mut c);
+        AgentProcess {
+            child: ChildGuard(c.spawn().unwrap()),
+            config,
+            status_file: dir.join("status.json"),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// Polls the status file until `f` holds (30 s at most; panics naming `what`).
+    pub async fn wait_status(&self, what: &str, f: impl Fn(&Status) -> bool) -> Status {
+        eventually(Duration::from_secs(30), what, || {
+            pbx_remote::status::read(&self.status_file)
+                .ok()
+                .filter(|s| f(s))
+        })
+        .await
+    }
+
+    pub async fn connected(&self) -> Status {
+        self.wait_status("agent connected", |s| s.state == State::Connected)
+            .await
+    }
+}
+
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
