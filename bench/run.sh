@@ -6,7 +6,7 @@
 # Prints bulk MB/s, small-request rate and p99 (c=32), c=1 latency, a 256-connection burst
 # p99 (8 wrk threads; through the tunnel as 8 logged-in visits), the agent's RSS idle / under load / after, the stripped agent size, and ratios to direct.
 #   bench/run.sh [ROUNDS] [SECONDS]     (defaults: 3 rounds, 5 s per wrk run)
-# Without rathole (`cargo install --locked rathole`) its column is left out.
+# Without rathole (`cargo install rathole`; its locked dependencies no longer build with current Rust) its column is left out.
 # BENCH_AGENT_ENV / BENCH_SERVER_ENV: "NAME=value …" set for the agent / server only (e.g.
 # TOKIO_WORKER_THREADS=1), to compare runtime settings without a rebuild. BENCH_AGENT_WRAP: a
 # command the agent runs under (e.g. "heaptrack -o /tmp/agent"; RSS figures are then the wrapper's).
