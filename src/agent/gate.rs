@@ -653,8 +653,8 @@ impl Gate {
             }
             return self.login_page(StatusCode::UNAUTHORIZED, &next, Some(GENERIC));
         }
-        // The rules may have changed during the (slow) password check.
-        // (A suspended account gets the suspension page; a changed password, the generic error.)
+        // The rules may have changed during the slow password check: a suspended account gets
+        // the suspension page, a changed password the generic error.
         if self.account().as_ref() != Some(&account) {
             return self.login_page(StatusCode::UNAUTHORIZED, &next, Some(GENERIC));
         }
