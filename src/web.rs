@@ -46,6 +46,26 @@ pub fn escape(s: &str) -> String {
         .replace('\'', "&#39;")
 }
 
+/// Whether a browser says the request comes from a page of `origin` itself (a state-changing
+/// request or a WebSocket must). `Sec-Fetch-Site`, which pages cannot forge and browsers send
+/// whatever the referrer policy, must be `same-origin` (or `none`: typed or bookmarked);
+/// `Origin`, when it names one, must be `origin`. A page under `Referrer-Policy: no-referrer`
+/// makes browsers send `Origin: null` on its own form posts and fetches, so `null` passes only
+/// with `Sec-Fetch-Site: same-origin`. A request with neither header (not a browser) passes.
+pub fn same_origin(h: &http::HeaderMap, origin: &str) -> bool {
+    let site = h.get("sec-fetch-site").map(|v| v.as_bytes());
+    if let Some(site) = site {
+        if site != b"same-origin" && site != b"none" {
+            return false;
+        }
+    }
+    match h.get(header::ORIGIN).map(|v| v.as_bytes()) {
+        None => true,
+        Some(b"null") => site == Some(b"same-origin".as_slice()),
+        Some(o) => o.eq_ignore_ascii_case(origin.as_bytes()),
+    }
+}
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) that never cross a proxy. Names, not strings: a
 /// string is parsed (and a non-standard name copied) at every use, on every request.
 pub const HOP_BY_HOP: [http::HeaderName; 9] = [
@@ -148,5 +168,47 @@ mod tests {
         assert_eq!(super::cookie(&h, "b"), Some("2"));
         assert_eq!(super::cookie(&h, "c"), Some("3"));
         assert_eq!(super::cookie(&h, "d"), None);
+    }
+
+    #[test]
+    fn origin_checks() {
+        fn same(pairs: &[(&'static str, &str)]) -> bool {
+            let mut h = http::HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(*k, v.parse().unwrap());
+            }
+            super::same_origin(&h, "https://dev1.cm.example")
+        }
+        let o = "https://dev1.cm.example";
+        // Browsers.
+        assert!(same(&[("origin", o), ("sec-fetch-site", "same-origin")]));
+        assert!(same(&[("origin", "HTTPS://DEV1.CM.EXAMPLE")]));
+        assert!(same(&[("sec-fetch-site", "same-origin")]));
+        assert!(same(&[("sec-fetch-site", "none")]));
+        // A page under `Referrer-Policy: no-referrer` posting to itself.
+        assert!(same(&[
+            ("origin", "null"),
+            ("sec-fetch-site", "same-origin")
+        ]));
+        // Other sites, sibling devices (same site, not same origin), opaque origins.
+        assert!(!same(&[("origin", "https://evil.example")]));
+        assert!(!same(&[
+            ("origin", "https://evil.example"),
+            ("sec-fetch-site", "same-origin")
+        ]));
+        assert!(!same(&[("origin", o), ("sec-fetch-site", "cross-site")]));
+        assert!(!same(&[
+            ("origin", "https://dev2.cm.example"),
+            ("sec-fetch-site", "same-site")
+        ]));
+        assert!(!same(&[("sec-fetch-site", "same-site")]));
+        assert!(!same(&[("origin", "null")]));
+        assert!(!same(&[
+            ("origin", "null"),
+            ("sec-fetch-site", "cross-site")
+        ]));
+        assert!(!same(&[("origin", "null"), ("sec-fetch-site", "none")]));
+        // Not a browser.
+        assert!(same(&[]));
     }
 }

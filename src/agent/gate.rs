@@ -476,7 +476,7 @@ impl Gate {
                 self.login_page(StatusCode::OK, &next, None)
             }
             (Method::POST, "/__remote/login" | "/__remote/logout")
-                if !crate::agent::proxy::same_origin(req.headers(), &h.origin) =>
+                if !web::same_origin(req.headers(), &h.origin) =>
             {
                 web::page(
                     StatusCode::FORBIDDEN,

@@ -275,7 +275,7 @@ async fn handle(ctx: &ProxyCtx, visit: &Visit, mut req: Request<Incoming>) -> Re
         Verdict::Forward(s) => s,
     };
     let websocket = is_websocket(&req);
-    if (websocket || !is_safe(req.method())) && !same_origin(req.headers(), &h.origin) {
+    if (websocket || !is_safe(req.method())) && !crate::web::same_origin(req.headers(), &h.origin) {
         return page(
             StatusCode::FORBIDDEN,
             "Cross-site request refused",
@@ -470,21 +470,6 @@ fn header_has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// `Origin` (or, without it, `Sec-Fetch-Site`) says the request comes from `origin` itself.
-/// Requests carrying neither (non-browser clients) pass: browsers always send one of them.
-pub fn same_origin(h: &HeaderMap, origin: &str) -> bool {
-    if let Some(o) = h.get(header::ORIGIN) {
-        return o
-            .to_str()
-            .map(|o| o.eq_ignore_ascii_case(origin))
-            .unwrap_or(false);
-    }
-    match h.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
-        Some(site) => matches!(site, "same-origin" | "none"),
-        None => true,
-    }
-}
-
 /// Removes hop-by-hop headers (and those `Connection` names), identity and forwarding headers
 /// a visitor could forge, and the agent's and front's cookies. A validated WebSocket keeps its
 /// upgrade headers.
@@ -662,17 +647,6 @@ mod tests {
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["sec-websocket-key"], "k");
-    }
-
-    #[test]
-    fn origin_checks() {
-        let o = "https://dev1.cm.example";
-        assert!(same_origin(&map(&[("origin", o)]), o));
-        assert!(!same_origin(&map(&[("origin", "https://evil.example")]), o));
-        assert!(!same_origin(&map(&[("origin", "null")]), o));
-        assert!(!same_origin(&map(&[("sec-fetch-site", "cross-site")]), o));
-        assert!(same_origin(&map(&[("sec-fetch-site", "same-origin")]), o));
-        assert!(same_origin(&HeaderMap::new(), o));
     }
 
     #[test]

@@ -336,17 +336,12 @@ async fn visit(
             resp
         }
         Method::POST => {
-            if let Some(o) = req.headers().get(header::ORIGIN) {
-                if o.to_str()
-                    .map(|o| !o.eq_ignore_ascii_case(&origin))
-                    .unwrap_or(true)
-                {
-                    return web::page(
-                        StatusCode::FORBIDDEN,
-                        "Cross-site request refused",
-                        "Confirm the visit from its own page.",
-                    );
-                }
+            if !web::same_origin(req.headers(), &origin) {
+                return web::page(
+                    StatusCode::FORBIDDEN,
+                    "Cross-site request refused",
+                    "Confirm the visit from its own page.",
+                );
             }
             let (grant, cookie) = match state.db.redeem_visit(token, device) {
                 Ok(Some(x)) => x,
