@@ -2,6 +2,7 @@
 //! visitor that talks to the front like a browser would (Host header, cookies by hand).
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod relay;
 
 use bytes::Bytes;
@@ -181,6 +182,19 @@ async fn portal_route(
                 "portal_sid=abc; Domain=127.0.0.1; Path=/; HttpOnly",
             )
             .body(full("<html><body>PBX portal home</body></html>"))
+            .unwrap();
+    }
+    if path == "/form" {
+        // A portal page under the strictest referrer policy: browsers then send `Origin: null`
+        // with its form posts and fetches.
+        return Response::builder()
+            .header("content-type", "text/html")
+            .header("referrer-policy", "no-referrer")
+            .body(full(
+                "<html><head><title>Portal form</title></head><body>\
+                 <form method=\"post\" action=\"/upload\"><input name=\"field\" value=\"portal-form\">\
+                 <button type=\"submit\">Save</button></form></body></html>",
+            ))
             .unwrap();
     }
     if let Some(n) = path.strip_prefix("/bytes/") {

@@ -1,0 +1,87 @@
+//! The visit, login, portal and logout flows in headless Chromium: what a browser sends (Origin,
+//! Sec-Fetch-Site, cookies under SameSite=Lax and a page's referrer policy) is the browser's
+//! decision, and every other test's client only imitates it. Needs `chromium` (see
+//! support/browser.rs).
+
+mod support;
+
+use support::browser::Browser;
+use support::*;
+
+fn origin(w: &World) -> String {
+    format!("http://{}.localhost:{}", w.device, w.server.public.port())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_browser_confirms_a_visit_logs_in_posts_to_the_portal_and_logs_out() {
+    let Some(mut b) = Browser::start().await else {
+        return;
+    };
+    let w = World::start(true, "").await;
+    let home = origin(&w);
+
+    // The visit link: a confirm page whose form the browser posts (under no-referrer).
+    b.go(&w.server.visit(&w.device, "alice", false)).await;
+    assert_eq!(b.title().await, "Remote visit");
+    b.act("document.querySelector('form button').click()").await;
+    assert_eq!(b.title().await, "Remote login", "{}", b.text().await);
+
+    // Account login.
+    b.act(&format!(
+        "document.querySelector('[name=username]').value = '{USER}';\
+         document.querySelector('[name=password]').value = '{PASSWORD}';\
+         document.querySelector('form button').click()"
+    ))
+    .await;
+    assert_eq!(b.path().await, "/");
+    assert_eq!(b.text().await, "PBX portal home");
+
+    // A portal page under Referrer-Policy: no-referrer posts its form (Origin: null).
+    b.go(&format!("{home}/form")).await;
+    assert_eq!(b.title().await, "Portal form");
+    b.submit("/upload").await;
+    let saved: serde_json::Value = serde_json::from_str(&b.text().await).unwrap();
+    assert_eq!(saved["len"], "field=portal-form".len(), "{saved}");
+
+    // A WebSocket from a portal page.
+    let echo = b
+        .js(
+            "new Promise((ok, fail) => { const ws = new WebSocket(`ws://${location.host}/ws`);\
+             ws.onopen = () => ws.send('hello'); ws.onmessage = m => ok(m.data);\
+             ws.onerror = () => fail('websocket failed'); })",
+        )
+        .await;
+    assert_eq!(echo, "hello");
+
+    // Another site's form cannot end the session: the Lax cookies stay home, and without them
+    // nothing reaches the agent.
+    let hits = w.portal.hits();
+    b.go(&format!(
+        "data:text/html,<form method=post action='{home}/__remote/logout'><button>x</button></form>"
+    ))
+    .await;
+    b.act("document.querySelector('form button').click()").await;
+    assert_ne!(b.title().await, "Logged out");
+    assert_eq!(w.agent.status.get().active_sessions.len(), 1);
+    assert_eq!(w.portal.hits(), hits);
+
+    // Logging out: the link shows a button, the button ends the session.
+    b.go(&format!("{home}/__remote/logout")).await;
+    assert_eq!(b.title().await, "Log out");
+    assert_eq!(w.agent.status.get().active_sessions.len(), 1);
+    b.submit("/__remote/logout").await;
+    assert_eq!(b.title().await, "Logged out");
+    assert!(w.agent.status.get().active_sessions.is_empty());
+    b.go(&format!("{home}/")).await;
+    assert_eq!(b.title().await, "Remote login");
+    assert_eq!(w.portal.hits(), hits);
+
+    // Passwordless: the confirm page, then straight into the portal as super admin.
+    b.go(&w.server.visit(&w.device, "bob", true)).await;
+    b.act("document.querySelector('form button').click()").await;
+    assert_eq!(b.path().await, "/");
+    assert_eq!(b.text().await, "PBX portal home");
+    let sessions = w.agent.status.get().active_sessions;
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].role, "super_admin");
+}
