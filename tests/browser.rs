@@ -85,3 +85,60 @@ async fn a_browser_confirms_a_visit_logs_in_posts_to_the_portal_and_logs_out() {
     assert_eq!(sessions.len(), 1);
     assert_eq!(sessions[0].role, "super_admin");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_https_the_browser_keeps_host_prefixed_secure_cookies_and_gets_in() {
+    let Some(mut b) = Browser::start().await else {
+        return;
+    };
+    let certs = tempfile::tempdir().unwrap();
+    let id =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "*.localhost".into()]).unwrap();
+    let (cert, key) = (
+        certs.path().join("front.pem"),
+        certs.path().join("front.key"),
+    );
+    std::fs::write(&cert, id.cert.pem()).unwrap();
+    std::fs::write(&key, id.key_pair.serialize_pem()).unwrap();
+    let server = TestServer::start_with(|o| {
+        o.public_url.set_scheme("https").unwrap();
+        o.public_tls = Some((cert, key));
+    })
+    .await;
+    let w = World::start_on(server, false, |t| t).await;
+    let home = format!("https://{}.localhost:{}", w.device, w.server.public.port());
+
+    let visit = w.server.visit(&w.device, "alice", false);
+    assert!(visit.starts_with(&home), "{visit}");
+    b.go(&visit).await;
+    b.act("document.querySelector('form button').click()").await;
+    assert_eq!(b.title().await, "Remote login", "{}", b.text().await);
+    b.act(&format!(
+        "document.querySelector('[name=username]').value = '{USER}';\
+         document.querySelector('[name=password]').value = '{PASSWORD}';\
+         document.querySelector('form button').click()"
+    ))
+    .await;
+    assert_eq!(b.text().await, "PBX portal home");
+
+    // Both cookies as the browser holds them: `__Host-`, Secure, HttpOnly, Lax, host-only, and
+    // none of them readable by page script.
+    let jar = b.cookies(&home).await;
+    for name in ["__Host-__cm_visit", "__Host-__pbxra_sid"] {
+        let c = jar
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} not kept: {jar:?}"));
+        assert_eq!(c["secure"], true, "{c}");
+        assert_eq!(c["httpOnly"], true, "{c}");
+        assert_eq!(c["sameSite"], "Lax", "{c}");
+        assert_eq!(c["path"], "/", "{c}");
+        assert_eq!(c["domain"], format!("{}.localhost", w.device), "{c}");
+    }
+    assert_eq!(b.js("document.cookie").await, "");
+
+    b.go(&format!("{home}/__remote/logout")).await;
+    b.submit("/__remote/logout").await;
+    assert_eq!(b.title().await, "Logged out");
+    assert!(!b.cookies(&home).await.contains_key("__Host-__pbxra_sid"));
+    assert!(w.agent.status.get().active_sessions.is_empty());
+}

@@ -53,6 +53,8 @@ impl Browser {
                     "--no-first-run",
                     "--disable-background-networking",
                     "--remote-debugging-port=0",
+                    // HTTPS fronts in tests use a self-signed certificate.
+                    "--ignore-certificate-errors",
                 ])
                 .arg(format!("--user-data-dir={}", profile.path().display()))
                 .arg("about:blank")
@@ -167,6 +169,19 @@ impl Browser {
             "document.querySelector('form[action=\"{action}\"] button').click()"
         ))
         .await;
+    }
+
+    /// The browser's cookies for `url` (name → the cookie as DevTools reports it).
+    pub async fn cookies(&mut self, url: &str) -> std::collections::HashMap<String, Value> {
+        let r = self
+            .call("Network.getCookies", json!({"urls": [url]}))
+            .await;
+        r["cookies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["name"].as_str().unwrap().to_string(), c.clone()))
+            .collect()
     }
 
     pub async fn title(&mut self) -> String {

@@ -631,7 +631,15 @@ impl World {
 
     /// Like `start`, with the agent's TOML passed through `edit` first.
     pub async fn start_with_toml(passwordless: bool, edit: impl FnOnce(String) -> String) -> World {
-        let server = TestServer::start().await;
+        Self::start_on(TestServer::start().await, passwordless, edit).await
+    }
+
+    /// Like `start_with_toml`, with a server started by the caller.
+    pub async fn start_on(
+        server: TestServer,
+        passwordless: bool,
+        edit: impl FnOnce(String) -> String,
+    ) -> World {
         let portal = PortalFixture::start().await;
         let (device, code) = server.add_device(passwordless);
         let tmp = tempfile::tempdir().unwrap();
