@@ -35,6 +35,11 @@ async fn a_browser_confirms_a_visit_logs_in_posts_to_the_portal_and_logs_out() {
     .await;
     assert_eq!(b.path().await, "/");
     assert_eq!(b.text().await, "PBX portal home");
+    // The portal's own cookie (set for Domain=127.0.0.1, which the agent strips) is kept for
+    // the device's host alone.
+    let jar = b.cookies(&home).await;
+    let portal_sid = jar.get("portal_sid").expect("portal cookie kept");
+    assert_eq!(portal_sid["domain"], format!("{}.localhost", w.device));
 
     // A portal page under Referrer-Policy: no-referrer posts its form (Origin: null).
     b.go(&format!("{home}/form")).await;
