@@ -81,11 +81,19 @@ async fn a_browser_confirms_a_visit_logs_in_posts_to_the_portal_and_logs_out() {
     assert_eq!(b.title().await, "Remote login");
     assert_eq!(w.portal.hits(), hits);
 
-    // Passwordless: the confirm page, then straight into the portal as super admin.
-    b.go(&w.server.visit(&w.device, "bob", true)).await;
+    // Passwordless: the confirm page, then straight into the portal as super admin. Neither
+    // the visit token nor the confirm page's URL reaches the portal.
+    let visit = w.server.visit(&w.device, "bob", true);
+    b.go(&visit).await;
     b.act("document.querySelector('form button').click()").await;
     assert_eq!(b.path().await, "/");
     assert_eq!(b.text().await, "PBX portal home");
+    let seen = w.portal.log.last_headers.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .all(|(k, v)| k != "referer" && !v.contains("__cm")),
+        "{seen:?}"
+    );
     let sessions = w.agent.status.get().active_sessions;
     assert_eq!(sessions.len(), 1);
     assert_eq!(sessions[0].role, "super_admin");

@@ -331,8 +331,13 @@ async fn visit(
                 action = web::escape(&action),
             );
             let mut resp = web::html(StatusCode::OK, "Remote visit", &body);
+            // The token is in this page's URL: no other origin may see it. The form posts to
+            // that same URL; under `no-referrer` browsers would send it with `Origin: null`,
+            // which only browsers with `Sec-Fetch-Site` let the same-origin check tell apart
+            // from another site's post. The redirect the post answers with is `no-referrer`,
+            // so the token goes no further than this front.
             resp.headers_mut()
-                .insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+                .insert("referrer-policy", HeaderValue::from_static("same-origin"));
             resp
         }
         Method::POST => {
