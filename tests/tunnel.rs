@@ -408,7 +408,10 @@ async fn a_visitor_connection_reuses_its_stream_and_every_request_is_still_judge
     }
     let used = streams().await.unwrap() - before;
     // One browser connection, one stream: the login's, or a new one if that one was closed.
-    assert!(used <= 1.0, "20 requests took {used} streams");
+    // The test client may race a new connection against the return of its idle one (hyper-util's
+    // pool connects while it waits for a checkout), and seldom does under load: 2 at most, where
+    // a stream per request would be 20.
+    assert!(used <= 2.0, "20 requests took {used} streams");
 
     // Another visit's cookies on the same connection: a new stream speaks for that visit (the
     // gate refuses a session under another visit's stream, so a 200 proves it).
