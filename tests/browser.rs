@@ -41,6 +41,11 @@ async fn a_browser_confirms_a_visit_logs_in_posts_to_the_portal_and_logs_out() {
     let portal_sid = jar.get("portal_sid").expect("portal cookie kept");
     assert_eq!(portal_sid["domain"], format!("{}.localhost", w.device));
 
+    // A portal redirect to its own origin lands on the device's, not on the PBX's address.
+    b.go(&format!("{home}/redirect")).await;
+    assert_eq!(b.js("location.origin").await, home.as_str());
+    assert_eq!(b.path().await, "/target");
+
     // A portal page under Referrer-Policy: no-referrer posts its form (Origin: null).
     b.go(&format!("{home}/form")).await;
     assert_eq!(b.title().await, "Portal form");
