@@ -86,6 +86,24 @@ async fn a_browser_confirms_a_visit_logs_in_posts_to_the_portal_and_logs_out() {
     assert_eq!(b.title().await, "Remote login");
     assert_eq!(w.portal.hits(), hits);
 
+    // A deep link without a session: log in, and land where the link pointed.
+    b.go(&format!("{home}/form?tab=2")).await;
+    assert_eq!(b.title().await, "Remote login");
+    b.act(&format!(
+        "document.querySelector('[name=username]').value = '{USER}';\
+         document.querySelector('[name=password]').value = '{PASSWORD}';\
+         document.querySelector('form button').click()"
+    ))
+    .await;
+    assert_eq!(
+        b.js("location.pathname + location.search").await,
+        "/form?tab=2"
+    );
+    assert_eq!(b.title().await, "Portal form");
+    b.go(&format!("{home}/__remote/logout")).await;
+    b.submit("/__remote/logout").await;
+    assert_eq!(b.title().await, "Logged out");
+
     // Passwordless: the confirm page, then straight into the portal as super admin. Neither
     // the visit token nor the confirm page's URL reaches the portal.
     let visit = w.server.visit(&w.device, "bob", true);
