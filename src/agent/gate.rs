@@ -537,19 +537,18 @@ impl Gate {
 
     fn login_page(&self, status: StatusCode, next: &str, error: Option<&str>) -> Response<Body> {
         let rules = self.rules();
-        if rules.account.is_some() && lock(&self.account_suspended).is_some() {
-            let mut body = String::from(
-                "<p>Account login is suspended on this PBX: the remote account's username is \
-                 now used by one of its extensions. The PBX administrator must rename one of \
-                 them.</p>",
-            );
-            if rules.passwordless {
-                body.push_str("<p>Ask the provider for a passwordless visit link.</p>");
-            }
-            return web::html(StatusCode::FORBIDDEN, "Remote login", &body);
-        }
-        if rules.account.is_none() {
-            let mut body = String::from("<p>Account login is not enabled on this PBX.</p>");
+        let closed = if rules.account.is_none() {
+            Some("Account login is not enabled on this PBX.")
+        } else if lock(&self.account_suspended).is_some() {
+            Some(
+                "Account login is suspended on this PBX: the remote account's username is now \
+                 used by one of its extensions. The PBX administrator must rename one of them.",
+            )
+        } else {
+            None
+        };
+        if let Some(why) = closed {
+            let mut body = format!("<p>{why}</p>");
             if rules.passwordless {
                 body.push_str("<p>Ask the provider for a passwordless visit link.</p>");
             }

@@ -474,6 +474,10 @@ impl ReservedNames {
             _ => None,
         };
         self.unreadable = false;
+        if clash.is_none() && self.shown.is_none() {
+            // Nothing suspended and nothing to suspend: no status to look at.
+            return;
+        }
         if clash != self.shown {
             gate.suspend_account(clash.clone());
         }
