@@ -12,6 +12,16 @@ fn origin(w: &World) -> String {
     format!("http://{}.localhost:{}", w.device, w.server.public.port())
 }
 
+/// Fills the agent's login page with the test account and waits for where it leads.
+async fn log_in(b: &mut Browser) {
+    b.act(&format!(
+        "document.querySelector('[name=username]').value = '{USER}';\
+         document.querySelector('[name=password]').value = '{PASSWORD}';\
+         document.querySelector('form button').click()"
+    ))
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_browser_confirms_a_visit_logs_in_posts_to_the_portal_and_logs_out() {
     let Some(mut b) = Browser::start().await else {
@@ -27,12 +37,7 @@ async fn a_browser_confirms_a_visit_logs_in_posts_to_the_portal_and_logs_out() {
     assert_eq!(b.title().await, "Remote login", "{}", b.text().await);
 
     // Account login.
-    b.act(&format!(
-        "document.querySelector('[name=username]').value = '{USER}';\
-         document.querySelector('[name=password]').value = '{PASSWORD}';\
-         document.querySelector('form button').click()"
-    ))
-    .await;
+    log_in(&mut b).await;
     assert_eq!(b.path().await, "/");
     assert_eq!(b.text().await, "PBX portal home");
     // The portal's own cookie (set for Domain=127.0.0.1, which the agent strips) is kept for
@@ -89,12 +94,7 @@ async fn a_browser_confirms_a_visit_logs_in_posts_to_the_portal_and_logs_out() {
     // A deep link without a session: log in, and land where the link pointed.
     b.go(&format!("{home}/form?tab=2")).await;
     assert_eq!(b.title().await, "Remote login");
-    b.act(&format!(
-        "document.querySelector('[name=username]').value = '{USER}';\
-         document.querySelector('[name=password]').value = '{PASSWORD}';\
-         document.querySelector('form button').click()"
-    ))
-    .await;
+    log_in(&mut b).await;
     assert_eq!(
         b.js("location.pathname + location.search").await,
         "/form?tab=2"
@@ -149,12 +149,7 @@ async fn over_https_the_browser_keeps_host_prefixed_secure_cookies_and_gets_in()
     b.go(&visit).await;
     b.act("document.querySelector('form button').click()").await;
     assert_eq!(b.title().await, "Remote login", "{}", b.text().await);
-    b.act(&format!(
-        "document.querySelector('[name=username]').value = '{USER}';\
-         document.querySelector('[name=password]').value = '{PASSWORD}';\
-         document.querySelector('form button').click()"
-    ))
-    .await;
+    log_in(&mut b).await;
     assert_eq!(b.text().await, "PBX portal home");
 
     // Both cookies as the browser holds them: `__Host-`, Secure, HttpOnly, Lax, host-only, and
