@@ -57,7 +57,7 @@ http {
   server { listen 127.0.0.1:$NGINX_PORT; root $T/www; }
 }
 NGX
-nginx -p "$T/nginx" -c "$T/nginx/nginx.conf" & PIDS+=($!)
+nginx -p "$T/nginx" -c "$T/nginx/nginx.conf" & NGINX_MASTER=$!; PIDS+=($!)
 
 # BENCH_PERF=allocs: agent and server run under heaptrack, which counts every allocation.
 if [ "${BENCH_PERF:-}" = allocs ]; then
@@ -138,17 +138,66 @@ code=$(curl -s -o "$T/resp" -w '%{http_code}' --resolve "$HOST:$PUBLIC_PORT:127.
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$AGENT_PID/status"; }
 RSS_IDLE=$(rss_kib)
+# BENCH_SMAPS=FILE: keep the idle agent's memory map (where the idle RSS lives).
+[ -n "${BENCH_SMAPS:-}" ] && cp "/proc/$AGENT_PID/smaps" "$BENCH_SMAPS"
+
+# A certificate for the encrypted hops of rathole and the nginx yardstick.
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=bench-ca" \
+  -keyout "$T/ca.key" -out "$T/ca.pem" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout "$T/rh.key" -out "$T/rh.csr" 2>/dev/null
+printf 'subjectAltName=DNS:localhost\n' > "$T/ext"
+openssl x509 -req -in "$T/rh.csr" -CA "$T/ca.pem" -CAkey "$T/ca.key" -CAcreateserial \
+  -days 2 -extfile "$T/ext" -out "$T/rh.pem" 2>/dev/null
+
+# The yardstick ("nginx2"): the same topology as the tunnel built from the standard reverse
+# proxy, with nothing of the door in it: a front nginx (2 workers) → TLS over TCP, kept
+# connections → an agent-side nginx (2 workers) → the portal nginx. It shows what two
+# encrypted proxy hops cost on this machine, with no session gate, visit check or QUIC.
+NG_FRONT=$(free_port); NG_AGENT=$(free_port)
+for hop in front agent; do
+  mkdir -p "$T/ng-$hop"
+  if [ $hop = front ]; then
+    listen="listen 127.0.0.1:$NG_FRONT;"; upstream="server 127.0.0.1:$NG_AGENT;"; scheme=https
+  else
+    listen="listen 127.0.0.1:$NG_AGENT ssl; ssl_certificate $T/rh.pem; ssl_certificate_key $T/rh.key;"
+    upstream="server 127.0.0.1:$NGINX_PORT;"; scheme=http
+  fi
+  cat > "$T/ng-$hop/nginx.conf" <<NGX
+worker_processes 2;
+daemon off;
+pid $T/ng-$hop/nginx.pid;
+error_log $T/ng-$hop/error.log;
+events { worker_connections 2048; }
+http {
+  access_log off;
+  keepalive_requests 100000;
+  upstream next { $upstream keepalive 256; keepalive_requests 100000; }
+  server {
+    $listen
+    location / {
+      proxy_pass $scheme://next;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_ssl_session_reuse on;
+    }
+  }
+}
+NGX
+  nginx -p "$T/ng-$hop" -c "$T/ng-$hop/nginx.conf" & PIDS+=($!)
+  declare "NG_MASTER_$hop=$!"
+done
+for _ in $(seq 100); do
+  [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$NG_FRONT/small.html")" = 200 ] && break
+  sleep 0.1
+done
+[ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$NG_FRONT/small.html")" = 200 ] \
+  || { echo "the nginx yardstick did not come up"; cat "$T"/ng-*/error.log; exit 1; }
 
 # rathole with its TLS transport, forwarding a port to the same nginx.
 RATHOLE=$(command -v rathole || true)
 if [ -n "$RATHOLE" ]; then
   RH_CTRL=$(free_port); RH_PORT=$(free_port)
-  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=bench-ca" \
-    -keyout "$T/ca.key" -out "$T/ca.pem" 2>/dev/null
-  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout "$T/rh.key" -out "$T/rh.csr" 2>/dev/null
-  printf 'subjectAltName=DNS:localhost\n' > "$T/ext"
-  openssl x509 -req -in "$T/rh.csr" -CA "$T/ca.pem" -CAkey "$T/ca.key" -CAcreateserial \
-    -days 2 -extfile "$T/ext" -out "$T/rh.pem" 2>/dev/null
   openssl pkcs12 -export -out "$T/rh.pfx" -inkey "$T/rh.key" -in "$T/rh.pem" -passout pass:bench 2>/dev/null
   cat > "$T/rh-server.toml" <<RHS
 [server]
@@ -208,9 +257,9 @@ TUN="http://127.0.0.1:$PUBLIC_PORT"
 TH=(-H "Host: $HOST:$PUBLIC_PORT" -H "Cookie: $COOKIE")
 TC_ARGS=(--resolve "$HOST:$PUBLIC_PORT:127.0.0.1" -H "Cookie: $COOKIE" -H "Host: $HOST:$PUBLIC_PORT")
 RH="http://127.0.0.1:${RH_PORT:-0}"
-TARGETS=(direct tunnel); [ -n "$RATHOLE" ] && TARGETS+=(rathole)
+TARGETS=(direct tunnel nginx2); [ -n "$RATHOLE" ] && TARGETS+=(rathole)
 [ -n "${BENCH_TARGETS:-}" ] && read -r -a TARGETS <<<"$BENCH_TARGETS"   # e.g. "tunnel" alone
-url_of() { case $1 in direct) echo "$DIRECT";; tunnel) echo "$TUN";; rathole) echo "$RH";; esac; }
+url_of() { case $1 in direct) echo "$DIRECT";; tunnel) echo "$TUN";; rathole) echo "$RH";; nginx2) echo "http://127.0.0.1:$NG_FRONT";; esac; }
 RSS_LOAD=$RSS_IDLE
 udp_out() { awk '/^Udp:/ { n++; if (n == 2) print $5 }' /proc/net/snmp; }   # OutDatagrams (a GSO batch counts once)
 cpu_ticks() { # PID... → summed utime+stime clock ticks
@@ -225,13 +274,17 @@ SERVER_PID=$SERVER_WRAP_PID   # env execs the server; under a wrapper, the serve
 if [ "${BENCH_PERF:-}" = cpu ]; then
   # Where the CPU goes: each process's CPU seconds for the same work, direct and through the
   # tunnel (the client's share is the elapsed time × 2 cores minus the rest, roughly).
-  NGINX_PIDS=$(pgrep -f "nginx: worker process" | tr '\n' ' ')
+  # For the nginx2 yardstick, "agent" and "server" are its agent-side and front nginx.
+  workers() { pgrep -P "$1" | tr '\n' ' '; }
+  NGINX_PIDS=$(workers "$NGINX_MASTER")
   HZ=$(getconf CLK_TCK)
-  for t in direct tunnel; do
+  for t in direct tunnel nginx2; do
     u=$(url_of "$t"); extra=(); curl_extra=()
     [ "$t" = tunnel ] && { extra=("${TH[@]}"); curl_extra=("${TC_ARGS[@]}"); }
+    AP=$AGENT_PID; SP=$SERVER_PID
+    [ "$t" = nginx2 ] && { AP=$(workers "$NG_MASTER_agent"); SP=$(workers "$NG_MASTER_front"); }
     for work in bulk small; do
-      a0=$(cpu_ticks "$AGENT_PID"); s0=$(cpu_ticks "$SERVER_PID"); as0=$(switches "$AGENT_PID"); ss0=$(switches "$SERVER_PID"); n0=$(cpu_ticks $NGINX_PIDS); d0=$(udp_out); w0=$(date +%s.%N)
+      a0=$(cpu_ticks $AP); s0=$(cpu_ticks $SP); as0=$(switches $AP); ss0=$(switches $SP); n0=$(cpu_ticks $NGINX_PIDS); d0=$(udp_out); w0=$(date +%s.%N)
       if [ $work = bulk ]; then
         out="$(bulk "$u/big.bin" "${curl_extra[@]}") MB/s"; work_n=1
       else
@@ -239,7 +292,7 @@ if [ "${BENCH_PERF:-}" = cpu ]; then
         work_n=$(awk -v r="$rps" -v s="$SECS" 'BEGIN { printf "%d", r * s }')
       fi
       w1=$(date +%s.%N)
-      d=$(( $(udp_out) - d0 )); as=$(( $(switches "$AGENT_PID") - as0 )); ss=$(( $(switches "$SERVER_PID") - ss0 )); a=$(( $(cpu_ticks "$AGENT_PID") - a0 )); s=$(( $(cpu_ticks "$SERVER_PID") - s0 )); n=$(( $(cpu_ticks $NGINX_PIDS) - n0 ))
+      d=$(( $(udp_out) - d0 )); as=$(( $(switches $AP) - as0 )); ss=$(( $(switches $SP) - ss0 )); a=$(( $(cpu_ticks $AP) - a0 )); s=$(( $(cpu_ticks $SP) - s0 )); n=$(( $(cpu_ticks $NGINX_PIDS) - n0 ))
       awk -v t="$t" -v w="$work" -v o="$out" -v a="$a" -v s="$s" -v n="$n" -v hz="$HZ" -v e="$(echo "$w1 - $w0" | bc)" \
         -v d="$d" -v k="$work_n" -v as="$as" -v ss="$ss" \
         'BEGIN { printf "%-6s %-5s %-14s elapsed %5.2fs  cpu s: agent %5.2f server %5.2f nginx %5.2f  %sUDP datagrams %.1f, switches agent %.1f server %.1f\n", t, w, o, e, a/hz, s/hz, n/hz, (k > 1 ? "per request: " : ""), d/k, as/k, ss/k }'
@@ -358,18 +411,45 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f×", a/b; else
 
 echo
 echo "pbx-remote bench: $ROUNDS interleaved rounds, wrk ${SECS}s, ${BIG_MB} MiB bulk, loopback, release build"
+OTHERS=(); for t in nginx2 rathole; do [[ " ${TARGETS[*]} " = *" $t "* ]] && OTHERS+=("$t"); done
 printf '%-24s %10s %10s %8s' "metric" "direct" "tunnel" "ratio"
-[ -n "$RATHOLE" ] && printf ' %10s %8s' "rathole" "ratio"
+for t in "${OTHERS[@]}"; do printf ' %10s %8s' "$t" "ratio"; done
 echo
 for m in "bulk MB/s:bulk" "small req/s c=32:rps" "p99 ms c=32:p99" "p50 ms c=1:c1" "burst p99 ms c=256:burst" "burst req/s c=256:brps"; do
   label=${m%%:*}; key=${m##*:}
   d=$(median ${R[direct.$key]:-}); tn=$(median ${R[tunnel.$key]:-})
   printf '%-24s %10s %10s %8s' "$label" "$d" "$tn" "$(ratio "$tn" "$d")"
-  if [ -n "$RATHOLE" ]; then rh=$(median ${R[rathole.$key]:-}); printf ' %10s %8s' "$rh" "$(ratio "$rh" "$d")"; fi
+  for t in "${OTHERS[@]}"; do o=$(median ${R[$t.$key]:-}); printf ' %10s %8s' "$o" "$(ratio "$o" "$d")"; done
   echo
 done
+# The tunnel against two TLS-linked nginx proxies in the same topology, paired sample by
+# sample within each round, then the median: what the door, QUIC and the session gate cost
+# beyond two encrypted proxy hops on the same machine at the same moment.
+vs_nginx2() { # KEY → median ratio tunnel/nginx2 (empty without both)
+  local rs=() tv nv i
+  read -r -a tv <<<"${R[tunnel.$1]:-}"; read -r -a nv <<<"${R[nginx2.$1]:-}"
+  for i in "${!tv[@]}"; do [ -n "${nv[$i]:-}" ] && rs+=("$(awk -v a="${tv[$i]}" -v b="${nv[$i]}" 'BEGIN { if (b > 0) printf "%.3f", a/b }')"); done
+  [ ${#rs[@]} -gt 0 ] && echo "$(median "${rs[@]}") ${rs[*]}"
+}
 echo
 strip -o "$T/agent.stripped" "$A"
 echo "agent RSS: idle ${RSS_IDLE} KiB, peak under load (incl. the c=256 burst) ${RSS_LOAD} KiB, after ${RSS_AFTER} KiB"
 echo "agent binary: $(stat -c %s "$A") bytes as built, $(stat -c %s "$T/agent.stripped") bytes stripped ($(awk -v b="$(stat -c %s "$T/agent.stripped")" 'BEGIN{printf "%.2f", b/1048576}') MiB)"
-echo "targets: bulk ≥ 0.30×, small ≥ 0.55×, p99 ≤ 4 ms, burst p99 ≤ 50 ms, idle RSS ≤ 8 MiB (≤ 24 MiB under the burst), stripped ≤ 6 MiB"
+# Targets (issue 6, re-baselined in session 11 for bulk and small requests; see README).
+STRIPPED=$(stat -c %s "$T/agent.stripped")
+verdict() { # LABEL VALUE OP LIMIT → "LABEL VALUE (target OP LIMIT): met|MISSED"
+  local ok; ok=$(awk -v v="$2" -v l="$4" -v op="$3" 'BEGIN { if (v == "") print "not measured"; else if ((op == "≥" && v >= l) || (op == "≤" && v <= l)) print "met"; else print "MISSED" }')
+  printf '  %-34s %12s  (target %s %s): %s\n' "$1" "$2" "$3" "$4" "$ok"
+}
+echo "targets:"
+read -r bulk_vs bulk_rounds <<<"$(vs_nginx2 bulk)" || true
+read -r rps_vs rps_rounds <<<"$(vs_nginx2 rps)" || true
+verdict "bulk, tunnel / nginx2" "${bulk_vs:-}" "≥" 1.0
+verdict "small req/s, tunnel / nginx2" "${rps_vs:-}" "≥" 0.8
+verdict "p99 ms c=32" "$(median ${R[tunnel.p99]:-})" "≤" 4
+verdict "burst p99 ms c=256" "$(median ${R[tunnel.burst]:-})" "≤" 50
+verdict "idle RSS KiB" "$RSS_IDLE" "≤" 8192
+verdict "peak RSS KiB (burst)" "$RSS_LOAD" "≤" 24576
+verdict "stripped agent bytes" "$STRIPPED" "≤" 6291456
+echo "  (per-sample ratios to nginx2: bulk ${bulk_rounds:-none}; small ${rps_rounds:-none})"
+echo "the first targets, kept for comparison: bulk ≥ 0.30× direct (here $(ratio "$(median ${R[tunnel.bulk]:-})" "$(median ${R[direct.bulk]:-})"), nginx2 $(ratio "$(median ${R[nginx2.bulk]:-})" "$(median ${R[direct.bulk]:-})")), small ≥ 0.55× direct (here $(ratio "$(median ${R[tunnel.rps]:-})" "$(median ${R[direct.rps]:-})"), nginx2 $(ratio "$(median ${R[nginx2.rps]:-})" "$(median ${R[direct.rps]:-})"))"
