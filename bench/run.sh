@@ -142,6 +142,15 @@ RSS_IDLE=$(rss_kib)
 # BENCH_SMAPS=FILE: keep the idle agent's memory map (where the idle RSS lives).
 [ -n "${BENCH_SMAPS:-}" ] && cp "/proc/$AGENT_PID/smaps" "$BENCH_SMAPS"
 
+wait_up() { # URL → succeeds once it answers 200 (within 10 s)
+  local _
+  for _ in $(seq 100); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "$1")" = 200 ] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
 # A certificate for the encrypted hops of rathole and the nginx yardstick.
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=bench-ca" \
   -keyout "$T/ca.key" -out "$T/ca.pem" 2>/dev/null
@@ -188,12 +197,7 @@ NGX
   nginx -p "$T/ng-$hop" -c "$T/ng-$hop/nginx.conf" & PIDS+=($!)
   declare "NG_MASTER_$hop=$!"
 done
-for _ in $(seq 100); do
-  [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$NG_FRONT/small.html")" = 200 ] && break
-  sleep 0.1
-done
-[ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$NG_FRONT/small.html")" = 200 ] \
-  || { echo "the nginx yardstick did not come up"; cat "$T"/ng-*/error.log; exit 1; }
+wait_up "http://127.0.0.1:$NG_FRONT/small.html" || { echo "the nginx yardstick did not come up"; cat "$T"/ng-*/error.log; exit 1; }
 
 # rathole with its TLS transport, forwarding a port to the same nginx.
 RATHOLE=$(command -v rathole || true)
@@ -226,12 +230,7 @@ local_addr = "127.0.0.1:$NGINX_PORT"
 RHC
   "$RATHOLE" -s "$T/rh-server.toml" > "$T/rh-server.log" 2>&1 & PIDS+=($!)
   "$RATHOLE" -c "$T/rh-client.toml" > "$T/rh-client.log" 2>&1 & PIDS+=($!)
-  for _ in $(seq 100); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$RH_PORT/small.html")" = 200 ] && break
-    sleep 0.1
-  done
-  [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$RH_PORT/small.html")" = 200 ] \
-    || { echo "rathole did not come up"; cat "$T"/rh-*.log; exit 1; }
+  wait_up "http://127.0.0.1:$RH_PORT/small.html" || { echo "rathole did not come up"; cat "$T"/rh-*.log; exit 1; }
 fi
 
 bulk() { # URL [extra curl args] → MB/s
@@ -434,10 +433,10 @@ vs_nginx2() { # KEY → median ratio tunnel/nginx2 (empty without both)
 }
 echo
 strip -o "$T/agent.stripped" "$A"
-echo "agent RSS: idle ${RSS_IDLE} KiB, peak under load (incl. the c=256 burst) ${RSS_LOAD} KiB, after ${RSS_AFTER} KiB"
-echo "agent binary: $(stat -c %s "$A") bytes as built, $(stat -c %s "$T/agent.stripped") bytes stripped ($(awk -v b="$(stat -c %s "$T/agent.stripped")" 'BEGIN{printf "%.2f", b/1048576}') MiB)"
-# Targets (issue 6, re-baselined in session 11 for bulk and small requests; see README).
 STRIPPED=$(stat -c %s "$T/agent.stripped")
+echo "agent RSS: idle ${RSS_IDLE} KiB, peak under load (incl. the c=256 burst) ${RSS_LOAD} KiB, after ${RSS_AFTER} KiB"
+echo "agent binary: $(stat -c %s "$A") bytes as built, $STRIPPED bytes stripped ($(awk -v b="$STRIPPED" 'BEGIN{printf "%.2f", b/1048576}') MiB)"
+# Targets (issue 6, re-baselined in session 11 for bulk and small requests; see README).
 verdict() { # LABEL VALUE OP LIMIT → "LABEL VALUE (target OP LIMIT): met|MISSED"
   local ok; ok=$(awk -v v="$2" -v l="$4" -v op="$3" 'BEGIN { if (v == "") print "not measured"; else if ((op == "≥" && v >= l) || (op == "≤" && v <= l)) print "met"; else print "MISSED" }')
   printf '  %-34s %12s  (target %s %s): %s\n' "$1" "$2" "$3" "$4" "$ok"
