@@ -18,7 +18,8 @@
 //! `noackfreq`, `nofair`, `nogso`, `iw` (a 1 MiB initial window)).
 
 use anyhow::{Context, Result};
-use pbx_remote::protocol::{transport_config, tune_udp, MAX_STREAMS};
+use pbx_remote::protocol::MAX_STREAMS;
+use pbx_remote::quic::{transport_config, tune_udp};
 use pbx_remote::tls::provider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::net::SocketAddr;

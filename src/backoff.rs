@@ -32,7 +32,7 @@ impl Backoff {
     pub fn next_delay(&mut self) -> Duration {
         let ceiling = self.ceiling();
         self.attempt = self.attempt.saturating_add(1);
-        let r = u64::from_le_bytes(crate::tls::random_bytes::<8>());
+        let r = u64::from_le_bytes(crate::crypto::random_bytes::<8>());
         let nanos = ceiling.as_nanos() as u64;
         Duration::from_nanos(if nanos == 0 { 0 } else { r % (nanos + 1) })
     }

@@ -54,7 +54,7 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
         ".{}.{}.{}.tmp",
         name.to_string_lossy(),
         std::process::id(),
-        hex::encode(crate::tls::random_bytes::<6>())
+        hex::encode(crate::crypto::random_bytes::<6>())
     ));
     let result = (|| -> Result<()> {
         let mut f = fs::OpenOptions::new()

@@ -5,6 +5,9 @@ use anyhow::{anyhow, Result};
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 
+/// Largest PHC memory cost accepted for the remote account's hash, in KiB (64 MiB).
+pub const MAX_ARGON2_MEMORY_KIB: u32 = 64 * 1024;
+
 /// Refuses weak passwords: at least 10 characters with upper case, lower case and a digit.
 pub fn check_strength(pw: &str) -> Result<()> {
     let ok = pw.chars().count() >= 10
@@ -28,7 +31,7 @@ fn hasher() -> Argon2<'static> {
 
 /// Hashes a password into a PHC string.
 pub fn hash(pw: &str) -> Result<String> {
-    let salt = SaltString::encode_b64(&crate::tls::random_bytes::<16>())
+    let salt = SaltString::encode_b64(&crate::crypto::random_bytes::<16>())
         .map_err(|e| anyhow!("salt: {e}"))?;
     Ok(hasher()
         .hash_password(pw.as_bytes(), &salt)
@@ -74,7 +77,29 @@ fn verify_phc(pw: &str, phc: &str) -> Option<bool> {
     argon
         .hash_password_into_with_memory(pw.as_bytes(), salt, &mut out, &mut blocks)
         .ok()?;
-    Some(crate::tls::ct_eq(&out, expected.as_bytes()))
+    Some(crate::crypto::ct_eq(&out, expected.as_bytes()))
+}
+
+/// Checks a PHC string is argon2id with a memory cost the PBX can afford.
+pub fn check_password_hash(phc: &str) -> Result<(), String> {
+    let hash = argon2::PasswordHash::new(phc).map_err(|_| {
+        "expected an argon2id PHC string from `pbx-remote-agent hash-password`".to_string()
+    })?;
+    if hash.algorithm.as_str() != "argon2id" {
+        return Err(format!(
+            "expected an argon2id hash, got {}",
+            hash.algorithm.as_str()
+        ));
+    }
+    let params =
+        argon2::Params::try_from(&hash).map_err(|e| format!("invalid argon2 parameters: {e}"))?;
+    if params.m_cost() > MAX_ARGON2_MEMORY_KIB {
+        return Err(format!(
+            "memory cost m={} KiB is above the limit of {MAX_ARGON2_MEMORY_KIB} KiB (64 MiB)",
+            params.m_cost()
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -123,6 +148,6 @@ mod tests {
         assert!(h.starts_with("$argon2id$"));
         assert!(verify("GoodPassw0rd", &h));
         assert!(!verify("GoodPassw0rD", &h));
-        crate::config::check_password_hash(&h).unwrap();
+        check_password_hash(&h).unwrap();
     }
 }

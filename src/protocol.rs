@@ -164,6 +164,75 @@ pub struct DeviceFacts {
     pub ha_role: Option<String>,
 }
 
+/// PBX edition; decides the firmware minimum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edition {
+    /// Software edition (minimum 83.19.0.110).
+    Software,
+    /// Appliance edition (minimum 37.19.0.110).
+    Appliance,
+}
+
+impl Edition {
+    /// The lowest firmware that supports Remote Management.
+    pub fn min_firmware(self) -> &'static str {
+        match self {
+            Edition::Software => "83.19.0.110",
+            Edition::Appliance => "37.19.0.110",
+        }
+    }
+
+    /// Config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Edition::Software => "software",
+            Edition::Appliance => "appliance",
+        }
+    }
+
+    /// Parses the config spelling.
+    pub fn parse(s: &str) -> Option<Edition> {
+        match s {
+            "software" => Some(Edition::Software),
+            "appliance" => Some(Edition::Appliance),
+            _ => None,
+        }
+    }
+}
+
+/// Parses a dotted numeric version.
+pub fn parse_version(s: &str) -> Option<Vec<u32>> {
+    let parts: Option<Vec<u32>> = s.trim().split('.').map(|p| p.parse().ok()).collect();
+    parts.filter(|p| !p.is_empty())
+}
+
+/// True when `firmware` is at or above the edition minimum (numeric comparison).
+pub fn firmware_supported(edition: Edition, firmware: &[u32]) -> bool {
+    // Invariant: the minimums are literal dotted versions, so they parse.
+    let min = parse_version(edition.min_firmware()).unwrap_or_default();
+    firmware >= min.as_slice()
+}
+
+/// Lowercase colon form of a MAC; `None` if malformed or all zero.
+pub fn normalize_mac(s: &str) -> Option<String> {
+    let hexdigits: String = s
+        .trim()
+        .chars()
+        .filter(|c| !matches!(c, ':' | '-'))
+        .collect();
+    let bytes = hex::decode(&hexdigits).ok()?;
+    if bytes.len() != 6 || bytes.iter().all(|b| *b == 0) {
+        return None;
+    }
+    Some(
+        bytes
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":"),
+    )
+}
+
 /// How the device proves it may enrol.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "method", rename_all = "snake_case")]
@@ -342,86 +411,6 @@ pub enum Control {
 /// Largest provisioning template (it travels in one control frame).
 pub const MAX_TEMPLATE: usize = 48 * 1024;
 
-/// Transport settings both ends share: keep-alive under NAT timeouts, a short idle timeout,
-/// stream and window limits sized for the memory target, and `max_bidi` streams the peer may
-/// open.
-///
-/// Acknowledgements: each end asks the other to acknowledge every 8th packet (or after its
-/// max_ack_delay) instead of every 2nd, so a bulk download costs fewer ACK packets to send,
-/// receive and process (bench: bulk through the tunnel 170/186 → 198/207 MB/s in two
-/// interleaved pairs). Reordering still triggers an immediate ACK, so loss recovery keeps its
-/// pace (the fault tests run with it).
-///
-/// Loss detection tolerates reordering: a packet counts as lost once 16 later ones are
-/// acknowledged (RFC 9002: 3) or 2 RTTs after it was sent (RFC 9002: 9/8). With the RFC's
-/// values a packet overtaken on the path is declared lost and the congestion window halved, and
-/// quinn never takes that back; Linux TCP's RACK adapts instead. Paired seeds over a 20 ms
-/// path (`long_download_rates_…`, 8 MiB, KiB/s, RFC values → these): 1 % reordered 745/734 →
-/// 1150/1138, 5 % reordered 318/326 → 707/619, 1 % loss 950/1243 → 1041/1474, 5 % loss
-/// 266/269 → 311/308. The price: a packet lost with fewer than 16 after it is retransmitted
-/// about 0.9 RTT later than with the RFC's values (tail losses are PTO's, unchanged).
-pub fn transport_config(max_bidi: u32) -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(KEEPALIVE));
-    // Invariant: IDLE_TIMEOUT is a small constant well inside QUIC's varint range.
-    t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
-    t.max_concurrent_bidi_streams(max_bidi.into());
-    t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window(STREAM_WINDOW.into());
-    t.receive_window(CONN_WINDOW.into());
-    t.send_window(u64::from(CONN_WINDOW));
-    let mut acks = quinn::AckFrequencyConfig::default();
-    acks.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into());
-    t.ack_frequency_config(Some(acks));
-    t.packet_threshold(LOSS_PACKET_THRESHOLD);
-    t.time_threshold(LOSS_TIME_THRESHOLD);
-    t
-}
-
-/// Later packets acknowledged before an unacknowledged one counts as lost (see
-/// [`transport_config`]).
-pub const LOSS_PACKET_THRESHOLD: u32 = 16;
-
-/// RTTs after which an unacknowledged packet counts as lost (see [`transport_config`]).
-pub const LOSS_TIME_THRESHOLD: f32 = 2.0;
-
-/// Kernel buffer asked for on a tunnel UDP socket, each way. Linux's default (208 KiB) overflows
-/// under a bulk download (the bench counted hundreds of `RcvbufErrors` per run), and QUIC takes
-/// every dropped datagram as congestion. The kernel caps it at `net.core.rmem_max`/`wmem_max`.
-pub const UDP_BUFFER: usize = 4 << 20;
-
-/// Enlarges a tunnel socket's kernel buffers, best effort. The kernel grants what its limits
-/// allow; less than asked is logged at info once per process, naming the sysctls to raise (the
-/// agent's packages ship them in `/usr/lib/sysctl.d/30-pbx-remote-agent.conf`).
-pub fn tune_udp(sock: &std::net::UdpSocket) {
-    use rustix::net::sockopt;
-    if let Err(e) = sockopt::set_socket_recv_buffer_size(sock, UDP_BUFFER) {
-        tracing::debug!(error = %e, "SO_RCVBUF not set");
-    }
-    if let Err(e) = sockopt::set_socket_send_buffer_size(sock, UDP_BUFFER) {
-        tracing::debug!(error = %e, "SO_SNDBUF not set");
-    }
-    // Linux reports twice what it grants (the other half is its bookkeeping).
-    let recv = sockopt::socket_recv_buffer_size(sock).unwrap_or(0) / 2;
-    let send = sockopt::socket_send_buffer_size(sock).unwrap_or(0) / 2;
-    static CAPPED: std::sync::Once = std::sync::Once::new();
-    if recv < UDP_BUFFER || send < UDP_BUFFER {
-        CAPPED.call_once(|| {
-            tracing::info!(
-                recv,
-                send,
-                asked = UDP_BUFFER,
-                "tunnel UDP buffers capped by the kernel; raise net.core.rmem_max and \
-                 net.core.wmem_max to {UDP_BUFFER} so bulk transfers are not read as congestion"
-            )
-        });
-    }
-}
-
-/// Ack-eliciting packets a receiver may hold before it must acknowledge (see
-/// [`transport_config`]).
-pub const ACK_ELICITING_THRESHOLD: u32 = 7;
-
 /// Written by the front at the start of every request stream, before the HTTP bytes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StreamHeader {
@@ -494,24 +483,6 @@ pub fn now_ms() -> u64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn tunnel_sockets_get_the_buffers_the_kernel_allows() {
-        use rustix::net::sockopt;
-        let limit = |name: &str| -> usize {
-            std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0)
-        };
-        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let before = sockopt::socket_recv_buffer_size(&sock).unwrap();
-        tune_udp(&sock);
-        let recv = sockopt::socket_recv_buffer_size(&sock).unwrap() / 2;
-        let send = sockopt::socket_send_buffer_size(&sock).unwrap() / 2;
-        assert_eq!(recv, UDP_BUFFER.min(limit("rmem_max")), "before: {before}");
-        assert_eq!(send, UDP_BUFFER.min(limit("wmem_max")));
-    }
-
     #[tokio::test]
     async fn frames_round_trip_over_a_duplex() {
         let (mut a, mut b) = tokio::io::duplex(1024);
@@ -542,6 +513,26 @@ mod tests {
             .unwrap();
         let err = read_frame::<_, Control>(&mut b).await.unwrap_err();
         assert!(err.to_string().contains("exceeds"), "{err}");
+    }
+
+    #[test]
+    fn macs_normalise_to_lowercase_colon_form() {
+        assert_eq!(
+            normalize_mac("00-11-22-AA-BB-CC").unwrap(),
+            "00:11:22:aa:bb:cc"
+        );
+        assert!(normalize_mac("00:00:00:00:00:00").is_none());
+        assert!(normalize_mac("00:11:22").is_none());
+    }
+
+    #[test]
+    fn firmware_minimums_compare_numerically() {
+        let v = |s| parse_version(s).unwrap();
+        assert!(firmware_supported(Edition::Software, &v("83.19.0.110")));
+        assert!(firmware_supported(Edition::Software, &v("83.20.0.1")));
+        assert!(!firmware_supported(Edition::Software, &v("83.19.0.99")));
+        assert!(firmware_supported(Edition::Appliance, &v("37.19.0.110")));
+        assert!(parse_version("83.x").is_none());
     }
 
     #[test]

@@ -3,7 +3,6 @@
 //! devices. No option anywhere disables certificate or signature checks.
 
 use anyhow::{anyhow, Context, Result};
-use ring::digest;
 use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -11,6 +10,8 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::DistinguishedName;
 use std::path::Path;
 use std::sync::Arc;
+
+use crate::crypto::{ct_eq, sha256};
 
 /// The handshake-signature half of a rustls certificate verifier, checked with `self.provider`'s
 /// algorithms: every verifier here checks signatures the same way and differs only in which
@@ -72,31 +73,6 @@ pub fn spki_sha256(cert: &CertificateDer<'_>) -> Result<[u8; 32]> {
     Ok(sha256(ee.subject_public_key_info().as_ref()))
 }
 
-/// SHA-256 of `data`.
-pub fn sha256(data: &[u8]) -> [u8; 32] {
-    let d = digest::digest(&digest::SHA256, data);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
-
-/// Constant-time equality for digests and tokens.
-pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// `n` random bytes from the OS.
-pub fn random_bytes<const N: usize>() -> [u8; N] {
-    use ring::rand::SecureRandom;
-    let mut out = [0u8; N];
-    // Invariant: the OS RNG does not fail on Linux after boot; if it did, nothing secure could
-    // proceed, so stopping is the right outcome.
-    ring::rand::SystemRandom::new()
-        .fill(&mut out)
-        .expect("operating system random number generator failed");
-    out
-}
-
 /// The Ed25519 key kept (PKCS#8, 0600) at `path`, generated there on first use.
 pub fn load_or_create_ed25519(path: &Path) -> Result<ring::signature::Ed25519KeyPair> {
     use ring::signature::Ed25519KeyPair;
@@ -111,12 +87,6 @@ pub fn load_or_create_ed25519(path: &Path) -> Result<ring::signature::Ed25519Key
     };
     Ed25519KeyPair::from_pkcs8(&doc)
         .map_err(|_| anyhow!("{}: not an Ed25519 PKCS#8 key", path.display()))
-}
-
-/// A random URL-safe token of `N` bytes.
-pub fn random_token<const N: usize>() -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<N>())
 }
 
 /// A private key and the self-signed certificate that carries it in TLS. Identity is the key;
@@ -352,12 +322,5 @@ mod tests {
         let pem = id.key.serialize_pem();
         let again = KeyIdentity::from_pem(&pem, &[]).unwrap();
         assert_eq!(again.spki_sha256(), id.spki_sha256());
-    }
-
-    #[test]
-    fn constant_time_compare() {
-        assert!(ct_eq(b"abc", b"abc"));
-        assert!(!ct_eq(b"abc", b"abd"));
-        assert!(!ct_eq(b"abc", b"ab"));
     }
 }

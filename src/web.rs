@@ -8,6 +8,41 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 /// Response body type of every proxying server here.
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
+// Names both sides reserve on a device's origin: the front's grant cookie and `/__cm/` pages, the
+// agent's session cookie and `/__remote/` pages. Portal cookies with these names are dropped and
+// portal paths under these prefixes are never reached.
+
+/// The agent's session cookie on plain-HTTP fronts.
+pub const SESSION_COOKIE: &str = "__pbxra_sid";
+/// The agent's session cookie when the visitor-facing scheme is https.
+pub const SESSION_COOKIE_SECURE: &str = "__Host-__pbxra_sid";
+/// The front's grant cookie (plain-HTTP name).
+pub const GRANT_COOKIE: &str = "__cm_visit";
+/// The front's grant cookie on https.
+pub const GRANT_COOKIE_SECURE: &str = "__Host-__cm_visit";
+/// Every cookie name the agent and front reserve.
+pub const RESERVED_COOKIES: [&str; 4] = [
+    SESSION_COOKIE,
+    SESSION_COOKIE_SECURE,
+    GRANT_COOKIE,
+    GRANT_COOKIE_SECURE,
+];
+
+/// The agent's own pages; nothing under it reaches the portal.
+pub const REMOTE_PREFIX: &str = "/__remote/";
+/// The agent's login page (GET shows the form, POST logs in).
+pub const LOGIN_PATH: &str = "/__remote/login";
+/// The agent's logout page (GET shows the button, a same-origin POST logs out).
+pub const LOGOUT_PATH: &str = "/__remote/logout";
+/// The remote session as JSON.
+pub const SESSION_PATH: &str = "/__remote/session";
+/// Where a passwordless visit lands to hand its token to the agent.
+pub const PASSWORDLESS_PATH: &str = "/__remote/passwordless";
+/// The front's own pages on a device origin; never forwarded.
+pub const CM_PREFIX: &str = "/__cm/";
+/// A visit link's path: `VISIT_PREFIX` + token.
+pub const VISIT_PREFIX: &str = "/__cm/visit/";
+
 /// A body from bytes.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())

@@ -217,7 +217,7 @@ fn hash_password_reads_stdin_and_refuses_weak_passwords() {
         "one trailing newline stripped"
     );
     assert!(!pbx_remote::password::verify("Correct-Horse-9\n", phc));
-    pbx_remote::config::check_password_hash(phc).unwrap();
+    pbx_remote::password::check_password_hash(phc).unwrap();
     assert!(
         !out.contains("Correct-Horse"),
         "the password is never echoed"

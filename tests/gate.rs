@@ -145,7 +145,7 @@ async fn account_login_session_identity_and_logout() {
     assert_eq!(claims["cm_user"], "alice");
     assert_eq!(
         claims["sid_hash"],
-        hex::encode(pbx_remote::tls::sha256(first_sid.as_bytes()))
+        hex::encode(pbx_remote::crypto::sha256(first_sid.as_bytes()))
     );
     assert!(!jwts[0].as_str().unwrap().contains(&first_sid));
 

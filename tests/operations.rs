@@ -2,6 +2,7 @@
 
 mod support;
 
+use pbx_remote::server::health::Health;
 use pbx_remote::status::State;
 use std::time::{Duration, Instant};
 use support::*;
@@ -375,7 +376,7 @@ async fn heartbeats_carry_telemetry_and_the_server_flags_health() {
     })
     .await;
     let t = n.telemetry.clone().unwrap();
-    assert_eq!(n.health, "normal", "{:?}", n.abnormal);
+    assert_eq!(n.health, Health::Normal, "{:?}", n.abnormal);
     assert!(t.memory_total_bytes > 0 && t.memory_used_bytes <= t.memory_total_bytes);
     assert!(t.disk_total_bytes > 0 && t.disk_used_bytes <= t.disk_total_bytes);
     assert!(t.uptime_secs > 0);
@@ -397,7 +398,7 @@ async fn heartbeats_carry_telemetry_and_the_server_flags_health() {
     // The portal going away shows within a heartbeat or two, and the tunnel stays up.
     w.portal.stop();
     let n = eventually(Duration::from_secs(10), "portal down flagged", || {
-        Some(node(&db)).filter(|n| n.health == "abnormal")
+        Some(node(&db)).filter(|n| n.health == Health::Abnormal)
     })
     .await;
     assert!(
@@ -423,14 +424,14 @@ async fn heartbeats_carry_telemetry_and_the_server_flags_health() {
         Some(n).filter(|n| !n.online)
     })
     .await;
-    assert_eq!(n.health, "unknown");
+    assert_eq!(n.health, Health::Unknown);
     assert!(n.telemetry.is_some());
 }
 
 #[test]
 fn health_thresholds_follow_the_design() {
     use pbx_remote::protocol::Telemetry;
-    use pbx_remote::server::db::health;
+    use pbx_remote::server::health::health;
     let ok = Telemetry {
         cpu_percent: 85.0,
         memory_used_bytes: 85,
@@ -440,9 +441,9 @@ fn health_thresholds_follow_the_design() {
         portal_reachable: true,
         ..Telemetry::default()
     };
-    assert_eq!(health(true, Some(&ok)), ("normal".to_string(), vec![]));
-    assert_eq!(health(false, Some(&ok)).0, "unknown");
-    assert_eq!(health(true, None).0, "unknown");
+    assert_eq!(health(true, Some(&ok)), (Health::Normal, vec![]));
+    assert_eq!(health(false, Some(&ok)).0, Health::Unknown);
+    assert_eq!(health(true, None).0, Health::Unknown);
     for (t, what) in [
         (
             Telemetry {
@@ -474,7 +475,7 @@ fn health_thresholds_follow_the_design() {
         ),
     ] {
         let (state, why) = health(true, Some(&t));
-        assert_eq!(state, "abnormal");
+        assert_eq!(state, Health::Abnormal);
         assert!(why.len() == 1 && why[0].contains(what), "{why:?}");
     }
 }

@@ -3,9 +3,8 @@
 #![no_main]
 use http::header::{HeaderMap, HeaderName, HeaderValue, COOKIE, SET_COOKIE};
 use libfuzzer_sys::fuzz_target;
-use pbx_remote::agent::proxy::{
-    rewrite_inbound_origin, rewrite_outbound, same_origin, strip_inbound, RESERVED_COOKIES,
-};
+use pbx_remote::agent::proxy::{rewrite_inbound_origin, rewrite_outbound, strip_inbound};
+use pbx_remote::web::{same_origin, RESERVED_COOKIES};
 
 /// Headers from `data`: lines of `name: value`.
 fn headers(data: &[u8]) -> HeaderMap {

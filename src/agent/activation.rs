@@ -55,7 +55,7 @@ pub fn device_facts(config: &AgentConfig) -> anyhow::Result<DeviceFacts> {
                     config.source.display()
                 )
             })?;
-            crate::config::normalize_mac(&raw).ok_or_else(|| {
+            crate::protocol::normalize_mac(&raw).ok_or_else(|| {
                 anyhow::anyhow!(
                     "{}: pbx.mac_interface: {ifname} has no usable MAC ({:?}); set pbx.mac or another interface",
                     config.source.display(),

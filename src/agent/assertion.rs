@@ -55,7 +55,7 @@ impl Assertions {
             "sid_hash": session_hash,
             "iat": now,
             "exp": now + ASSERTION_TTL_SECS,
-            "jti": crate::tls::random_token::<12>(),
+            "jti": crate::crypto::random_token::<12>(),
         });
         let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
         let signing_input = format!("{header}.{claims}");

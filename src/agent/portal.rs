@@ -3,7 +3,8 @@
 //! key pinned on first use), with a small pool of keep-alive connections.
 
 use crate::config::AgentConfig;
-use crate::tls::{self, ct_eq, spki_sha256};
+use crate::crypto::ct_eq;
+use crate::tls::{self, spki_sha256};
 use anyhow::{Context, Result};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;

@@ -3,7 +3,7 @@
 
 use crate::config::{Activation, AgentConfig};
 use crate::fsutil;
-use crate::tls::{self, KeyIdentity};
+use crate::tls::KeyIdentity;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -130,7 +130,7 @@ pub fn activation_fingerprint(config: &AgentConfig) -> String {
         Activation::AuthCode(code) => (
             "auth_code",
             String::new(),
-            hex::encode(tls::sha256(code.expose().as_bytes())),
+            hex::encode(crate::crypto::sha256(code.expose().as_bytes())),
         ),
         Activation::Email { email, .. } => ("email", email.to_lowercase(), String::new()),
     };
@@ -138,5 +138,5 @@ pub fn activation_fingerprint(config: &AgentConfig) -> String {
         "{}\n{method}\n{email}\n{code_hash}",
         config.server.address.authority()
     );
-    hex::encode(tls::sha256(text.as_bytes()))
+    hex::encode(crate::crypto::sha256(text.as_bytes()))
 }

@@ -73,7 +73,7 @@ impl Tunnel {
             quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("QUIC TLS config")?;
         let mut client = quinn::ClientConfig::new(Arc::new(quic));
         // The server may open MAX_STREAMS request streams.
-        client.transport_config(Arc::new(protocol::transport_config(MAX_STREAMS)));
+        client.transport_config(Arc::new(crate::quic::transport_config(MAX_STREAMS)));
         Ok(Tunnel {
             live,
             credential,
@@ -219,7 +219,7 @@ impl Tunnel {
         };
         let endpoint = std::net::UdpSocket::bind(bind)
             .and_then(|sock| {
-                protocol::tune_udp(&sock);
+                crate::quic::tune_udp(&sock);
                 sock.set_nonblocking(true)?;
                 quinn::Endpoint::new(
                     quinn::EndpointConfig::default(),

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 fn ts(t: Option<i64>) -> String {
-    t.map(|s| crate::status::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(s.max(0) as u64)))
+    t.map(|s| rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(s.max(0) as u64)))
         .unwrap_or_else(|| "never".into())
 }
 
@@ -25,13 +25,13 @@ pub fn device_add(data_dir: &Path, d: &NewDevice, as_json: bool) -> Result<Strin
         );
     }
     if let Some(mac) = &d.mac {
-        d.mac = Some(crate::config::normalize_mac(mac).with_context(|| {
+        d.mac = Some(crate::protocol::normalize_mac(mac).with_context(|| {
             format!("--mac {mac:?}: expected a MAC such as 00:11:22:33:44:55 (not all zero)")
         })?);
     }
     let db = Db::open(data_dir)?;
     let (id, code) = db.add_device(&d)?;
-    let expires = crate::status::rfc3339(std::time::SystemTime::now() + CODE_TTL);
+    let expires = rfc3339(std::time::SystemTime::now() + CODE_TTL);
     Ok(if as_json {
         json!({"device_id": id, "auth_code": code, "code_expires_at": expires}).to_string()
     } else {
@@ -200,7 +200,7 @@ pub fn device_remove(data_dir: &Path, device: &str) -> Result<String> {
 pub fn device_set(data_dir: &Path, device: &str, changes: &DeviceChanges) -> Result<String> {
     let mut changes = changes.clone();
     if let Some(mac) = changes.mac.as_ref().filter(|m| !m.is_empty()) {
-        changes.mac = Some(crate::config::normalize_mac(mac).with_context(|| {
+        changes.mac = Some(crate::protocol::normalize_mac(mac).with_context(|| {
             format!("--mac {mac:?}: expected a MAC such as 00:11:22:33:44:55 (not all zero)")
         })?);
     }
@@ -226,7 +226,7 @@ pub fn visit(
     let device = device.to_ascii_lowercase();
     let token = db.create_visit(&device, cm_user.trim(), passwordless)?;
     let url = crate::server::front::visit_url(&public, &device, &token, passwordless);
-    let expires = crate::status::rfc3339(std::time::SystemTime::now() + VISIT_TTL);
+    let expires = rfc3339(std::time::SystemTime::now() + VISIT_TTL);
     Ok(if as_json {
         json!({"url": url, "device_id": device, "passwordless": passwordless, "expires_at": expires}).to_string()
     } else {
@@ -265,4 +265,9 @@ pub fn fingerprint(data_dir: &Path) -> Result<String> {
     Ok(format!(
         "# server.pin_sha256 for agents of this server:\n{pin}\n"
     ))
+}
+
+/// RFC 3339 time, millisecond precision, as the agent's status file writes it.
+fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
 }

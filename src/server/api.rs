@@ -1,7 +1,7 @@
 //! The activation API: HTTPS on the tunnel's port. Checks the code (single use, expiry, wrong
 //! attempts per source), the firmware, and enrols the device's public key as a node.
 
-use crate::config::{firmware_supported, parse_version, Edition};
+use crate::protocol::{firmware_supported, parse_version, Edition};
 use crate::protocol::{
     ActivateRequest, ActivateResponse, ActivationProof, ErrorBody, Reason, ACTIVATE_PATH,
     MAX_ACTIVATION_BODY, PROTOCOL_VERSION,
@@ -325,7 +325,7 @@ async fn activate(
             "device public key missing or malformed".into(),
         )));
     };
-    let key_hash = crate::tls::sha256(&spki);
+    let key_hash = crate::crypto::sha256(&spki);
     let device = match &req.proof {
         ActivationProof::AuthCode { code } => {
             if let Some(left) = limiter.codes.blocked_for(ip) {

@@ -20,7 +20,7 @@ pub async fn run(shutdown: CancellationToken, out: &mut (dyn Write + Send)) -> R
     let dir = std::env::temp_dir().join(format!(
         "pbx-remote-demo-{}-{}",
         std::process::id(),
-        hex::encode(crate::tls::random_bytes::<4>())
+        hex::encode(crate::crypto::random_bytes::<4>())
     ));
     let result = run_in(&dir, shutdown, out).await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -75,7 +75,7 @@ async fn run_in(
     });
     tasks.spawn(crate::server::demo_portal::serve(portal, stop.clone()));
 
-    let password = format!("Demo-{}7", crate::tls::random_token::<9>());
+    let password = format!("Demo-{}7", crate::crypto::random_token::<9>());
     let hash = crate::password::hash(&password)?;
     let agent_dir = dir.join("agent");
     std::fs::create_dir_all(&agent_dir)?;

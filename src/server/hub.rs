@@ -117,7 +117,7 @@ pub fn endpoint(keys: &ServerKeys, udp: std::net::UdpSocket) -> Result<quinn::En
         .extract(&keys.token_key);
     let mut server = quinn::ServerConfig::new(Arc::new(quic), Arc::new(token_key));
     // The agent opens only its control stream; request streams are opened by us.
-    let t = crate::protocol::transport_config(4);
+    let t = crate::quic::transport_config(4);
     server.transport_config(Arc::new(t));
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &keys.reset_key);
     let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
@@ -125,7 +125,7 @@ pub fn endpoint(keys: &ServerKeys, udp: std::net::UdpSocket) -> Result<quinn::En
     config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    crate::protocol::tune_udp(&udp);
+    crate::quic::tune_udp(&udp);
     udp.set_nonblocking(true)?;
     quinn::Endpoint::new(config, Some(server), udp, Arc::new(quinn::TokioRuntime))
         .context("QUIC endpoint")

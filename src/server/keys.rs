@@ -51,7 +51,7 @@ impl ServerKeys {
         let quic = match fsutil::read_private(&quic_path)? {
             Some(k) if k.len() == 72 => k,
             _ => {
-                let k = tls::random_bytes::<72>().to_vec();
+                let k = crate::crypto::random_bytes::<72>().to_vec();
                 fsutil::write_private(&quic_path, &k)?;
                 k
             }

@@ -7,6 +7,7 @@ pub mod db;
 pub mod demo;
 pub mod demo_portal;
 pub mod front;
+pub mod health;
 pub mod hub;
 pub mod keys;
 

@@ -1,0 +1,159 @@
+//! Header rules at the portal boundary: hop-by-hop and identity-spoofing headers stripped on the
+//! way in, the portal's own origin restored in `Host`/`Origin`/`Referer`, and the visitor's
+//! restored in `Location`, `Set-Cookie` and friends on the way out.
+
+use super::*;
+
+/// Bytes of a request head as sent: request line plus `name: value\r\n` per header.
+pub(super) fn head_size<B>(req: &Request<B>) -> usize {
+    /// Counts what is written instead of keeping it.
+    struct Len(usize);
+    impl std::fmt::Write for Len {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0 += s.len();
+            Ok(())
+        }
+    }
+    let mut target = Len(0);
+    let _ = std::fmt::Write::write_fmt(&mut target, format_args!("{}", req.uri()));
+    let line = req.method().as_str().len() + target.0 + 12;
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    line + headers + 2
+}
+
+pub(super) fn is_safe(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// Removes hop-by-hop headers (and those `Connection` names), identity and forwarding headers
+/// a visitor could forge, and the agent's and front's cookies. A validated WebSocket keeps its
+/// upgrade headers.
+pub fn strip_inbound(h: &mut HeaderMap, websocket: bool) {
+    crate::web::strip_hop_by_hop(h);
+    let forged: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| {
+            let k = k.as_str();
+            k.starts_with("x-pbx-remote-")
+                || k.starts_with("x-forwarded-")
+                || k == "forwarded"
+                || k == "x-real-ip"
+        })
+        .cloned()
+        .collect();
+    for k in forged {
+        h.remove(k);
+    }
+    crate::web::drop_cookies(h, &RESERVED_COOKIES);
+    if websocket {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+}
+
+/// `Origin` and `Referer` from the visitor's origin are rewritten to the portal's, so a portal
+/// that checks Origin against Host keeps working.
+pub fn rewrite_inbound_origin(h: &mut HeaderMap, visitor: &str, portal: &str) {
+    if let Some(o) = h.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        if o.eq_ignore_ascii_case(visitor) {
+            if let Ok(v) = HeaderValue::from_str(portal) {
+                h.insert(header::ORIGIN, v);
+            }
+        }
+    }
+    if let Some(r) = h.get(header::REFERER).and_then(|v| v.to_str().ok()) {
+        let rewritten = replace_origin_prefix(r, visitor, portal);
+        match rewritten.and_then(|r| HeaderValue::from_str(&r).ok()) {
+            Some(v) => {
+                h.insert(header::REFERER, v);
+            }
+            None => {
+                h.remove(header::REFERER);
+            }
+        }
+    }
+}
+
+/// `X-Forwarded-For`/`-Host`/`-Proto`: the visitor's address, host and scheme. A value that
+/// cannot be a header value (the front never sends one) is left out.
+pub(super) fn forwarded_headers(sh: &StreamHeader) -> [(HeaderName, Option<HeaderValue>); 3] {
+    let visitor_host = sh.origin.split_once("://").map(|(_, a)| a).unwrap_or("");
+    let value = |v: &str| HeaderValue::from_str(v).ok();
+    [
+        (X_FORWARDED_FOR, value(&sh.client_addr)),
+        (X_FORWARDED_HOST, value(visitor_host)),
+        (X_FORWARDED_PROTO, value(&sh.scheme)),
+    ]
+}
+
+pub(super) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+pub(super) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+pub(super) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// `url` with a leading `from` origin replaced by `to`; `None` if it is from elsewhere.
+pub(super) fn replace_origin_prefix(url: &str, from: &str, to: &str) -> Option<String> {
+    let head = url.get(..from.len())?;
+    let rest = &url[from.len()..];
+    if head.eq_ignore_ascii_case(from) && (rest.is_empty() || rest.starts_with(['/', '?', '#'])) {
+        Some(format!("{to}{rest}"))
+    } else {
+        None
+    }
+}
+
+/// Response side: hop-by-hop headers go (except on a 101), `Location` to the portal's origin
+/// becomes the visitor's, portal cookies lose `Domain=` and reserved cookie names are dropped.
+pub fn rewrite_outbound(h: &mut HeaderMap, portal: &str, visitor: &str, switching: bool) {
+    if !switching {
+        crate::web::strip_hop_by_hop(h);
+    }
+    if let Some(loc) = h.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
+        let portal_authority = portal.split_once("://").map(|(_, a)| a).unwrap_or(portal);
+        let rewritten = replace_origin_prefix(loc, portal, visitor).or_else(|| {
+            loc.strip_prefix("//")
+                .and_then(|_| {
+                    replace_origin_prefix(
+                        &loc[2..],
+                        portal_authority,
+                        visitor.split_once("://").map(|(_, a)| a).unwrap_or(visitor),
+                    )
+                })
+                .map(|r| format!("//{r}"))
+        });
+        if let Some(v) = rewritten.and_then(|r| HeaderValue::from_str(&r).ok()) {
+            h.insert(header::LOCATION, v);
+        }
+    }
+    let cookies: Vec<HeaderValue> = h
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter(|c| !RESERVED_COOKIES.contains(&crate::web::cookie_pair_name(c)))
+        .filter_map(|c| HeaderValue::from_str(&strip_cookie_domain(c)).ok())
+        .collect();
+    h.remove(header::SET_COOKIE);
+    for c in cookies {
+        h.append(header::SET_COOKIE, c);
+    }
+}
+
+pub(super) fn strip_cookie_domain(c: &str) -> String {
+    c.split(';')
+        .filter(|attr| {
+            !attr
+                .trim()
+                .split('=')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("domain")
+        })
+        .collect::<Vec<_>>()
+        .join(";")
+}

@@ -1,0 +1,87 @@
+//! Writing to a tunnel stream: an `AsyncWrite` over quinn's send stream whose shutdown waits for
+//! the peer's acknowledgement, so a finished response is never cut by the stream's end.
+
+use super::*;
+
+/// The tunnel side of a request stream. Shutting it down finishes the stream and completes only
+/// once the front has read everything, so a connection closed right after (graceful stop) loses
+/// no response bytes still in flight.
+pub(super) struct AckedSend {
+    pub(super) inner: quinn::SendStream,
+    pub(super) acked: Option<Acked>,
+}
+
+/// Resolves when the peer has read the finished stream (or stopped it, or the connection died).
+pub(super) type Acked = std::pin::Pin<
+    Box<dyn Future<Output = Result<Option<quinn::VarInt>, quinn::StoppedError>> + Send + Sync>,
+>;
+
+impl AsyncWrite for AckedSend {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        AsyncWrite::poll_write(std::pin::Pin::new(&mut self.inner), cx, buf)
+    }
+
+    /// hyper queues a response's head and body chunks and hands them over together instead of
+    /// first copying the body into its own buffer (quinn copies each slice into its send
+    /// buffer either way). Slices are written in order until one is taken only in part or the
+    /// stream has no room; what was taken so far is reported.
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let mut written = 0;
+        for buf in bufs.iter().filter(|b| !b.is_empty()) {
+            match AsyncWrite::poll_write(std::pin::Pin::new(&mut self.inner), cx, buf) {
+                std::task::Poll::Ready(Ok(n)) => {
+                    written += n;
+                    if n < buf.len() {
+                        break;
+                    }
+                }
+                // An error or no room after some bytes were taken: report those bytes; the
+                // next call meets the error (or the room) again.
+                std::task::Poll::Ready(Err(e)) if written == 0 => {
+                    return std::task::Poll::Ready(Err(e))
+                }
+                std::task::Poll::Pending if written == 0 => return std::task::Poll::Pending,
+                _ => break,
+            }
+        }
+        std::task::Poll::Ready(Ok(written))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        AsyncWrite::poll_flush(std::pin::Pin::new(&mut self.inner), cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.acked.is_none() {
+            std::task::ready!(AsyncWrite::poll_shutdown(
+                std::pin::Pin::new(&mut self.inner),
+                cx
+            ))?;
+            let acked = self.inner.stopped();
+            self.acked = Some(Box::pin(acked));
+        }
+        match self.acked.as_mut() {
+            // Acknowledged, stopped by the peer, or the connection is gone: done either way.
+            Some(f) => f.as_mut().poll(cx).map(|_| Ok(())),
+            None => std::task::Poll::Ready(Ok(())),
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! Serves one tunnel stream: reads the front's stream header, runs hyper's HTTP/1.1 server on
+//! the rest, and forwards each request to the portal with hop-by-hop and identity-spoofing
+//! headers removed and the portal's own origin restored. WebSockets keep their stream.
+
+use crate::agent::gate::{Gate, Session, Verdict};
+use crate::agent::portal::{Portal, PortalError};
+use crate::agent::wsframe::FrameWatch;
+use crate::protocol::{read_frame, StreamHeader, HEADER_TIMEOUT};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+mod headers;
+mod io;
+#[cfg(test)]
+mod tests;
+mod websocket;
+
+use headers::*;
+pub use headers::{rewrite_inbound_origin, rewrite_outbound, strip_inbound};
+use io::*;
+pub use websocket::is_websocket;
+use websocket::*;
+
+/// Largest request head (line + headers) the agent reads from the tunnel.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Time allowed to send a whole request head.
+pub const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub use crate::web::Body;
+
+/// Cookie names the agent and front reserve; portal cookies with these names are dropped.
+pub const RESERVED_COOKIES: [&str; 4] = [
+    "__pbxra_sid",
+    "__Host-__pbxra_sid",
+    "__cm_visit",
+    "__Host-__cm_visit",
+];
+
+/// What every stream handler shares.
+pub struct ProxyCtx {
+    /// The upstream; a reload that changes the portal settings swaps it in place.
+    portal: std::sync::RwLock<Arc<Portal>>,
+    /// Who may reach it.
+    pub gate: Arc<Gate>,
+    /// Request counters.
+    pub metrics: Arc<crate::agent::metrics::Metrics>,
+}
+
+impl ProxyCtx {
+    /// The context for one tunnel run.
+    pub fn new(
+        portal: Portal,
+        gate: Arc<Gate>,
+        metrics: Arc<crate::agent::metrics::Metrics>,
+    ) -> ProxyCtx {
+        ProxyCtx {
+            portal: std::sync::RwLock::new(Arc::new(portal)),
+            gate,
+            metrics,
+        }
+    }
+
+    /// The portal in force; a request keeps the one it started with.
+    pub fn portal(&self) -> Arc<Portal> {
+        self.portal
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts a new portal in force for the next requests (requests in flight finish on the old).
+    pub fn set_portal(&self, portal: Portal) {
+        *self.portal.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(portal);
+    }
+}
+
+/// Serves one request stream until the request (or WebSocket) ends.
+pub async fn serve_stream(
+    ctx: Arc<ProxyCtx>,
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    stopping: CancellationToken,
+) {
+    let header: StreamHeader =
+        match tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut recv)).await {
+            Ok(Ok(Some(h))) => h,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "bad stream header; stream dropped");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!("no stream header within {HEADER_TIMEOUT:?}; stream dropped");
+                return;
+            }
+        };
+    let visit = Arc::new(Visit {
+        forwarded: forwarded_headers(&header),
+        header,
+    });
+    // Resolves with a code when the front stops reading this stream: the visitor went away, and
+    // with them any use for the answer.
+    let abandoned = send.stopped();
+    let send = AckedSend {
+        inner: send,
+        acked: None,
+    };
+    let io = TokioIo::new(tokio::io::join(recv, send));
+    let svc = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        let visit = visit.clone();
+        async move {
+            let resp = handle(&ctx, &visit, req).await;
+            ctx.metrics.request(resp.status());
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        // The front reuses a stream for the next request of the same visitor connection and
+        // drops it after 5 idle seconds; the head-read timeout ends streams it forgot.
+        .keep_alive(true)
+        // A peer that finishes its side after the request still gets the answer.
+        .half_close(true)
+        .serve_connection(io, svc)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        // Dropping the connection cancels the portal request it waits on (hyper closes that
+        // portal connection), instead of holding it and a tunnel stream until the portal answers
+        // or times out: abandoned long requests must not pile up at the portal.
+        Ok(Some(_)) = abandoned => {
+            tracing::debug!("the front stopped reading; request abandoned");
+            return;
+        }
+        // Draining: a request in progress finishes; a stream idle between requests ends now
+        // instead of holding the drain until its head-read timeout.
+        _ = stopping.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "tunnel stream ended with an error");
+    }
+}
+
+/// A stream's header and the forwarding headers every request on it carries to the portal,
+/// worked out once per stream rather than per request.
+struct Visit {
+    header: StreamHeader,
+    forwarded: [(HeaderName, Option<HeaderValue>); 3],
+}
+
+async fn handle(ctx: &ProxyCtx, visit: &Visit, mut req: Request<Incoming>) -> Response<Body> {
+    let h = &visit.header;
+    if req.method() == Method::CONNECT {
+        return page(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method not allowed",
+            "CONNECT is not forwarded.",
+        );
+    }
+    let Some(path) = req
+        .uri()
+        .path_and_query()
+        .filter(|p| p.as_str().starts_with('/'))
+        .cloned()
+    else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            "Only origin paths are forwarded.",
+        );
+    };
+    // hyper's buffer limit only bites while a head is incomplete; a head that arrived in one
+    // read can exceed it, so the bound is enforced on the parsed head as well.
+    if head_size(&req) > MAX_HEAD_BYTES {
+        return page(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "Request headers too large",
+            "The request's headers exceed 64 KiB.",
+        );
+    }
+    // Only the path is used from here on: an absolute-form target names no destination.
+    if req.uri().path().starts_with(REMOTE_PREFIX) {
+        return ctx.gate.handle_remote(h, req).await;
+    }
+    let session = match ctx.gate.admit(h, &req) {
+        Verdict::Respond(r) => return r,
+        Verdict::Forward(s) => s,
+    };
+    let websocket = is_websocket(&req);
+    if (websocket || !is_safe(req.method())) && !crate::web::same_origin(req.headers(), &h.origin) {
+        return page(
+            StatusCode::FORBIDDEN,
+            "Cross-site request refused",
+            "This request did not come from the PBX page itself.",
+        );
+    }
+    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+    let portal = ctx.portal();
+    let (mut parts, body) = req.into_parts();
+    strip_inbound(&mut parts.headers, websocket);
+    rewrite_inbound_origin(&mut parts.headers, &h.origin, portal.origin());
+    for (name, value) in &visit.forwarded {
+        if let Some(v) = value {
+            parts.headers.insert(name, v.clone());
+        }
+    }
+    ctx.gate.identity_headers(&session, &mut parts.headers);
+    parts
+        .headers
+        .insert(header::HOST, portal.host_header().clone());
+    parts.uri = http::Uri::from(path);
+    parts.version = http::Version::HTTP_11;
+    let upstream = Request::from_parts(parts, body);
+    let mut resp = match portal.send(upstream).await {
+        Ok(r) => r,
+        Err(e @ PortalError::Timeout(_)) => {
+            tracing::warn!(error = %e, "portal timeout");
+            return page(
+                StatusCode::GATEWAY_TIMEOUT,
+                "The PBX web portal is not answering",
+                &e.to_string(),
+            );
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "portal unreachable");
+            return page(
+                StatusCode::BAD_GATEWAY,
+                "The PBX web portal is unreachable",
+                &e.to_string(),
+            );
+        }
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            return page(
+                StatusCode::BAD_GATEWAY,
+                "Bad gateway",
+                "The portal switched protocols unasked.",
+            );
+        };
+        let portal_upgrade = hyper::upgrade::on(&mut resp);
+        let gate = ctx.gate.clone();
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, portal_upgrade) {
+                Ok((client, portal)) => {
+                    bridge_websocket(TokioIo::new(client), TokioIo::new(portal), &session, &gate)
+                        .await
+                }
+                Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+            }
+        });
+        let (mut parts, _) = resp.into_parts();
+        rewrite_outbound(&mut parts.headers, portal.origin(), &h.origin, true);
+        return Response::from_parts(parts, crate::web::full(Bytes::new()));
+    }
+    let (mut parts, body) = resp.into_parts();
+    rewrite_outbound(&mut parts.headers, portal.origin(), &h.origin, false);
+    // Authenticated pages never land in a shared or browser cache.
+    parts
+        .headers
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let body = EndsWithSession {
+        inner: body,
+        ended: Box::pin(session.ended.clone().cancelled_owned()),
+    };
+    Response::from_parts(parts, body.boxed())
+}
+
+/// The agent's own pages; nothing under it reaches the portal.
+pub const REMOTE_PREFIX: &str = "/__remote/";
+
+/// A plain page (shared helper).
+pub fn page(status: StatusCode, title: &str, detail: &str) -> Response<Body> {
+    crate::web::page(status, title, detail)
+}

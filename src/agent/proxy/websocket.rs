@@ -1,0 +1,87 @@
+//! WebSockets: the upgrade test, the bridge between visitor and portal that counts data frames
+//! as activity, and the body wrapper that ends with the session.
+
+use super::*;
+
+/// A response body that stops when its session ends (logout, expiry, revocation), so a
+/// revoked visitor's download is cut rather than left running.
+pub(super) struct EndsWithSession {
+    pub(super) inner: Incoming,
+    pub(super) ended: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl hyper::body::Body for EndsWithSession {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        if self.ended.as_mut().poll(cx).is_ready() {
+            // Ending early breaks the message framing, which aborts the visitor's connection.
+            return std::task::Poll::Ready(None);
+        }
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Copies a WebSocket both ways until either side closes or the session ends. Client data
+/// frames (not pings) count as session activity.
+pub(super) async fn bridge_websocket<C, P>(client: C, portal: P, session: &Session, gate: &Gate)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    P: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
+    let (mut portal_rx, mut portal_tx) = tokio::io::split(portal);
+    let upstream = async {
+        let mut watch = FrameWatch::default();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = client_rx.read(&mut buf).await?;
+            if n == 0 {
+                return portal_tx.shutdown().await;
+            }
+            if watch.feed(&buf[..n]) > 0 {
+                gate.touch(session);
+            }
+            portal_tx.write_all(&buf[..n]).await?;
+        }
+    };
+    let downstream = async {
+        tokio::io::copy(&mut portal_rx, &mut client_tx).await?;
+        client_tx.shutdown().await
+    };
+    tokio::select! {
+        _ = session.ended.cancelled() => tracing::debug!("session ended; websocket closed"),
+        r = async { tokio::try_join!(upstream, downstream) } => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "websocket ended");
+            }
+        }
+    }
+}
+
+/// A GET with `Upgrade: websocket` and `Connection: upgrade`.
+pub fn is_websocket<B>(req: &Request<B>) -> bool {
+    req.method() == Method::GET
+        && header_has_token(req.headers(), &header::UPGRADE, "websocket")
+        && header_has_token(req.headers(), &header::CONNECTION, "upgrade")
+}
+
+pub(super) fn header_has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    h.get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}

@@ -1,0 +1,322 @@
+//! One-time authentication codes and enrolment: spending a code (or a provider account's
+//! password) for a node key, under the device's identity checks and the capacity.
+
+use super::devices::identity_mismatch;
+use super::{capacity, now, Db};
+use crate::crypto::{random_bytes, sha256};
+use crate::protocol::{DeviceFacts, Reason};
+use anyhow::Result;
+use rusqlite::{params, OptionalExtension};
+use std::time::Duration;
+
+const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+
+impl Db {
+    /// Issues a fresh code for `device`, invalidating unused older ones.
+    pub fn new_code(&self, device: &str, ttl: Duration) -> Result<String> {
+        let device = device.to_ascii_lowercase();
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let exists: Option<i64> = tx
+                .query_row("SELECT 1 FROM devices WHERE id = ?1", [&device], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            anyhow::ensure!(exists.is_some(), "no device {device:?}");
+            tx.execute(
+                "DELETE FROM codes WHERE device_id = ?1 AND used_at IS NULL",
+                [&device],
+            )?;
+            let code = insert_code(&tx, &device, ttl)?;
+            tx.commit()?;
+            Ok(code)
+        })
+    }
+    /// Spends a code for a new node key. Errors carry the reason the agent shows; a refused
+    /// activation (mismatch, capacity) does not spend the code.
+    pub fn redeem_code(
+        &self,
+        code: &str,
+        key_hash: &[u8; 32],
+        facts: &DeviceFacts,
+    ) -> Result<Result<String, (Reason, String)>> {
+        let hash = sha256(normalize_code(code).as_bytes());
+        let role = node_role(facts);
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let row: Option<(String, i64, Option<i64>, Option<String>)> = tx
+                .query_row(
+                    "SELECT device_id, expires_at, used_at, used_role FROM codes WHERE code_hash = ?1",
+                    [&hash[..]],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .optional()?;
+            let Some((device, expires, used, used_role)) = row else {
+                return Ok(Err((Reason::InvalidCode, "the authentication code is not valid; check it or ask the provider for a new one".into())));
+            };
+            // One code enrols one machine, or both nodes of a Hot Standby pair (one each).
+            let pair_partner = matches!((used_role.as_deref(), role.as_str()), (Some("primary"), "secondary") | (Some("secondary"), "primary"));
+            if used.is_some() && !pair_partner {
+                return Ok(Err((Reason::CodeUsed, "the authentication code was already used; ask the provider for a new one (device code)".into())));
+            }
+            if expires <= now() {
+                return Ok(Err((Reason::CodeExpired, "the authentication code has expired; ask the provider for a new one (device code)".into())));
+            }
+            if let Err(refusal) = enrol(&tx, &device, &role, key_hash, facts)? {
+                return Ok(Err(refusal));
+            }
+            tx.execute(
+                "UPDATE codes SET used_at = COALESCE(used_at, ?2), used_role = ?3 WHERE code_hash = ?1",
+                params![&hash[..], now(), role],
+            )?;
+            tx.commit()?;
+            Ok(Ok(device))
+        })
+    }
+    /// Enrols a key for a provider-account activation: the device pre-added with this serial,
+    /// or a new device named after the PBX.
+    pub fn enrol_by_account(
+        &self,
+        email: &str,
+        key_hash: &[u8; 32],
+        facts: &DeviceFacts,
+    ) -> Result<Result<String, (Reason, String)>> {
+        let role = node_role(facts);
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let existing: Option<String> = tx
+                .query_row(
+                    "SELECT id FROM devices WHERE serial = ?1 ORDER BY created_at LIMIT 1",
+                    [&facts.serial],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let device = match existing {
+                Some(d) => d,
+                None => {
+                    let name = format!("{} {}", facts.model, facts.serial);
+                    let id = device_id_for(&name);
+                    tx.execute(
+                        "INSERT INTO devices (id, name, comment, created_at) VALUES (?1, ?2, ?3, ?4)",
+                        params![id, name, format!("activated with the account {email}"), now()],
+                    )?;
+                    id
+                }
+            };
+            if let Err(refusal) = enrol(&tx, &device, &role, key_hash, facts)? {
+                return Ok(Err(refusal));
+            }
+            tx.commit()?;
+            Ok(Ok(device))
+        })
+    }
+    /// Adds a CM account (for email activation).
+    pub fn add_account(&self, email: &str, password_hash: &str) -> Result<()> {
+        let email = email.trim().to_lowercase();
+        anyhow::ensure!(email.contains('@'), "{email:?} is not an email address");
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO accounts (email, password_hash, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (email) DO UPDATE SET password_hash = excluded.password_hash",
+                params![email, password_hash, now()],
+            )?;
+            Ok(())
+        })
+    }
+    /// The stored hash for an account.
+    pub fn account_hash(&self, email: &str) -> Result<Option<String>> {
+        let email = email.trim().to_lowercase();
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT password_hash FROM accounts WHERE email = ?1",
+                [email],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })
+    }
+}
+
+fn node_role(facts: &DeviceFacts) -> String {
+    facts.ha_role.clone().unwrap_or_else(|| "single".into())
+}
+
+/// Checks identity and capacity, then records the node. `Ok(Err)` is a refusal to report.
+fn enrol(
+    tx: &rusqlite::Transaction<'_>,
+    device: &str,
+    role: &str,
+    key_hash: &[u8; 32],
+    facts: &DeviceFacts,
+) -> Result<Result<(), (Reason, String)>> {
+    let (serial, mac, activated): (Option<String>, Option<String>, Option<i64>) = tx.query_row(
+        "SELECT serial, mac, activated_at FROM devices WHERE id = ?1",
+        [device],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    if let Some(refusal) = identity_mismatch(serial.as_deref(), mac.as_deref(), facts) {
+        return Ok(Err(refusal));
+    }
+    if activated.is_none() {
+        let (used, cap) = capacity(tx)?;
+        if let Some(cap) = cap.filter(|cap| used >= *cap) {
+            return Ok(Err((
+                Reason::CapacityExceeded,
+                format!("all {cap} device slots of this management server are in use; the provider must remove a device or raise the capacity"),
+            )));
+        }
+    }
+    // A key already enrolled elsewhere is moved, never duplicated.
+    tx.execute("DELETE FROM nodes WHERE key_hash = ?1", [&key_hash[..]])?;
+    tx.execute(
+        "INSERT INTO nodes (device_id, role, key_hash, serial, mac, firmware, model, edition)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (device_id, role) DO UPDATE SET key_hash = excluded.key_hash,
+           serial = excluded.serial, mac = excluded.mac, firmware = excluded.firmware,
+           model = excluded.model, edition = excluded.edition, online = 0",
+        params![
+            device,
+            role,
+            &key_hash[..],
+            facts.serial,
+            facts.mac,
+            facts.firmware,
+            facts.model,
+            facts.edition
+        ],
+    )?;
+    tx.execute(
+        "UPDATE devices SET activated_at = COALESCE(activated_at, ?2) WHERE id = ?1",
+        params![device, now()],
+    )?;
+    Ok(Ok(()))
+}
+
+pub(super) fn insert_code(
+    tx: &rusqlite::Transaction<'_>,
+    device: &str,
+    ttl: Duration,
+) -> Result<String> {
+    let code = new_auth_code();
+    tx.execute(
+        "INSERT INTO codes (code_hash, device_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+        params![
+            &sha256(normalize_code(&code).as_bytes())[..],
+            device,
+            now(),
+            now() + ttl.as_secs() as i64
+        ],
+    )?;
+    Ok(code)
+}
+
+/// A new code: 16 Crockford base32 characters (80 bits) as XXXX-XXXX-XXXX-XXXX.
+pub fn new_auth_code() -> String {
+    let bytes = random_bytes::<16>();
+    let chars: Vec<char> = bytes
+        .iter()
+        .map(|b| CROCKFORD[(b & 31) as usize] as char)
+        .collect();
+    chars
+        .chunks(4)
+        .map(|c| c.iter().collect::<String>())
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+/// Canonical form of a typed code: upper case, no separators, O→0 and I/L→1.
+pub fn normalize_code(code: &str) -> String {
+    code.chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| match c.to_ascii_uppercase() {
+            'O' => '0',
+            'I' | 'L' => '1',
+            other => other,
+        })
+        .collect()
+}
+
+/// A DNS-label device id: a slug of the name and a random suffix.
+pub fn device_id_for(name: &str) -> String {
+    let mut slug = String::new();
+    for ch in name.chars() {
+        if ch.is_ascii_alphanumeric() {
+            slug.push(ch.to_ascii_lowercase());
+        } else if !slug.ends_with('-') && !slug.is_empty() {
+            slug.push('-');
+        }
+        if slug.len() >= 40 {
+            break;
+        }
+    }
+    let slug = slug.trim_end_matches('-');
+    let suffix: String = random_bytes::<5>()
+        .iter()
+        .map(|b| CROCKFORD[(b & 31) as usize].to_ascii_lowercase() as char)
+        .collect();
+    if slug.is_empty() {
+        format!("pbx-{suffix}")
+    } else {
+        format!("{slug}-{suffix}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::db::NewDevice;
+
+    fn facts() -> DeviceFacts {
+        DeviceFacts {
+            edition: "software".into(),
+            firmware: "83.19.0.110".into(),
+            model: "m".into(),
+            serial: "s".into(),
+            mac: "00:11:22:33:44:55".into(),
+            ha_role: None,
+        }
+    }
+
+    #[test]
+    fn codes_are_single_use_and_typo_tolerant() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let (id, code) = db
+            .add_device(&NewDevice {
+                name: "Acme HQ".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(id.starts_with("acme-hq-") && id.len() <= 63, "{id}");
+        assert_eq!(code.len(), 19);
+        let typed = code.to_lowercase().replace('-', " ");
+        let first = db.redeem_code(&typed, &[1; 32], &facts()).unwrap();
+        assert_eq!(first.unwrap(), id);
+        let again = db.redeem_code(&code, &[2; 32], &facts()).unwrap();
+        assert_eq!(again.unwrap_err().0, Reason::CodeUsed);
+        let bogus = db
+            .redeem_code("AAAA-AAAA-AAAA-AAAA", &[3; 32], &facts())
+            .unwrap();
+        assert_eq!(bogus.unwrap_err().0, Reason::InvalidCode);
+        assert_eq!(db.node_by_key(&[1; 32]).unwrap().unwrap().0, id);
+        let expired = db.new_code(&id, Duration::ZERO).unwrap();
+        assert_eq!(
+            db.redeem_code(&expired, &[4; 32], &facts())
+                .unwrap()
+                .unwrap_err()
+                .0,
+            Reason::CodeExpired
+        );
+    }
+
+    #[test]
+    fn codes_have_80_bits_from_the_whole_alphabet() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            for c in new_auth_code().chars().filter(|c| *c != '-') {
+                seen.insert(c);
+            }
+        }
+        assert_eq!(seen.len(), 32);
+    }
+}

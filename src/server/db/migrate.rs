@@ -1,0 +1,328 @@
+//! The registry's schema, versioned by SQLite's `PRAGMA user_version`: migration `n` takes a
+//! database from version `n - 1` to `n`, once, inside one IMMEDIATE transaction that also sets the
+//! version, so a failure leaves the database as it was and a server and an admin command opening
+//! the file at once do not both apply it. New tables and columns are added as new entries at the
+//! end of [`MIGRATIONS`]; an entry, once released, never changes.
+
+use anyhow::{bail, Context, Result};
+use rusqlite::{Connection, Transaction, TransactionBehavior};
+
+/// One schema change.
+pub struct Migration {
+    /// What it does, for errors and logs.
+    pub name: &'static str,
+    /// Applies it inside the caller's transaction.
+    pub apply: fn(&Transaction<'_>) -> rusqlite::Result<()>,
+}
+
+/// Every schema change, oldest first.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    name: "registry: devices, codes, accounts, nodes, visits, grants, settings, provisioning tasks",
+    apply: v1_registry,
+}];
+
+/// The schema version this build writes.
+pub const LATEST: u32 = MIGRATIONS.len() as u32;
+
+/// The first versioned schema. Databases written before versioning (version 0 with tables in
+/// place) are brought to it too: `IF NOT EXISTS` keeps their tables and rows, and the columns
+/// those servers added later by `ALTER TABLE` are added where missing, checked by name.
+fn v1_registry(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(V1)?;
+    for (table, column, decl) in [
+        ("codes", "used_role", "TEXT"),
+        ("nodes", "ha_state", "TEXT"),
+        ("nodes", "telemetry", "TEXT"),
+    ] {
+        if !has_column(tx, table, column)? {
+            tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+        }
+    }
+    Ok(())
+}
+
+const V1: &str = "
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    grp TEXT,
+    comment TEXT,
+    allow_passwordless INTEGER NOT NULL DEFAULT 0,
+    allow_provisioning INTEGER NOT NULL DEFAULT 0,
+    template TEXT,
+    serial TEXT,
+    mac TEXT,
+    created_at INTEGER NOT NULL,
+    activated_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS codes (
+    code_hash BLOB PRIMARY KEY,
+    device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at INTEGER,
+    used_role TEXT
+);
+CREATE TABLE IF NOT EXISTS accounts (
+    email TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    key_hash BLOB NOT NULL UNIQUE,
+    serial TEXT, mac TEXT, firmware TEXT, model TEXT, edition TEXT,
+    agent_version TEXT,
+    ha_state TEXT,
+    telemetry TEXT,
+    online INTEGER NOT NULL DEFAULT 0,
+    connected_at INTEGER,
+    last_seen INTEGER,
+    PRIMARY KEY (device_id, role)
+);
+CREATE TABLE IF NOT EXISTS visits (
+    token_hash BLOB PRIMARY KEY,
+    device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    cm_user TEXT NOT NULL,
+    passwordless INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS grants (
+    id TEXT PRIMARY KEY,
+    secret_hash BLOB NOT NULL,
+    device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    cm_user TEXT NOT NULL,
+    passwordless INTEGER NOT NULL,
+    redeemed INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    ended_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS provision_tasks (
+    device_id TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    output TEXT,
+    updated_at INTEGER NOT NULL
+);
+";
+
+fn has_column(c: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    let mut stmt = c.prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?;
+    stmt.exists([table, column])
+}
+
+fn version(c: &Connection) -> rusqlite::Result<u32> {
+    c.query_row("PRAGMA user_version", [], |r| r.get(0))
+}
+
+/// Brings the database to [`LATEST`]. A database from a newer server is refused, not touched.
+pub fn apply(conn: &mut Connection) -> Result<()> {
+    apply_list(conn, MIGRATIONS)
+}
+
+fn apply_list(conn: &mut Connection, migrations: &[Migration]) -> Result<()> {
+    let latest = migrations.len() as u32;
+    for (n, m) in (1..).zip(migrations) {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Read inside the write lock: another process may have migrated since the last look.
+        let current = version(&tx)?;
+        if current > latest {
+            bail!(
+                "schema version {current} was written by a newer server (this one knows up to \
+                 {latest}); run that version or newer"
+            );
+        }
+        if current >= n {
+            continue;
+        }
+        (m.apply)(&tx).with_context(|| format!("migration {n} ({})", m.name))?;
+        tx.pragma_update(None, "user_version", n)?;
+        tx.commit()
+            .with_context(|| format!("migration {n} ({}): commit", m.name))?;
+        tracing::info!(version = n, migration = m.name, "registry schema migrated");
+    }
+    let current = version(conn)?;
+    if current > latest {
+        bail!(
+            "schema version {current} was written by a newer server (this one knows up to \
+             {latest}); run that version or newer"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::db::{Db, NewDevice};
+    use crate::server::health::Health;
+
+    const UNVERSIONED: &str = include_str!("testdata/unversioned.sql");
+
+    fn tables(c: &Connection) -> Vec<String> {
+        let mut s = c
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .unwrap();
+        s.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    fn open_raw(dir: &std::path::Path) -> Connection {
+        Connection::open(dir.join("server.db")).unwrap()
+    }
+
+    #[test]
+    fn a_new_database_gets_every_migration_once() {
+        let dir = tempfile::tempdir().unwrap();
+        Db::open(dir.path()).unwrap();
+        Db::open(dir.path()).unwrap();
+        let c = open_raw(dir.path());
+        assert_eq!(version(&c).unwrap(), LATEST);
+        assert_eq!(
+            tables(&c),
+            [
+                "accounts",
+                "codes",
+                "devices",
+                "grants",
+                "nodes",
+                "provision_tasks",
+                "settings",
+                "visits"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_database_written_before_versioning_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        open_raw(dir.path()).execute_batch(UNVERSIONED).unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        assert_eq!(version(&open_raw(dir.path())).unwrap(), LATEST);
+
+        let d = db
+            .device("acme-hq-7k2mq")
+            .unwrap()
+            .expect("the device survives");
+        assert_eq!(
+            (d.name.as_str(), d.group.as_deref()),
+            ("Acme HQ", Some("east"))
+        );
+        assert!(d.allow_passwordless && d.allow_provisioning);
+        assert_eq!(d.mac.as_deref(), Some("00:11:22:33:44:55"));
+        let n = &d.nodes[0];
+        assert_eq!(n.ha_state.as_deref(), Some("active"));
+        assert_eq!(n.telemetry.as_ref().map(|t| t.cpu_percent), Some(12.5));
+        assert_eq!(n.health, Health::Unknown, "offline");
+        assert_eq!(
+            d.provisioning.as_ref().map(|t| t.state.as_str()),
+            Some("pending")
+        );
+        assert_eq!(db.node_by_key(&[1; 32]).unwrap().unwrap().0, d.id);
+        assert_eq!(db.capacity().unwrap(), (1, Some(25)));
+        assert!(db.account_hash("ops@example.com").unwrap().is_some());
+        let grant = db
+            .grant_by_cookie("grant1.grant-secret")
+            .unwrap()
+            .expect("grant");
+        assert_eq!((grant.cm_user.as_str(), grant.passwordless), ("bob", true));
+        assert!(db.peek_visit("visit-token").unwrap().is_some());
+        // The old code is still spendable, and spending it writes the late column.
+        let facts = crate::protocol::DeviceFacts {
+            edition: "software".into(),
+            firmware: "83.19.0.110".into(),
+            model: "m".into(),
+            serial: "s".into(),
+            mac: "00:11:22:33:44:66".into(),
+            ha_role: None,
+        };
+        assert_eq!(
+            db.redeem_code("aaaa-bbbb-cccc-dddd", &[2; 32], &facts)
+                .unwrap()
+                .unwrap(),
+            "spare-abcde"
+        );
+        db.add_device(&NewDevice {
+            name: "New".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(db.list_devices().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn the_oldest_unversioned_schema_gets_its_late_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        // The first servers' tables lacked three columns later added by ALTER TABLE.
+        let c = open_raw(dir.path());
+        c.execute_batch(UNVERSIONED).unwrap();
+        c.execute_batch(
+            "ALTER TABLE codes DROP COLUMN used_role; ALTER TABLE nodes DROP COLUMN ha_state;
+             ALTER TABLE nodes DROP COLUMN telemetry;",
+        )
+        .unwrap();
+        assert!(
+            !has_column(&c, "nodes", "telemetry").unwrap(),
+            "fixture is the old shape"
+        );
+        drop(c);
+        let db = Db::open(dir.path()).unwrap();
+        let c = open_raw(dir.path());
+        for (t, col) in [
+            ("codes", "used_role"),
+            ("nodes", "ha_state"),
+            ("nodes", "telemetry"),
+        ] {
+            assert!(has_column(&c, t, col).unwrap(), "{t}.{col}");
+        }
+        let d = db.device("acme-hq-7k2mq").unwrap().unwrap();
+        assert_eq!(d.nodes[0].firmware.as_deref(), Some("83.19.0.110"));
+        assert!(d.nodes[0].telemetry.is_none());
+    }
+
+    #[test]
+    fn a_failed_migration_changes_nothing_and_names_itself() {
+        fn good(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+            tx.execute_batch("CREATE TABLE a (x INTEGER)")
+        }
+        fn bad(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+            tx.execute_batch("CREATE TABLE b (x INTEGER); INSERT INTO nowhere VALUES (1)")
+        }
+        let list = [
+            Migration {
+                name: "a",
+                apply: good,
+            },
+            Migration {
+                name: "b then fail",
+                apply: bad,
+            },
+        ];
+        let mut c = Connection::open_in_memory().unwrap();
+        let err = apply_list(&mut c, &list).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("migration 2 (b then fail)"),
+            "{err:#}"
+        );
+        assert_eq!(version(&c).unwrap(), 1, "the first one stays applied");
+        assert_eq!(tables(&c), ["a"], "the second left nothing behind");
+    }
+
+    #[test]
+    fn a_database_from_a_newer_server_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open_raw(dir.path());
+        c.pragma_update(None, "user_version", LATEST + 1).unwrap();
+        drop(c);
+        let err = Db::open(dir.path()).err().expect("refused");
+        assert!(format!("{err:#}").contains("newer server"), "{err:#}");
+        assert!(tables(&open_raw(dir.path())).is_empty());
+    }
+}

@@ -1,0 +1,211 @@
+//! The public front: serves each device at `DEVICE.PUBLIC_HOST`, turns visit links into grants
+//! (`__cm_visit`), and forwards granted requests over QUIC streams to the device's agent, with
+//! the stream header saying who is visiting. A visitor connection keeps its stream for its next
+//! request to the same visit.
+
+use crate::protocol::{write_frame, StreamHeader};
+use crate::secret::Secret;
+use crate::server::db::Grant;
+use crate::server::ServerState;
+use crate::web::{
+    self, Body, CM_PREFIX, GRANT_COOKIE, GRANT_COOKIE_SECURE, PASSWORDLESS_PATH, VISIT_PREFIX,
+};
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+mod forward;
+mod reuse;
+mod route;
+#[cfg(test)]
+mod tests;
+mod visit;
+
+use forward::*;
+use reuse::*;
+pub use route::visit_url;
+use route::*;
+use visit::*;
+
+/// Time to open a stream to the agent.
+const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request waits for a free tunnel stream before it gets 503 "busy".
+const STREAM_WAIT: Duration = Duration::from_secs(1);
+/// Concurrent visitor connections.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// rustls acceptor for an https front.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            crate::tls::load_certs(cert)?,
+            crate::tls::load_private_key(key)?,
+        )
+        .context("--public-cert/--public-key")?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Serves the front until `shutdown`.
+pub async fn serve(
+    state: Arc<ServerState>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "front accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (state, tls, shutdown) = (state.clone(), tls.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = {
+                let state = state.clone();
+                let keeper = Keeper::default();
+                let public = Arc::new(PublicUrl::of(&state));
+                hyper::service::service_fn(move |req| {
+                    let (state, keeper, public) = (state.clone(), keeper.clone(), public.clone());
+                    async move {
+                        let resp = handle(&state, &public, peer, &keeper, req).await;
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                })
+            };
+            let builder = {
+                let mut b = hyper::server::conn::http1::Builder::new();
+                b.timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(15))
+                    .max_buf_size(64 * 1024);
+                b
+            };
+            let result = match tls {
+                None => {
+                    let conn = builder
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .with_upgrades();
+                    run_conn(conn, &shutdown).await
+                }
+                Some(tls) => {
+                    match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let conn = builder
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .with_upgrades();
+                            run_conn(conn, &shutdown).await
+                        }
+                        _ => Ok(()),
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "front connection error");
+            }
+        });
+    }
+}
+
+async fn run_conn<C>(conn: C, shutdown: &CancellationToken) -> Result<(), hyper::Error>
+where
+    C: std::future::Future<Output = Result<(), hyper::Error>>,
+{
+    tokio::select! {
+        r = conn => r,
+        _ = shutdown.cancelled() => Ok(()),
+    }
+}
+
+async fn handle(
+    state: &ServerState,
+    public: &PublicUrl,
+    peer: SocketAddr,
+    keeper: &Keeper,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    let Some(device) = public.device_of(host) else {
+        return web::page(
+            StatusCode::NOT_FOUND,
+            "Unknown address",
+            "This is the remote management front. Open a visit link from the management platform.",
+        );
+    };
+    // Unknown devices get a clear 404; a valid grant implies the device (grants are deleted
+    // with it), so the registry is asked only when there is no grant.
+    let unknown_device = || match state.db.flags(&device) {
+        Ok(Some(_)) => None,
+        Ok(None) => Some(web::page(
+            StatusCode::NOT_FOUND,
+            "Unknown device",
+            "No device is registered under this address.",
+        )),
+        Err(e) => Some(internal(e)),
+    };
+    if let Some(token) = req.uri().path().strip_prefix(VISIT_PREFIX) {
+        let token = token.to_string();
+        if let Some(page) = unknown_device() {
+            return page;
+        }
+        return visit(state, public, &device, &token, req).await;
+    }
+    if req.uri().path().starts_with(CM_PREFIX) {
+        return web::page(StatusCode::NOT_FOUND, "Not found", "No such page.");
+    }
+    let grant = match web::cookie(req.headers(), public.cookie_name())
+        .map(|c| keeper.grant(c, |c| Ok(state.db.grant_by_cookie(c)?.map(Arc::new))))
+    {
+        Some(Ok(Some(g))) if g.device_id == device => g,
+        Some(Err(e)) => return internal(e),
+        _ => {
+            if let Some(page) = unknown_device() {
+                return page;
+            }
+            return web::page(
+                StatusCode::FORBIDDEN,
+                "No active visit",
+                "Open a visit link for this device from the management platform to reach its web portal.",
+            );
+        }
+    };
+    let client = client_addr(state, peer, req.headers());
+    forward(state, public, &device, grant, client, keeper, req).await
+}
+
+fn internal(e: anyhow::Error) -> Response<Body> {
+    tracing::error!(error = %format!("{e:#}"), "front error");
+    web::page(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Server error",
+        "The server could not handle this request.",
+    )
+}
