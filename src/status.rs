@@ -107,7 +107,7 @@ pub struct Status {
     pub ha_role: Option<String>,
     /// Hot Standby state.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ha_state: Option<String>,
+    pub ha_state: Option<crate::protocol::HaState>,
     /// Present only while a reloaded config was refused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub config_error: Option<String>,
@@ -261,9 +261,12 @@ pub fn render(s: &Status) -> String {
     line("rtt:", s.rtt_ms.map(|r| format!("{r} ms")));
     line(
         "ha:",
-        s.ha_role
-            .clone()
-            .map(|r| format!("{r} ({})", s.ha_state.clone().unwrap_or_default())),
+        s.ha_role.clone().map(|r| {
+            format!(
+                "{r} ({})",
+                s.ha_state.map(|h| h.as_str()).unwrap_or_default()
+            )
+        }),
     );
     line("config error:", s.config_error.clone());
     line("sessions:", Some(s.active_sessions.len().to_string()));

@@ -3,7 +3,7 @@
 mod support;
 
 use pbx_remote::protocol::Reason;
-use pbx_remote::server::db::{DeviceChanges, NewDevice};
+use pbx_remote::server::db::{Capacity, DeviceChanges, NewDevice};
 use pbx_remote::status::State;
 use std::time::Duration;
 use support::*;
@@ -177,7 +177,7 @@ async fn account_failures_lock_per_email_and_source_only() {
 #[tokio::test(flavor = "multi_thread")]
 async fn serial_and_mac_are_checked_at_activation_and_every_connection() {
     let server = TestServer::start().await;
-    let (device, code) = server
+    let added = server
         .db()
         .add_device(&NewDevice {
             name: "Pinned".into(),
@@ -186,6 +186,7 @@ async fn serial_and_mac_are_checked_at_activation_and_every_connection() {
             ..Default::default()
         })
         .unwrap();
+    let (device, code) = (added.id, added.code);
     let tmp = tempfile::tempdir().unwrap();
     let toml = agent_toml(
         server.tunnel,
@@ -419,7 +420,10 @@ async fn both_hot_standby_nodes_enrol_with_one_code_under_one_device() {
     );
     assert_eq!(
         server.db().capacity().unwrap(),
-        (1, Some(1)),
+        Capacity {
+            used: 1,
+            total: Some(1)
+        },
         "a pair holds one slot"
     );
     // The code is spent for anyone else.
@@ -464,7 +468,7 @@ async fn visits_follow_the_active_hot_standby_node() {
         );
         let s = agent.connected().await;
         assert_eq!(s.ha_role.as_deref(), Some(role));
-        assert_eq!(s.ha_state.as_deref(), Some(state));
+        assert_eq!(s.ha_state.map(|h| h.as_str()), Some(state));
         nodes.push((dir, portal, agent));
     }
     let hits = |i: usize| nodes[i].1.hits();
@@ -600,7 +604,7 @@ fn task_state(server: &TestServer, device: &str) -> (String, Option<String>) {
         .unwrap()
         .provisioning
         .unwrap();
-    (t.state, t.output)
+    (t.state.to_string(), t.output)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -646,12 +650,23 @@ async fn provisioning_templates_are_dropped_once_and_results_reported() {
     );
     assert_eq!(task_state(&server, &device).0, "executing");
 
-    // The root unit's part, played by the test: apply and write the result.
-    std::fs::write(
-        drop_dir.join("Provision-Prov_PBX-SN0001.result"),
-        r#"{"status": "ok", "output": "backup ok\napplied 1 extension"}"#,
-    )
-    .unwrap();
+    // The root unit's part: the real apply script, whose tools print so much non-ASCII that
+    // its 64 KiB tail starts inside a character (65537 bytes of "é" pairs after one "x").
+    let applied = std::process::Command::new(APPLY_SCRIPT)
+        .arg(&drop_dir)
+        .env("PBX_BACKUP_CMD", "echo backup ok")
+        .env(
+            "PBX_APPLY_CMD",
+            "printf x; i=0; while [ $i -lt 32768 ]; do printf 'é'; i=$((i+1)); done; echo; echo 'applied 1 extension'; true",
+        )
+        .status()
+        .unwrap();
+    assert!(applied.success());
+    let log = std::fs::read(drop_dir.join("Provision-Prov_PBX-SN0001.log")).unwrap();
+    assert!(
+        std::str::from_utf8(&log).is_err(),
+        "the fixture must cut a character"
+    );
     let mut finished = None;
     for _ in 0..100 {
         let (state, output) = task_state(&server, &device);
@@ -661,7 +676,12 @@ async fn provisioning_templates_are_dropped_once_and_results_reported() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(finished.as_deref(), Some("backup ok\napplied 1 extension"));
+    let finished = finished.expect("the task must finish, not stay executing");
+    assert!(
+        finished.ends_with("éé\napplied 1 extension"),
+        "{:?}",
+        &finished[finished.len() - 40..]
+    );
 
     // Never applied twice: a restart does not drop the template again.
     std::fs::remove_file(&file).unwrap();
@@ -709,6 +729,8 @@ async fn without_the_provisioning_section_nothing_reaches_the_pbx() {
         .contains("not enabled"));
 }
 
+const APPLY_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/provision-apply");
+
 #[test]
 fn the_apply_script_backs_up_applies_and_writes_a_result_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -716,9 +738,8 @@ fn the_apply_script_backs_up_applies_and_writes_a_result_once() {
     std::fs::create_dir(&drop).unwrap();
     std::fs::write(drop.join("t1.template"), "cfg").unwrap();
     let log = dir.path().join("log");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/provision-apply");
     let run = || {
-        std::process::Command::new(script)
+        std::process::Command::new(APPLY_SCRIPT)
             .arg(&drop)
             .env(
                 "PBX_BACKUP_CMD",
@@ -733,13 +754,55 @@ fn the_apply_script_backs_up_applies_and_writes_a_result_once() {
     };
     assert!(run().success());
     assert!(run().success());
-    let result: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(drop.join("t1.result")).unwrap()).unwrap();
-    assert_eq!(result["status"], "ok");
-    assert_eq!(result["output"], "cfg");
+    assert_eq!(
+        std::fs::read_to_string(drop.join("t1.status")).unwrap(),
+        "ok\n"
+    );
+    assert_eq!(std::fs::read_to_string(drop.join("t1.log")).unwrap(), "cfg");
     assert_eq!(
         std::fs::read_to_string(&log).unwrap(),
         "backup\napply \"x\"\n",
         "applied exactly once"
     );
+}
+
+#[test]
+fn the_apply_script_hands_its_files_to_the_templates_owner() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !nix_is_root() {
+        eprintln!("skipped: needs root to run the apply script as the root unit does");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let drop = dir.path().join("drop");
+    std::fs::create_dir(&drop).unwrap();
+    let template = drop.join("t.template");
+    std::fs::write(&template, "cfg").unwrap();
+    // The agent's user owns what it drops; 4242 stands for it.
+    std::os::unix::fs::chown(&template, Some(4242), Some(4243)).unwrap();
+    let status = std::process::Command::new(APPLY_SCRIPT)
+        .arg(&drop)
+        .env("PBX_BACKUP_CMD", "true")
+        .env("PBX_APPLY_CMD", "false")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for name in ["t.status", "t.log"] {
+        let m = std::fs::metadata(drop.join(name)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (4242, 4243), "{name} owner");
+        assert_eq!(m.permissions().mode() & 0o777, 0o600, "{name} mode");
+    }
+    assert_eq!(
+        std::fs::read_to_string(drop.join("t.status")).unwrap(),
+        "failed\n"
+    );
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
 }

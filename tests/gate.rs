@@ -40,7 +40,7 @@ fn header_for(v: &Visitor, cm_user: &str) -> StreamHeader {
         cm_user: cm_user.into(),
         grant_id: grant_id(v),
         client_addr: "127.0.0.1".into(),
-        scheme: "http".into(),
+        scheme: pbx_remote::protocol::Scheme::Http,
         origin: v.origin.clone(),
         grant_expires_ms: 0,
         passwordless_token: None,

@@ -66,7 +66,7 @@ async fn killed_server_comes_back_and_agents_reconnect_within_10s() {
     let mut server = spawn_server(&data, "127.0.0.1:0", "127.0.0.1:0");
     let (tunnel, public) = (server.tunnel, server.public);
     let db = pbx_remote::server::db::Db::open(&data).unwrap();
-    let (device, code) = db
+    let pbx_remote::server::db::AddedDevice { id: device, code } = db
         .add_device(&pbx_remote::server::db::NewDevice {
             name: "P".into(),
             ..Default::default()
@@ -145,13 +145,14 @@ async fn a_restarted_server_resets_the_old_connection_at_once() {
     let data = tmp.path().join("data");
     let mut server = spawn_server(&data, "127.0.0.1:0", "127.0.0.1:0");
     let tunnel = server.tunnel;
-    let (_, code) = pbx_remote::server::db::Db::open(&data)
+    let code = pbx_remote::server::db::Db::open(&data)
         .unwrap()
         .add_device(&pbx_remote::server::db::NewDevice {
             name: "P".into(),
             ..Default::default()
         })
-        .unwrap();
+        .unwrap()
+        .code;
     let pin = pbx_remote::server::admin::fingerprint(&data)
         .unwrap()
         .lines()

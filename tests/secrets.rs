@@ -113,7 +113,7 @@ async fn no_secret_reaches_logs_status_audit_or_cmdline_at_trace_level() {
         cm_user: "bob".into(),
         grant_id: grant,
         client_addr: "127.0.0.1".into(),
-        scheme: "http".into(),
+        scheme: pbx_remote::protocol::Scheme::Http,
         origin: pv.origin.clone(),
         grant_expires_ms: 0,
         passwordless_token: Some(Secret::new(token.clone())),

@@ -4,7 +4,7 @@
 use crate::agent::state::{self, Credential, StateDir};
 use crate::config::{Activation, AgentConfig, MacSource};
 use crate::protocol::{
-    ActivateRequest, ActivateResponse, ActivationProof, DeviceFacts, ErrorBody, Reason,
+    ActivateRequest, ActivateResponse, ActivationProof, DeviceFacts, ErrorBody, HaState, Reason,
     ACTIVATE_PATH, MAX_ACTIVATION_BODY, PROTOCOL_VERSION,
 };
 use crate::tls::{self, KeyIdentity, ServerTrust};
@@ -70,20 +70,15 @@ pub fn device_facts(config: &AgentConfig) -> anyhow::Result<DeviceFacts> {
         model: config.pbx.model.clone(),
         serial: config.pbx.serial.clone(),
         mac,
-        ha_role: config.ha.as_ref().map(|h| h.role.as_str().to_string()),
+        ha_role: config.ha.as_ref().map(|h| h.role),
     })
 }
 
-/// This node's Hot Standby state from `[ha] state_file`: "active", "standby" or "unknown".
-pub fn ha_state(config: &AgentConfig) -> Option<String> {
+/// This node's Hot Standby state from `[ha] state_file` (unknown when it cannot be read).
+pub fn ha_state(config: &AgentConfig) -> Option<HaState> {
     let ha = config.ha.as_ref()?;
-    let state = std::fs::read_to_string(&ha.state_file)
-        .map(|s| s.trim().to_ascii_lowercase())
-        .unwrap_or_default();
-    Some(match state.as_str() {
-        "active" | "standby" => state,
-        _ => "unknown".to_string(),
-    })
+    let text = std::fs::read_to_string(&ha.state_file).unwrap_or_default();
+    Some(HaState::parse(&text))
 }
 
 /// Activates and stores the credential. Nothing is written unless the server accepted.

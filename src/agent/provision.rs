@@ -1,17 +1,33 @@
 //! Provisioning: the agent only drops a template the CM sent (0600) into `[provisioning]
-//! drop_dir` and reports the result file that the separate root unit writes after applying it.
-//! Without `[provisioning]` it answers `unsupported` and nothing from the CM touches the PBX.
+//! drop_dir` and reports what the separate root unit (`packaging/provision-apply`) left beside
+//! it: a plain `STEM.status` (`ok`/`failed`, written last) and `STEM.log`. The agent builds the
+//! report itself, so whatever bytes the apply tools print, the task ends. Without
+//! `[provisioning]` it answers `unsupported` and nothing from the CM touches the PBX.
 
 use crate::config::AgentConfig;
 use crate::fsutil;
-use crate::protocol::Control;
+use crate::protocol::{Control, TaskState};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-/// Most output reported back to the CM.
+/// Most output reported back to the CM, in characters.
 pub const OUTPUT_TAIL: usize = 2048;
+
+/// Most of the apply log read, from its end (bytes); enough for [`OUTPUT_TAIL`] characters.
+const LOG_READ: u64 = 4 * OUTPUT_TAIL as u64;
 
 /// Where tasks stand, kept in the state dir so a task is never dropped twice.
 const LEDGER: &str = "provisioning.json";
+
+/// The ledger: task name → where it stands (`{"task": {"state": "executing"}}`).
+type Ledger = BTreeMap<String, Entry>;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Entry {
+    state: TaskState,
+}
 
 /// Handles provisioning for one agent.
 pub struct Provisioner {
@@ -31,10 +47,10 @@ fn file_stem(task: &str) -> String {
         .collect()
 }
 
-fn result(task: &str, state: &str, output: impl Into<String>) -> Control {
+fn result(task: &str, state: TaskState, output: impl Into<String>) -> Control {
     Control::ProvisionResult {
         task: task.to_string(),
-        state: state.to_string(),
+        state,
         output: output.into(),
     }
 }
@@ -48,7 +64,7 @@ impl Provisioner {
         }
     }
 
-    fn ledger(&self) -> serde_json::Map<String, serde_json::Value> {
+    fn ledger(&self) -> Ledger {
         fsutil::read_private(&self.ledger)
             .ok()
             .flatten()
@@ -56,7 +72,7 @@ impl Provisioner {
             .unwrap_or_default()
     }
 
-    fn save(&self, ledger: &serde_json::Map<String, serde_json::Value>) {
+    fn save(&self, ledger: &Ledger) {
         let bytes = serde_json::to_vec(ledger).unwrap_or_default();
         if let Err(e) = fsutil::write_private(&self.ledger, &bytes) {
             tracing::warn!(error = %format!("{e:#}"), "cannot record provisioning state");
@@ -69,14 +85,14 @@ impl Provisioner {
             tracing::warn!(%task, "provisioning template refused: [provisioning] is not configured");
             return result(
                 task,
-                "unsupported",
+                TaskState::Unsupported,
                 "provisioning is not enabled on this PBX ([provisioning] drop_dir is not set)",
             );
         };
         let mut ledger = self.ledger();
         if ledger.contains_key(task) {
             tracing::info!(%task, "provisioning template already received; not dropped again");
-            return result(task, "executing", "already delivered");
+            return result(task, TaskState::Executing, "already delivered");
         }
         let path = dir.join(format!("{}.template", file_stem(task)));
         let written = std::fs::create_dir_all(dir)
@@ -85,14 +101,23 @@ impl Provisioner {
         if let Err(e) = written {
             return result(
                 task,
-                "failed",
+                TaskState::Failed,
                 format!("cannot write {}: {e:#}", path.display()),
             );
         }
         tracing::info!(%task, file = %path.display(), "provisioning template dropped for the apply unit");
-        ledger.insert(task.to_string(), serde_json::json!({"state": "executing"}));
+        ledger.insert(
+            task.to_string(),
+            Entry {
+                state: TaskState::Executing,
+            },
+        );
         self.save(&ledger);
-        result(task, "executing", format!("written to {}", path.display()))
+        result(
+            task,
+            TaskState::Executing,
+            format!("written to {}", path.display()),
+        )
     }
 
     /// Results the apply unit wrote since the last look, each reported once.
@@ -103,16 +128,14 @@ impl Provisioner {
         let mut ledger = self.ledger();
         let mut out = vec![];
         for (task, entry) in ledger.iter_mut() {
-            if entry["state"] != "executing" {
+            if entry.state != TaskState::Executing {
                 continue;
             }
-            let Some((state, output)) =
-                read_result(&dir.join(format!("{}.result", file_stem(task))))
-            else {
+            let Some((state, output)) = read_result(&dir.join(file_stem(task))) else {
                 continue;
             };
-            *entry = serde_json::json!({"state": state});
-            out.push(result(task, &state, output));
+            entry.state = state;
+            out.push(result(task, state, output));
         }
         if !out.is_empty() {
             self.save(&ledger);
@@ -121,22 +144,113 @@ impl Provisioner {
     }
 }
 
-/// `{"status": "ok"|"failed", "output": "..."}` written by the apply unit.
-fn read_result(path: &Path) -> Option<(String, String)> {
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
-    let state = if v["status"] == "ok" {
-        "finished"
-    } else {
-        "failed"
+/// What the apply unit left for the template `stem`: `None` while it has not finished.
+/// `STEM.status` says `ok` (finished) or anything else (failed); the output is the end of
+/// `STEM.log`, decoded leniently. A `STEM.result` from earlier packages (JSON) still counts.
+fn read_result(stem: &Path) -> Option<(TaskState, String)> {
+    // Appended, not `with_extension`: a task name may hold a dot.
+    let file = |ext: &str| {
+        let mut name = stem.as_os_str().to_os_string();
+        name.push(format!(".{ext}"));
+        PathBuf::from(name)
     };
-    let output = v["output"].as_str().unwrap_or("");
-    let tail: String = output
-        .chars()
-        .rev()
-        .take(OUTPUT_TAIL)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    Some((state.to_string(), tail))
+    if let Ok(status) = std::fs::read(file("status")) {
+        let state = if String::from_utf8_lossy(&status).trim() == "ok" {
+            TaskState::Finished
+        } else {
+            TaskState::Failed
+        };
+        let output = match read_tail(&file("log")) {
+            Ok(text) => text,
+            Err(e) => format!("(no apply log: {e})"),
+        };
+        return Some((state, tail_chars(&output)));
+    }
+    let legacy = std::fs::read(file("result")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&legacy).unwrap_or_default();
+    let state = if v["status"] == "ok" {
+        TaskState::Finished
+    } else {
+        TaskState::Failed
+    };
+    let output = match v["output"].as_str() {
+        Some(o) => o.to_string(),
+        None => String::from_utf8_lossy(&legacy).into_owned(),
+    };
+    Some((state, tail_chars(&output)))
+}
+
+/// The last [`LOG_READ`] bytes of a file as text (invalid UTF-8 becomes U+FFFD).
+fn read_tail(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(LOG_READ)))?;
+    let mut bytes = Vec::new();
+    f.take(LOG_READ).read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The last [`OUTPUT_TAIL`] characters, without a trailing newline.
+fn tail_chars(s: &str) -> String {
+    let s = s.trim_end_matches('\n');
+    let skip = s.chars().count().saturating_sub(OUTPUT_TAIL);
+    s.chars().skip(skip).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_cut_inside_a_character_still_ends_the_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let stem = dir.path().join("Provision-A.B-SN1");
+        // `tail -c` cut "é" (c3 a9) in half: the log starts with a lone continuation byte.
+        let mut log = vec![0xa9];
+        log.extend_from_slice("é\x00\"quoted\" \\ applied 1 extension\n".as_bytes());
+        std::fs::write(dir.path().join("Provision-A.B-SN1.log"), &log).unwrap();
+        assert!(read_result(&stem).is_none(), "no status yet: still running");
+        std::fs::write(dir.path().join("Provision-A.B-SN1.status"), "ok\n").unwrap();
+        let (state, output) = read_result(&stem).unwrap();
+        assert_eq!(state, TaskState::Finished);
+        assert_eq!(output, "\u{fffd}é\u{0}\"quoted\" \\ applied 1 extension");
+    }
+
+    #[test]
+    fn anything_but_ok_is_failed_and_a_missing_log_is_said() {
+        let dir = tempfile::tempdir().unwrap();
+        let stem = dir.path().join("t");
+        std::fs::write(dir.path().join("t.status"), "\u{ff}garbage").unwrap();
+        let (state, output) = read_result(&stem).unwrap();
+        assert_eq!(state, TaskState::Failed);
+        assert!(output.starts_with("(no apply log:"), "{output}");
+    }
+
+    #[test]
+    fn only_the_end_of_a_long_log_is_read_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let stem = dir.path().join("t");
+        let long = format!("{}the end", "ü".repeat(50_000));
+        std::fs::write(dir.path().join("t.log"), long).unwrap();
+        std::fs::write(dir.path().join("t.status"), "failed").unwrap();
+        let (state, output) = read_result(&stem).unwrap();
+        assert_eq!(state, TaskState::Failed);
+        assert_eq!(output.chars().count(), OUTPUT_TAIL);
+        assert!(output.ends_with("üthe end"));
+    }
+
+    #[test]
+    fn results_of_earlier_packages_are_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let stem = dir.path().join("t");
+        std::fs::write(
+            dir.path().join("t.result"),
+            r#"{"status": "ok", "output": "backup ok\napplied"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            read_result(&stem),
+            Some((TaskState::Finished, "backup ok\napplied".to_string()))
+        );
+    }
 }

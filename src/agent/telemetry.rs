@@ -32,7 +32,11 @@ impl Sampler {
     }
 
     /// One sample. CPU use covers the time since the previous sample.
-    pub async fn sample(&mut self, portal: &Portal, ha_state: Option<String>) -> Telemetry {
+    pub async fn sample(
+        &mut self,
+        portal: &Portal,
+        ha_state: Option<crate::protocol::HaState>,
+    ) -> Telemetry {
         self.sys
             .refresh_cpu_specifics(CpuRefreshKind::nothing().with_cpu_usage());
         self.sys

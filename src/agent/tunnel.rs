@@ -452,8 +452,8 @@ async fn control_loop(
             }
             _ = tick.tick() => {
                 let ha_state = crate::agent::activation::ha_state(&config);
-                let telemetry = sampler.sample(&ctx.portal(), ha_state.clone()).await;
-                let hb = Control::Heartbeat { ha_state: ha_state.clone(), telemetry: Some(telemetry) };
+                let telemetry = sampler.sample(&ctx.portal(), ha_state).await;
+                let hb = Control::Heartbeat { ha_state, telemetry: Some(telemetry) };
                 if let Err(e) = write_frame(&mut send, &hb).await {
                     tracing::debug!(error = %e, "heartbeat not sent");
                     return;

@@ -1,7 +1,7 @@
 //! `pbx-remote-server`: the reference CM server's CLI; parses arguments and calls the library.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use pbx_remote::server::{self, admin, db, keys, Cidr, Listeners, ServerOptions};
+use pbx_remote::server::{self, admin, db, keys, Listeners, ServerOptions};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -56,8 +56,8 @@ enum Command {
         #[arg(long, requires = "public_cert")]
         public_key: Option<PathBuf>,
         /// Proxy (CIDR) whose X-Forwarded-For is believed; repeatable.
-        #[arg(long)]
-        trusted_proxy: Vec<Cidr>,
+        #[arg(long, value_parser = server::parse_trusted_proxy)]
+        trusted_proxy: Vec<ipnet::IpNet>,
         /// Certificate (PEM) for the API and tunnel [default: generated in the data dir].
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,

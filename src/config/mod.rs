@@ -7,7 +7,7 @@ mod validate;
 
 pub use validate::{is_extension_email, parse_pin, parse_server_addr};
 
-pub use crate::protocol::Edition;
+pub use crate::protocol::{Edition, HaRole};
 use crate::secret::Secret;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -168,25 +168,6 @@ pub struct Account {
     pub username: String,
     /// argon2id PHC string.
     pub password_hash: Secret,
-}
-
-/// Hot Standby role of this node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HaRole {
-    /// Primary node.
-    Primary,
-    /// Secondary node.
-    Secondary,
-}
-
-impl HaRole {
-    /// Config spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HaRole::Primary => "primary",
-            HaRole::Secondary => "secondary",
-        }
-    }
 }
 
 /// `[ha]`.

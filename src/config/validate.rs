@@ -22,16 +22,12 @@ impl Validator<'_> {
         let ha = raw
             .ha
             .map(|h| {
-                let role = match h.role.as_str() {
-                    "primary" => HaRole::Primary,
-                    "secondary" => HaRole::Secondary,
-                    other => {
-                        return Err(self.err(
-                            "ha.role",
-                            format!("expected \"primary\" or \"secondary\", got {other:?}"),
-                        ))
-                    }
-                };
+                let role = HaRole::parse(&h.role).ok_or_else(|| {
+                    self.err(
+                        "ha.role",
+                        format!("expected \"primary\" or \"secondary\", got {:?}", h.role),
+                    )
+                })?;
                 Ok(Ha {
                     role,
                     state_file: self.absolute("ha.state_file", h.state_file)?,

@@ -1,7 +1,9 @@
 //! Admin commands (`device`, `visit`, `capacity`, `fingerprint`): each opens the registry beside
 //! a running server and returns the text to print; `--json` output is a stable contract.
 
-use crate::server::db::{Db, Device, DeviceChanges, NewDevice, CODE_TTL, VISIT_TTL};
+use crate::server::db::{
+    AddedDevice, Capacity, Db, Device, DeviceChanges, NewDevice, CODE_TTL, VISIT_TTL,
+};
 use crate::server::keys::{ServerKeys, TlsSource};
 use anyhow::{Context, Result};
 use serde_json::json;
@@ -30,7 +32,7 @@ pub fn device_add(data_dir: &Path, d: &NewDevice, as_json: bool) -> Result<Strin
         })?);
     }
     let db = Db::open(data_dir)?;
-    let (id, code) = db.add_device(&d)?;
+    let AddedDevice { id, code } = db.add_device(&d)?;
     let expires = rfc3339(std::time::SystemTime::now() + CODE_TTL);
     Ok(if as_json {
         json!({"device_id": id, "auth_code": code, "code_expires_at": expires}).to_string()
@@ -88,8 +90,8 @@ pub fn device_list(data_dir: &Path, group: Option<&str>, as_json: bool) -> Resul
             version
         ));
     }
-    let (used, cap) = db.capacity()?;
-    let cap = cap
+    let Capacity { used, total } = db.capacity()?;
+    let cap = total
         .map(|c| c.to_string())
         .unwrap_or_else(|| "unlimited".into());
     out.push_str(&format!(
@@ -118,10 +120,7 @@ fn show_text(d: &Device) -> String {
         out.push_str(&format!(
             "node {}{}: {} serial {} mac {} firmware {} agent {} last seen {}\n",
             n.role,
-            n.ha_state
-                .as_deref()
-                .map(|s| format!(" ({s})"))
-                .unwrap_or_default(),
+            n.ha_state.map(|s| format!(" ({s})")).unwrap_or_default(),
             if n.online { "online" } else { "offline" },
             n.serial.as_deref().unwrap_or("-"),
             n.mac.as_deref().unwrap_or("-"),

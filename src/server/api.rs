@@ -6,6 +6,7 @@ use crate::protocol::{
     ActivateRequest, ActivateResponse, ActivationProof, ErrorBody, Reason, ACTIVATE_PATH,
     MAX_ACTIVATION_BODY, PROTOCOL_VERSION,
 };
+use crate::server::refusal::{EnrolError, Refusal};
 use crate::server::ServerState;
 use anyhow::{Context, Result};
 use base64::Engine;
@@ -256,12 +257,12 @@ async fn handle(
         );
     };
     match activate(state, limiter, peer.ip(), request).await {
-        Ok(Ok(resp)) => json(StatusCode::OK, &resp),
-        Ok(Err((code, message))) => {
-            tracing::info!(peer = %peer, %code, "activation refused");
-            refuse(code, message)
+        Ok(resp) => json(StatusCode::OK, &resp),
+        Err(EnrolError::Refused(r)) => {
+            tracing::info!(peer = %peer, code = %r.reason, "activation refused");
+            refuse(r.reason, r.message)
         }
-        Err(e) => {
+        Err(EnrolError::Failed(e)) => {
             tracing::error!(error = %format!("{e:#}"), "activation failed");
             json(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -279,15 +280,16 @@ async fn activate(
     limiter: &Limits,
     ip: IpAddr,
     req: ActivateRequest,
-) -> Result<Result<ActivateResponse, (Reason, String)>> {
+) -> Result<ActivateResponse, EnrolError> {
     if req.protocol_version != PROTOCOL_VERSION {
-        return Ok(Err((
+        return Err(Refusal::new(
             Reason::ProtocolMismatch,
             format!(
                 "agent protocol {} but server protocol {PROTOCOL_VERSION}; upgrade the older side",
                 req.protocol_version
             ),
-        )));
+        )
+        .into());
     }
     let supported = Edition::parse(&req.facts.edition)
         .zip(parse_version(&req.facts.firmware))
@@ -295,7 +297,7 @@ async fn activate(
     match supported {
         Some((_, true)) => {}
         Some((e, false)) => {
-            return Ok(Err((
+            return Err(Refusal::new(
                 Reason::FirmwareUnsupported,
                 format!(
                     "firmware {} is below the minimum {} for the {} edition; upgrade the PBX",
@@ -303,16 +305,18 @@ async fn activate(
                     e.min_firmware(),
                     e.as_str()
                 ),
-            )))
+            )
+            .into())
         }
         None => {
-            return Ok(Err((
+            return Err(Refusal::new(
                 Reason::FirmwareUnsupported,
                 format!(
                     "unknown edition {:?} or firmware {:?}",
                     req.facts.edition, req.facts.firmware
                 ),
-            )))
+            )
+            .into())
         }
     }
     let spki = base64::engine::general_purpose::STANDARD
@@ -320,48 +324,48 @@ async fn activate(
         .ok()
         .filter(|k| !k.is_empty() && k.len() <= 1024);
     let Some(spki) = spki else {
-        return Ok(Err((
+        return Err(Refusal::new(
             Reason::ProtocolMismatch,
-            "device public key missing or malformed".into(),
-        )));
+            "device public key missing or malformed",
+        )
+        .into());
     };
     let key_hash = crate::crypto::sha256(&spki);
     let device = match &req.proof {
         ActivationProof::AuthCode { code } => {
             if let Some(left) = limiter.codes.blocked_for(ip) {
-                return Ok(Err((
+                return Err(Refusal::new(
                     Reason::RateLimited,
                     format!(
                         "too many wrong codes from this address; try again in {} s",
                         left.as_secs() + 1
                     ),
-                )));
+                )
+                .into());
             }
-            match state.db.redeem_code(code.expose(), &key_hash, &req.facts)? {
-                Ok(d) => d,
-                Err((reason, message)) => {
-                    if matches!(
-                        reason,
-                        Reason::InvalidCode | Reason::CodeUsed | Reason::CodeExpired
-                    ) {
-                        limiter.codes.fail(ip);
-                    }
-                    return Ok(Err((reason, message)));
+            let redeemed = state.db.redeem_code(code.expose(), &key_hash, &req.facts);
+            if let Some(r) = redeemed.as_ref().err().and_then(EnrolError::refusal) {
+                if matches!(
+                    r.reason,
+                    Reason::InvalidCode | Reason::CodeUsed | Reason::CodeExpired
+                ) {
+                    limiter.codes.fail(ip);
                 }
             }
+            redeemed?
         }
         ActivationProof::Email { email, password } => {
             let email = email.trim().to_lowercase();
             let delay = match limiter.accounts.admit(&email, ip) {
                 Ok(d) => d,
                 Err(left) => {
-                    return Ok(Err((
-                        Reason::RateLimited,
-                        format!(
+                    return Err(Refusal::new(
+                Reason::RateLimited,
+                format!(
                             "too many failed logins for {email} from this address; try again in {} minutes",
                             left.as_secs().div_ceil(60)
                         ),
-                    )))
+                    ).into())
                 }
             };
             if !delay.is_zero() {
@@ -378,22 +382,19 @@ async fn activate(
                     .unwrap_or(false);
             if !(verified && known) {
                 limiter.accounts.fail(&email, ip);
-                return Ok(Err((
-                    Reason::BadCredentials,
-                    "the provider's email or password is wrong; correct activation.email and activation.password".into(),
-                )));
+                return Err(Refusal::new(
+                Reason::BadCredentials,
+                "the provider's email or password is wrong; correct activation.email and activation.password",
+                ).into());
             }
             limiter.accounts.succeed(&email, ip);
-            match state.db.enrol_by_account(&email, &key_hash, &req.facts)? {
-                Ok(d) => d,
-                Err(refusal) => return Ok(Err(refusal)),
-            }
+            state.db.enrol_by_account(&email, &key_hash, &req.facts)?
         }
     };
     tracing::info!(device = %device, serial = %req.facts.serial, "device activated");
-    Ok(Ok(ActivateResponse {
+    Ok(ActivateResponse {
         device_id: device,
         signing_key: crate::token::public_key_b64(&state.keys.signing),
         server_time_ms: crate::protocol::now_ms(),
-    }))
+    })
 }

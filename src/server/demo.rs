@@ -1,7 +1,7 @@
 //! `pbx-remote-server demo`: the whole system on loopback in one process — server, a demo
 //! portal and an in-process agent — printing visit links once the agent is connected.
 
-use crate::server::db::{Db, NewDevice};
+use crate::server::db::{AddedDevice, Db, NewDevice};
 use crate::server::{self, keys, Listeners, ServerOptions};
 use crate::status::{State, StatusHandle};
 use anyhow::{Context, Result};
@@ -44,7 +44,7 @@ async fn run_in(
     let keys = keys::ServerKeys::load_or_create(&data_dir, &keys::TlsSource::default())?;
     let pin = keys.pin_hex();
     drop(keys);
-    let (device, code) = Db::open(&data_dir)?.add_device(&NewDevice {
+    let AddedDevice { id: device, code } = Db::open(&data_dir)?.add_device(&NewDevice {
         name: "Demo PBX".into(),
         comment: Some("created by `pbx-remote-server demo`".into()),
         allow_passwordless: true,

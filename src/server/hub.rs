@@ -3,10 +3,10 @@
 //! with `replaced`), serves the control stream, and pushes registry changes within seconds.
 
 use crate::protocol::{
-    read_frame, write_frame, Control, DeviceSettings, Reason, ALPN, CONNECT_TIMEOUT,
-    MAX_REQUEST_STREAMS, PROTOCOL_VERSION,
+    read_frame, write_frame, Control, DeviceSettings, HaState, NodeRole, Reason, TaskState, ALPN,
+    CONNECT_TIMEOUT, MAX_REQUEST_STREAMS, PROTOCOL_VERSION,
 };
-use crate::server::db::DeviceFlags;
+use crate::server::db::{DeviceFlags, NodeKey, PendingTask};
 use crate::server::keys::ServerKeys;
 use crate::server::ServerState;
 use anyhow::{Context, Result};
@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// How often the registry is checked for changes made by admin commands.
 pub const REGISTRY_POLL: Duration = Duration::from_secs(1);
@@ -25,8 +26,8 @@ pub const REGISTRY_POLL: Duration = Duration::from_secs(1);
 pub struct Link {
     /// Device id.
     pub device_id: String,
-    /// Node role.
-    pub role: String,
+    /// Which node of the device.
+    pub role: NodeRole,
     /// The QUIC connection.
     pub conn: quinn::Connection,
     /// Which registration this is.
@@ -36,7 +37,7 @@ pub struct Link {
     /// Streams in use per visit grant, so one session cannot take the whole tunnel.
     per_grant: Mutex<HashMap<String, usize>>,
     key_hash: [u8; 32],
-    ha_state: Mutex<Option<String>>,
+    ha_state: Mutex<Option<HaState>>,
     flags: Mutex<DeviceFlags>,
     settings_tx: mpsc::UnboundedSender<DeviceSettings>,
 }
@@ -50,21 +51,18 @@ pub struct Hub {
     generation: AtomicU64,
 }
 
-/// Node roles in the order visits fall back to them when no node reports "active".
-const ROLES: [&str; 3] = ["single", "primary", "secondary"];
-
 impl Hub {
     /// The node of `device` that visits go to: the one reporting "active", else a lone node,
     /// else the primary, else any.
     pub fn get(&self, device: &str) -> Option<Arc<Link>> {
         let links = self.lock();
-        let rank = |l: &&Arc<Link>| ROLES.iter().position(|r| *r == l.role);
-        let nodes = links.get(device)?.iter().filter(|l| rank(l).is_some());
+        // NodeRole's order is the fallback order: single, primary, secondary.
+        let nodes = links.get(device)?.iter();
         let active = nodes
             .clone()
-            .filter(|l| lock(&l.ha_state).as_deref() == Some("active"))
-            .min_by_key(rank);
-        active.or_else(|| nodes.min_by_key(rank)).cloned()
+            .filter(|l| *lock(&l.ha_state) == Some(HaState::Active))
+            .min_by_key(|l| l.role);
+        active.or_else(|| nodes.min_by_key(|l| l.role)).cloned()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<Link>>>> {
@@ -85,7 +83,7 @@ impl Hub {
     }
 
     /// Removes the link if it is still the current one; true if it was.
-    fn deregister(&self, device: &str, role: &str, generation: u64) -> bool {
+    fn deregister(&self, device: &str, role: NodeRole, generation: u64) -> bool {
         let mut links = self.lock();
         let Some(nodes) = links.get_mut(device) else {
             return false;
@@ -161,13 +159,26 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
         .await
         .context("handshake timeout")??;
     let key_hash = peer_key_hash(&conn)?;
-    let Some((device, role)) = state.db.node_by_key(&key_hash)? else {
+    let Some(NodeKey { device, role }) = state.db.node_by_key(&key_hash)? else {
         tracing::warn!(%peer, "unknown device key refused");
         refuse(&conn, Reason::DeviceRemoved, "this device is not registered on the server (removed or re-enrolled); activate it again with a new code");
         return Ok(());
     };
     let span = tracing::info_span!("tunnel", device = %device, role = %role);
-    let _enter = span.enter();
+    serve_tunnel(state, conn, key_hash, device, role)
+        .instrument(span)
+        .await
+}
+
+/// One registered tunnel from hello to close, inside the tunnel's span.
+async fn serve_tunnel(
+    state: Arc<ServerState>,
+    conn: quinn::Connection,
+    key_hash: [u8; 32],
+    device: String,
+    role: NodeRole,
+) -> Result<()> {
+    let peer = conn.remote_address();
     let (mut send, mut recv) = tokio::time::timeout(CONNECT_TIMEOUT, conn.accept_bi())
         .await
         .context("no control stream")??;
@@ -192,9 +203,9 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
         );
         return Ok(());
     }
-    if let Some((reason, message)) = state.db.check_identity(&device, &facts)? {
-        tracing::warn!(%peer, %message, "device identity mismatch refused");
-        refuse(&conn, reason, &message);
+    if let Some(r) = state.db.check_identity(&device, &facts)? {
+        tracing::warn!(%peer, message = %r.message, "device identity mismatch refused");
+        refuse(&conn, r.reason, &r.message);
         return Ok(());
     }
     let Some(flags) = state.db.flags(&device)? else {
@@ -207,17 +218,17 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
     };
     state
         .db
-        .node_connected(&device, &role, &facts, &agent_version, ha_state.as_deref())?;
+        .node_connected(&device, role, &facts, &agent_version, ha_state)?;
     let (settings_tx, mut settings_rx) = mpsc::unbounded_channel();
     let link = Arc::new(Link {
         device_id: device.clone(),
-        role: role.clone(),
+        role,
         conn: conn.clone(),
         generation: state.hub.generation.fetch_add(1, Ordering::Relaxed),
         streams: Arc::new(Semaphore::new(MAX_REQUEST_STREAMS as usize)),
         per_grant: Mutex::new(HashMap::new()),
         key_hash,
-        ha_state: Mutex::new(ha_state.clone()),
+        ha_state: Mutex::new(ha_state),
         flags: Mutex::new(flags.clone()),
         settings_tx,
     });
@@ -241,19 +252,22 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
         },
     )
     .await?;
-    if let Some((task, template)) = state.db.pending_task(&device)? {
-        tracing::info!(%task, "sending provisioning template");
+    if let Some(PendingTask { name, template }) = state.db.pending_task(&device)? {
+        tracing::info!(task = %name, "sending provisioning template");
         write_frame(
             &mut send,
             &Control::Provision {
-                task: task.clone(),
+                task: name.clone(),
                 template,
             },
         )
         .await?;
-        state
-            .db
-            .set_task_state(&device, &task, "executing", "delivered to the agent")?;
+        state.db.set_task_state(
+            &device,
+            &name,
+            TaskState::Executing,
+            "delivered to the agent",
+        )?;
     }
     let reason = loop {
         tokio::select! {
@@ -262,20 +276,23 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
                 Ok(Some(Control::Heartbeat { ha_state, telemetry })) => {
                     let changed = {
                         let mut current = lock(&link.ha_state);
-                        std::mem::replace(&mut *current, ha_state.clone()) != ha_state
+                        std::mem::replace(&mut *current, ha_state) != ha_state
                     };
                     if changed {
                         tracing::warn!(ha_state = ?ha_state, "hot standby state changed; visits follow the active node");
                     }
-                    if let Err(e) = state.db.node_seen(&device, &role, ha_state.as_deref(), telemetry.as_ref()) {
+                    if let Err(e) = state.db.node_seen(&device, role, ha_state, telemetry.as_ref()) {
                         tracing::warn!(error = %format!("{e:#}"), "cannot record heartbeat");
                     }
                     write_frame(&mut send, &Control::HeartbeatAck { server_time_ms: crate::protocol::now_ms() }).await?;
                 }
+                Ok(Some(Control::ProvisionResult { task, state: TaskState::Pending, .. })) => {
+                    tracing::debug!(%task, "provisioning result without progress ignored");
+                }
                 Ok(Some(Control::ProvisionResult { task, state: task_state, output })) => {
                     tracing::info!(%task, state = %task_state, "provisioning result");
                     let output: String = output.chars().rev().take(4096).collect::<Vec<_>>().into_iter().rev().collect();
-                    state.db.set_task_state(&device, &task, &task_state, &output)?;
+                    state.db.set_task_state(&device, &task, task_state, &output)?;
                 }
                 Ok(Some(other)) => tracing::debug!(?other, "unexpected control frame"),
                 Ok(None) => break "control stream closed".to_string(),
@@ -286,8 +303,8 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
             }
         }
     };
-    if state.hub.deregister(&device, &role, link.generation) {
-        state.db.node_disconnected(&device, &role)?;
+    if state.hub.deregister(&device, role, link.generation) {
+        state.db.node_disconnected(&device, role)?;
         tracing::info!(%reason, "device disconnected");
     }
     Ok(())

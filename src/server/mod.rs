@@ -10,14 +10,18 @@ pub mod front;
 pub mod health;
 pub mod hub;
 pub mod keys;
+pub mod refusal;
 
 use anyhow::{Context, Result};
+use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use url::Url;
+
+use crate::protocol::Scheme;
 
 /// Options of `pbx-remote-server run`.
 #[derive(Debug, Clone)]
@@ -29,7 +33,7 @@ pub struct ServerOptions {
     /// Certificate and key for HTTPS on the front.
     pub public_tls: Option<(PathBuf, PathBuf)>,
     /// Proxies whose `X-Forwarded-For` is believed.
-    pub trusted_proxies: Vec<Cidr>,
+    pub trusted_proxies: Vec<IpNet>,
     /// TLS identity for API and tunnel.
     pub tls: keys::TlsSource,
 }
@@ -44,53 +48,16 @@ pub struct Listeners {
     pub public: TcpListener,
 }
 
-/// An IP prefix for `--trusted-proxy`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    len: u8,
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, l) = s.split_once('/').unwrap_or((s, ""));
-        let addr: IpAddr = a
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IP prefix"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len = if l.is_empty() {
-            max
-        } else {
-            l.parse()
-                .ok()
-                .filter(|n| *n <= max)
-                .ok_or_else(|| format!("{s:?}: bad prefix length"))?
-        };
-        Ok(Cidr { addr, len })
-    }
-}
-
-impl Cidr {
-    /// True if `ip` is inside the prefix.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(a), IpAddr::V4(b)) => prefix_eq(&a.octets(), &b.octets(), self.len),
-            (IpAddr::V6(a), IpAddr::V6(b)) => prefix_eq(&a.octets(), &b.octets(), self.len),
-            _ => false,
-        }
-    }
-}
-
-fn prefix_eq(a: &[u8], b: &[u8], bits: u8) -> bool {
-    let full = (bits / 8) as usize;
-    if a[..full] != b[..full] {
-        return false;
-    }
-    let rest = bits % 8;
-    rest == 0 || {
-        let mask = 0xffu8 << (8 - rest);
-        a[full] & mask == b[full] & mask
+/// Parses a `--trusted-proxy` value: an IP prefix (`10.1.0.0/16`, `2001:db8::/33`) or a single
+/// address, which means just that host.
+pub fn parse_trusted_proxy(s: &str) -> Result<IpNet, String> {
+    if s.contains('/') {
+        s.parse::<IpNet>()
+            .map_err(|_| format!("{s:?} is not an IP prefix (address/length, length ≤ 32 or 128)"))
+    } else {
+        s.parse::<IpAddr>()
+            .map(IpNet::from)
+            .map_err(|_| format!("{s:?} is not an IP address or prefix"))
     }
 }
 
@@ -129,6 +96,13 @@ pub fn bind_pair(addr: SocketAddr) -> Result<(std::net::UdpSocket, std::net::Tcp
 impl ServerState {
     /// Opens the data dir: keys (generated on first start) and the registry.
     pub fn open(opts: ServerOptions) -> Result<Arc<ServerState>> {
+        if Scheme::parse(opts.public_url.scheme()).is_none() || opts.public_url.host_str().is_none()
+        {
+            anyhow::bail!(
+                "--public-url {}: expected http:// or https:// and a host name",
+                opts.public_url
+            );
+        }
         let keys = keys::ServerKeys::load_or_create(&opts.data_dir, &opts.tls)?;
         let db = db::Db::open(&opts.data_dir)?;
         db.all_offline()?;
@@ -202,15 +176,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cidrs() {
-        let c: Cidr = "10.1.0.0/16".parse().unwrap();
-        assert!(c.contains("10.1.200.3".parse().unwrap()));
-        assert!(!c.contains("10.2.0.1".parse().unwrap()));
-        let c: Cidr = "2001:db8::/33".parse().unwrap();
-        assert!(c.contains("2001:db8:7fff::1".parse().unwrap()));
-        assert!(!c.contains("2001:db8:8000::1".parse().unwrap()));
-        let one: Cidr = "127.0.0.1".parse().unwrap();
-        assert!(one.contains("127.0.0.1".parse().unwrap()));
-        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+    fn trusted_proxy_prefixes() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let c = parse_trusted_proxy("10.1.0.0/16").unwrap();
+        assert!(c.contains(&ip("10.1.200.3")));
+        assert!(!c.contains(&ip("10.2.0.1")));
+        assert!(!c.contains(&ip("::ffff:10.1.0.1")));
+        let c = parse_trusted_proxy("2001:db8::/33").unwrap();
+        assert!(c.contains(&ip("2001:db8:7fff::1")));
+        assert!(!c.contains(&ip("2001:db8:8000::1")));
+        let one = parse_trusted_proxy("127.0.0.1").unwrap();
+        assert!(one.contains(&ip("127.0.0.1")));
+        assert!(!one.contains(&ip("127.0.0.2")));
+        assert!(parse_trusted_proxy("10.0.0.0/33").is_err());
+        assert!(parse_trusted_proxy("proxy.example.com").is_err());
     }
 }

@@ -434,13 +434,15 @@ impl TestServer {
 
     /// Adds a device; returns (id, code).
     pub fn add_device(&self, passwordless: bool) -> (String, String) {
-        self.db()
+        let added = self
+            .db()
             .add_device(&NewDevice {
                 name: "Test PBX".into(),
                 allow_passwordless: passwordless,
                 ..Default::default()
             })
-            .unwrap()
+            .unwrap();
+        (added.id, added.code)
     }
 
     /// A visit link for `device`.

@@ -8,7 +8,7 @@ use crate::agent::audit::{AuditLog, Event};
 use crate::agent::clock::Clock;
 use crate::agent::lockout::{self, Admission, Lockout};
 use crate::config::{Account, AgentConfig};
-use crate::protocol::StreamHeader;
+use crate::protocol::{Scheme, StreamHeader};
 use crate::status::{SessionInfo, StatusHandle};
 use crate::web::{
     self, Body, LOGIN_PATH, LOGOUT_PATH, PASSWORDLESS_PATH, REMOTE_PREFIX, SESSION_COOKIE,

@@ -13,7 +13,7 @@ pub(super) fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
 
 /// The session cookie's name for this visitor-facing scheme.
 pub fn cookie_name(h: &StreamHeader) -> &'static str {
-    if h.scheme == "https" {
+    if h.scheme == Scheme::Https {
         SESSION_COOKIE_SECURE
     } else {
         SESSION_COOKIE
@@ -21,7 +21,11 @@ pub fn cookie_name(h: &StreamHeader) -> &'static str {
 }
 
 pub(super) fn session_cookie(h: &StreamHeader, id: &str) -> String {
-    let secure = if h.scheme == "https" { "; Secure" } else { "" };
+    let secure = if h.scheme == Scheme::Https {
+        "; Secure"
+    } else {
+        ""
+    };
     format!(
         "{}={id}; Path=/; HttpOnly; SameSite=Lax{secure}",
         cookie_name(h)
@@ -29,7 +33,11 @@ pub(super) fn session_cookie(h: &StreamHeader, id: &str) -> String {
 }
 
 pub(super) fn clear_cookie(h: &StreamHeader) -> String {
-    let secure = if h.scheme == "https" { "; Secure" } else { "" };
+    let secure = if h.scheme == Scheme::Https {
+        "; Secure"
+    } else {
+        ""
+    };
     format!(
         "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}",
         cookie_name(h)

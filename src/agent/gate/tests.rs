@@ -51,7 +51,7 @@ fn header(cm: &str) -> StreamHeader {
         cm_user: cm.into(),
         grant_id: format!("g-{cm}"),
         client_addr: "10.0.0.1".into(),
-        scheme: "https".into(),
+        scheme: Scheme::Https,
         origin: "https://dev.cm.example".into(),
         grant_expires_ms: 0,
         passwordless_token: None,

@@ -86,7 +86,7 @@ pub(super) fn forwarded_headers(sh: &StreamHeader) -> [(HeaderName, Option<Heade
     [
         (X_FORWARDED_FOR, value(&sh.client_addr)),
         (X_FORWARDED_HOST, value(visitor_host)),
-        (X_FORWARDED_PROTO, value(&sh.scheme)),
+        (X_FORWARDED_PROTO, value(sh.scheme.as_str())),
     ]
 }
 

@@ -4,7 +4,8 @@
 use super::devices::identity_mismatch;
 use super::{capacity, now, Db};
 use crate::crypto::{random_bytes, sha256};
-use crate::protocol::{DeviceFacts, Reason};
+use crate::protocol::{DeviceFacts, NodeRole, Reason};
+use crate::server::refusal::{EnrolError, Refusal};
 use anyhow::Result;
 use rusqlite::{params, OptionalExtension};
 use std::time::Duration;
@@ -39,12 +40,12 @@ impl Db {
         code: &str,
         key_hash: &[u8; 32],
         facts: &DeviceFacts,
-    ) -> Result<Result<String, (Reason, String)>> {
+    ) -> Result<String, EnrolError> {
         let hash = sha256(normalize_code(code).as_bytes());
-        let role = node_role(facts);
+        let role = facts.node_role();
         self.with(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let row: Option<(String, i64, Option<i64>, Option<String>)> = tx
+            let row: Option<(String, i64, Option<i64>, Option<NodeRole>)> = tx
                 .query_row(
                     "SELECT device_id, expires_at, used_at, used_role FROM codes WHERE code_hash = ?1",
                     [&hash[..]],
@@ -52,25 +53,23 @@ impl Db {
                 )
                 .optional()?;
             let Some((device, expires, used, used_role)) = row else {
-                return Ok(Err((Reason::InvalidCode, "the authentication code is not valid; check it or ask the provider for a new one".into())));
+                return Err(Refusal::new(Reason::InvalidCode, "the authentication code is not valid; check it or ask the provider for a new one").into());
             };
             // One code enrols one machine, or both nodes of a Hot Standby pair (one each).
-            let pair_partner = matches!((used_role.as_deref(), role.as_str()), (Some("primary"), "secondary") | (Some("secondary"), "primary"));
+            let pair_partner = matches!((used_role.and_then(NodeRole::ha), role.ha()), (Some(used), Some(this)) if used.partner() == this);
             if used.is_some() && !pair_partner {
-                return Ok(Err((Reason::CodeUsed, "the authentication code was already used; ask the provider for a new one (device code)".into())));
+                return Err(Refusal::new(Reason::CodeUsed, "the authentication code was already used; ask the provider for a new one (device code)").into());
             }
             if expires <= now() {
-                return Ok(Err((Reason::CodeExpired, "the authentication code has expired; ask the provider for a new one (device code)".into())));
+                return Err(Refusal::new(Reason::CodeExpired, "the authentication code has expired; ask the provider for a new one (device code)").into());
             }
-            if let Err(refusal) = enrol(&tx, &device, &role, key_hash, facts)? {
-                return Ok(Err(refusal));
-            }
+            enrol(&tx, &device, role, key_hash, facts)?;
             tx.execute(
                 "UPDATE codes SET used_at = COALESCE(used_at, ?2), used_role = ?3 WHERE code_hash = ?1",
                 params![&hash[..], now(), role],
             )?;
             tx.commit()?;
-            Ok(Ok(device))
+            Ok(device)
         })
     }
     /// Enrols a key for a provider-account activation: the device pre-added with this serial,
@@ -80,8 +79,8 @@ impl Db {
         email: &str,
         key_hash: &[u8; 32],
         facts: &DeviceFacts,
-    ) -> Result<Result<String, (Reason, String)>> {
-        let role = node_role(facts);
+    ) -> Result<String, EnrolError> {
+        let role = facts.node_role();
         self.with(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let existing: Option<String> = tx
@@ -103,11 +102,9 @@ impl Db {
                     id
                 }
             };
-            if let Err(refusal) = enrol(&tx, &device, &role, key_hash, facts)? {
-                return Ok(Err(refusal));
-            }
+            enrol(&tx, &device, role, key_hash, facts)?;
             tx.commit()?;
-            Ok(Ok(device))
+            Ok(device)
         })
     }
     /// Adds a CM account (for email activation).
@@ -137,33 +134,29 @@ impl Db {
     }
 }
 
-fn node_role(facts: &DeviceFacts) -> String {
-    facts.ha_role.clone().unwrap_or_else(|| "single".into())
-}
-
-/// Checks identity and capacity, then records the node. `Ok(Err)` is a refusal to report.
+/// Checks identity and capacity, then records the node.
 fn enrol(
     tx: &rusqlite::Transaction<'_>,
     device: &str,
-    role: &str,
+    role: NodeRole,
     key_hash: &[u8; 32],
     facts: &DeviceFacts,
-) -> Result<Result<(), (Reason, String)>> {
+) -> Result<(), EnrolError> {
     let (serial, mac, activated): (Option<String>, Option<String>, Option<i64>) = tx.query_row(
         "SELECT serial, mac, activated_at FROM devices WHERE id = ?1",
         [device],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
     if let Some(refusal) = identity_mismatch(serial.as_deref(), mac.as_deref(), facts) {
-        return Ok(Err(refusal));
+        return Err(refusal.into());
     }
     if activated.is_none() {
-        let (used, cap) = capacity(tx)?;
-        if let Some(cap) = cap.filter(|cap| used >= *cap) {
-            return Ok(Err((
+        let slots = capacity(tx)?;
+        if let Some(cap) = slots.total.filter(|cap| slots.used >= *cap) {
+            return Err(Refusal::new(
                 Reason::CapacityExceeded,
                 format!("all {cap} device slots of this management server are in use; the provider must remove a device or raise the capacity"),
-            )));
+            ).into());
         }
     }
     // A key already enrolled elsewhere is moved, never duplicated.
@@ -189,7 +182,7 @@ fn enrol(
         "UPDATE devices SET activated_at = COALESCE(activated_at, ?2) WHERE id = ?1",
         params![device, now()],
     )?;
-    Ok(Ok(()))
+    Ok(())
 }
 
 pub(super) fn insert_code(
@@ -281,30 +274,30 @@ mod tests {
     fn codes_are_single_use_and_typo_tolerant() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path()).unwrap();
-        let (id, code) = db
+        let added = db
             .add_device(&NewDevice {
                 name: "Acme HQ".into(),
                 ..Default::default()
             })
             .unwrap();
-        assert!(id.starts_with("acme-hq-") && id.len() <= 63, "{id}");
-        assert_eq!(code.len(), 19);
-        let typed = code.to_lowercase().replace('-', " ");
+        assert!(
+            added.id.starts_with("acme-hq-") && added.id.len() <= 63,
+            "{}",
+            added.id
+        );
+        assert_eq!(added.code.len(), 19);
+        let typed = added.code.to_lowercase().replace('-', " ");
+        let reason = |r: Result<String, EnrolError>| r.unwrap_err().refusal().unwrap().reason;
         let first = db.redeem_code(&typed, &[1; 32], &facts()).unwrap();
-        assert_eq!(first.unwrap(), id);
-        let again = db.redeem_code(&code, &[2; 32], &facts()).unwrap();
-        assert_eq!(again.unwrap_err().0, Reason::CodeUsed);
-        let bogus = db
-            .redeem_code("AAAA-AAAA-AAAA-AAAA", &[3; 32], &facts())
-            .unwrap();
-        assert_eq!(bogus.unwrap_err().0, Reason::InvalidCode);
-        assert_eq!(db.node_by_key(&[1; 32]).unwrap().unwrap().0, id);
-        let expired = db.new_code(&id, Duration::ZERO).unwrap();
+        assert_eq!(first, added.id);
+        let again = db.redeem_code(&added.code, &[2; 32], &facts());
+        assert_eq!(reason(again), Reason::CodeUsed);
+        let bogus = db.redeem_code("AAAA-AAAA-AAAA-AAAA", &[3; 32], &facts());
+        assert_eq!(reason(bogus), Reason::InvalidCode);
+        assert_eq!(db.node_by_key(&[1; 32]).unwrap().unwrap().device, added.id);
+        let expired = db.new_code(&added.id, Duration::ZERO).unwrap();
         assert_eq!(
-            db.redeem_code(&expired, &[4; 32], &facts())
-                .unwrap()
-                .unwrap_err()
-                .0,
+            reason(db.redeem_code(&expired, &[4; 32], &facts())),
             Reason::CodeExpired
         );
     }

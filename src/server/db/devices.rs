@@ -3,8 +3,9 @@
 
 use super::codes::{device_id_for, insert_code};
 use super::{now, Db, Task, CODE_TTL, ONLINE_WINDOW};
-use crate::protocol::{DeviceFacts, Reason};
+use crate::protocol::{DeviceFacts, HaState, NodeRole, Reason};
 use crate::server::health::{health, Health};
+use crate::server::refusal::Refusal;
 use anyhow::Result;
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
@@ -47,8 +48,8 @@ pub struct Device {
 /// One enrolled machine of a device.
 #[derive(Debug, Clone, Serialize)]
 pub struct Node {
-    /// "single", "primary" or "secondary".
-    pub role: String,
+    /// Which node of the device.
+    pub role: NodeRole,
     /// Reported serial.
     pub serial: Option<String>,
     /// Reported MAC.
@@ -59,8 +60,8 @@ pub struct Node {
     pub model: Option<String>,
     /// Agent version.
     pub agent_version: Option<String>,
-    /// Hot Standby state ("active"/"standby") as last reported.
-    pub ha_state: Option<String>,
+    /// Hot Standby state as last reported.
+    pub ha_state: Option<HaState>,
     /// Online now.
     pub online: bool,
     /// Last heartbeat (Unix seconds).
@@ -101,6 +102,24 @@ pub struct NewDevice {
     pub mac: Option<String>,
 }
 
+/// A device just added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddedDevice {
+    /// Its id (the host label visits use).
+    pub id: String,
+    /// Its first authentication code.
+    pub code: String,
+}
+
+/// Which device and node a key was enrolled for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeKey {
+    /// Device id.
+    pub device: String,
+    /// Node of that device.
+    pub role: NodeRole,
+}
+
 /// Changes `device set` makes.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceChanges {
@@ -120,7 +139,7 @@ pub struct DeviceChanges {
 
 impl Db {
     /// Adds a device and returns its id and first authentication code.
-    pub fn add_device(&self, d: &NewDevice) -> Result<(String, String)> {
+    pub fn add_device(&self, d: &NewDevice) -> Result<AddedDevice> {
         anyhow::ensure!(!d.name.trim().is_empty(), "--name must not be empty");
         self.with(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -148,7 +167,7 @@ impl Db {
             }
             let code = insert_code(&tx, &id, CODE_TTL)?;
             tx.commit()?;
-            Ok((id, code))
+            Ok(AddedDevice { id, code })
         })
     }
     /// Every device with its nodes.
@@ -215,7 +234,7 @@ impl Db {
                         |r| Ok(Task { name: r.get(0)?, state: r.get(1)?, output: r.get(2)?, updated_at: r.get(3)? }),
                     )
                     .optional()?;
-                let pair = d.nodes.iter().any(|n| n.role != "single");
+                let pair = d.nodes.iter().any(|n| n.role != NodeRole::Single);
                 let reachable = d.nodes.iter().filter(|n| n.online).count();
                 if pair && reachable == 1 {
                     d.warning = Some("only one node of the Hot Standby pair is reachable".into());
@@ -276,11 +295,7 @@ impl Db {
         })
     }
     /// Checks a connecting node against the device's recorded serial/MAC.
-    pub fn check_identity(
-        &self,
-        device: &str,
-        facts: &DeviceFacts,
-    ) -> Result<Option<(Reason, String)>> {
+    pub fn check_identity(&self, device: &str, facts: &DeviceFacts) -> Result<Option<Refusal>> {
         self.with(|c| {
             let row: Option<(Option<String>, Option<String>)> = c
                 .query_row(
@@ -294,13 +309,18 @@ impl Db {
             }))
         })
     }
-    /// The (device, role) a key belongs to.
-    pub fn node_by_key(&self, key_hash: &[u8; 32]) -> Result<Option<(String, String)>> {
+    /// The device and node a key belongs to.
+    pub fn node_by_key(&self, key_hash: &[u8; 32]) -> Result<Option<NodeKey>> {
         self.with(|c| {
             Ok(c.query_row(
                 "SELECT device_id, role FROM nodes WHERE key_hash = ?1",
                 [&key_hash[..]],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| {
+                    Ok(NodeKey {
+                        device: r.get(0)?,
+                        role: r.get(1)?,
+                    })
+                },
             )
             .optional()?)
         })
@@ -323,10 +343,10 @@ impl Db {
     pub fn node_connected(
         &self,
         device: &str,
-        role: &str,
+        role: NodeRole,
         facts: &DeviceFacts,
         agent_version: &str,
-        ha_state: Option<&str>,
+        ha_state: Option<HaState>,
     ) -> Result<()> {
         self.with(|c| {
             c.execute(
@@ -342,8 +362,8 @@ impl Db {
     pub fn node_seen(
         &self,
         device: &str,
-        role: &str,
-        ha_state: Option<&str>,
+        role: NodeRole,
+        ha_state: Option<HaState>,
         telemetry: Option<&crate::protocol::Telemetry>,
     ) -> Result<()> {
         let telemetry = telemetry.map(serde_json::to_string).transpose()?;
@@ -357,7 +377,7 @@ impl Db {
         })
     }
     /// Records a disconnected node.
-    pub fn node_disconnected(&self, device: &str, role: &str) -> Result<()> {
+    pub fn node_disconnected(&self, device: &str, role: NodeRole) -> Result<()> {
         self.with(|c| {
             c.execute(
                 "UPDATE nodes SET online = 0, last_seen = ?3 WHERE device_id = ?1 AND role = ?2",
@@ -380,14 +400,14 @@ pub fn identity_mismatch(
     serial: Option<&str>,
     mac: Option<&str>,
     facts: &DeviceFacts,
-) -> Option<(Reason, String)> {
+) -> Option<Refusal> {
     let serial_ok = serial.is_none_or(|s| s.eq_ignore_ascii_case(&facts.serial));
     let mac_ok = mac
         .is_none_or(|m| crate::protocol::normalize_mac(m).as_deref() == Some(facts.mac.as_str()));
     if serial_ok && mac_ok {
         return None;
     }
-    Some((
+    Some(Refusal::new(
         Reason::DeviceMismatch,
         format!(
             "this device is registered for serial {} and MAC {}, but this PBX reports serial {} and MAC {}; check the PBX or ask the provider to correct the device",

@@ -218,15 +218,21 @@ mod tests {
         assert!(d.allow_passwordless && d.allow_provisioning);
         assert_eq!(d.mac.as_deref(), Some("00:11:22:33:44:55"));
         let n = &d.nodes[0];
-        assert_eq!(n.ha_state.as_deref(), Some("active"));
+        assert_eq!(n.ha_state, Some(crate::protocol::HaState::Active));
         assert_eq!(n.telemetry.as_ref().map(|t| t.cpu_percent), Some(12.5));
         assert_eq!(n.health, Health::Unknown, "offline");
         assert_eq!(
             d.provisioning.as_ref().map(|t| t.state.as_str()),
             Some("pending")
         );
-        assert_eq!(db.node_by_key(&[1; 32]).unwrap().unwrap().0, d.id);
-        assert_eq!(db.capacity().unwrap(), (1, Some(25)));
+        assert_eq!(db.node_by_key(&[1; 32]).unwrap().unwrap().device, d.id);
+        assert_eq!(
+            db.capacity().unwrap(),
+            super::super::Capacity {
+                used: 1,
+                total: Some(25)
+            }
+        );
         assert!(db.account_hash("ops@example.com").unwrap().is_some());
         let grant = db
             .grant_by_cookie("grant1.grant-secret")
@@ -245,7 +251,6 @@ mod tests {
         };
         assert_eq!(
             db.redeem_code("aaaa-bbbb-cccc-dddd", &[2; 32], &facts)
-                .unwrap()
                 .unwrap(),
             "spare-abcde"
         );

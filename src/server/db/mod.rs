@@ -10,9 +10,11 @@ mod tasks;
 mod visits;
 
 pub use codes::{device_id_for, new_auth_code, normalize_code};
-pub use devices::{identity_mismatch, Device, DeviceChanges, DeviceFlags, NewDevice, Node};
-pub use tasks::Task;
-pub use visits::Grant;
+pub use devices::{
+    identity_mismatch, AddedDevice, Device, DeviceChanges, DeviceFlags, NewDevice, Node, NodeKey,
+};
+pub use tasks::{PendingTask, Task};
+pub use visits::{Grant, Redeemed, VisitLink};
 
 use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -58,7 +60,7 @@ impl Db {
     /// Runs `f` on the connection. Write transactions in `f` start IMMEDIATE: a deferred one
     /// that reads and then writes fails with SQLITE_BUSY_SNAPSHOT when an admin command (or the
     /// server) wrote in between, and no busy timeout can wait that out.
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+    fn with<T, E>(&self, f: impl FnOnce(&mut Connection) -> Result<T, E>) -> Result<T, E> {
         // Invariant: no code panics while holding the connection; if one did, the connection
         // itself is still consistent (SQLite rolls back the open transaction on drop).
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
@@ -68,8 +70,8 @@ impl Db {
     pub fn data_version(&self) -> Result<i64> {
         self.with(|c| Ok(c.query_row("PRAGMA data_version", [], |r| r.get(0))?))
     }
-    /// Device slots: (used, capacity or None for unlimited).
-    pub fn capacity(&self) -> Result<(u64, Option<u64>)> {
+    /// Device slots in use and in all.
+    pub fn capacity(&self) -> Result<Capacity> {
         self.with(|c| capacity(c))
     }
     /// A setting.
@@ -95,7 +97,16 @@ impl Db {
     }
 }
 
-fn capacity(c: &Connection) -> Result<(u64, Option<u64>)> {
+/// Device slots: activated devices against the capacity setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Capacity {
+    /// Activated devices.
+    pub used: u64,
+    /// Slots in all; `None` is unlimited.
+    pub total: Option<u64>,
+}
+
+fn capacity(c: &Connection) -> Result<Capacity> {
     let used: u64 = c.query_row(
         "SELECT COUNT(*) FROM devices WHERE activated_at IS NOT NULL",
         [],
@@ -108,7 +119,46 @@ fn capacity(c: &Connection) -> Result<(u64, Option<u64>)> {
             |r| r.get(0),
         )
         .optional()?;
-    Ok((used, cap.and_then(|v| v.parse().ok())))
+    Ok(Capacity {
+        used,
+        total: cap.and_then(|v| v.parse().ok()),
+    })
+}
+
+/// Roles and states are stored as their wire spelling; a spelling this server does not know is
+/// a read error naming it, never a silent default.
+macro_rules! sql_text_enum {
+    ($t:ty, $what:literal) => {
+        impl rusqlite::types::ToSql for $t {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+        impl rusqlite::types::FromSql for $t {
+            fn column_result(
+                v: rusqlite::types::ValueRef<'_>,
+            ) -> rusqlite::types::FromSqlResult<Self> {
+                let s = v.as_str()?;
+                <$t>::parse(s).ok_or_else(|| {
+                    rusqlite::types::FromSqlError::Other(format!("unknown {} {s:?}", $what).into())
+                })
+            }
+        }
+    };
+}
+
+sql_text_enum!(crate::protocol::NodeRole, "node role");
+sql_text_enum!(crate::protocol::TaskState, "task state");
+
+impl rusqlite::types::ToSql for crate::protocol::HaState {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+impl rusqlite::types::FromSql for crate::protocol::HaState {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        Ok(crate::protocol::HaState::parse(v.as_str()?))
+    }
 }
 
 #[cfg(test)]

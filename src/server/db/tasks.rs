@@ -2,6 +2,7 @@
 //! unsupported); a finished or failed task never goes back.
 
 use super::{now, Db};
+use crate::protocol::TaskState;
 use anyhow::Result;
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
@@ -11,23 +12,37 @@ use serde::Serialize;
 pub struct Task {
     /// `Provision-{name}-{serial}`.
     pub name: String,
-    /// State.
-    pub state: String,
+    /// Where it stands.
+    pub state: TaskState,
     /// Tail of the apply output.
     pub output: Option<String>,
     /// Last change (Unix seconds).
     pub updated_at: i64,
 }
 
+/// A task still to be delivered, with the template to deliver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingTask {
+    /// Task name.
+    pub name: String,
+    /// Template text.
+    pub template: String,
+}
+
 impl Db {
     /// The device's provisioning task and template while it is still to be delivered.
-    pub fn pending_task(&self, device: &str) -> Result<Option<(String, String)>> {
+    pub fn pending_task(&self, device: &str) -> Result<Option<PendingTask>> {
         self.with(|c| {
             Ok(c.query_row(
                 "SELECT t.name, d.template FROM provision_tasks t JOIN devices d ON d.id = t.device_id
                  WHERE t.device_id = ?1 AND t.state = 'pending' AND d.allow_provisioning = 1 AND d.template IS NOT NULL",
                 [device],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| {
+                    Ok(PendingTask {
+                        name: r.get(0)?,
+                        template: r.get(1)?,
+                    })
+                },
             )
             .optional()?)
         })
@@ -37,7 +52,7 @@ impl Db {
         &self,
         device: &str,
         task: &str,
-        state: &str,
+        state: TaskState,
         output: &str,
     ) -> Result<()> {
         self.with(|c| {

@@ -23,6 +23,26 @@ pub struct Grant {
     pub expires_at: i64,
 }
 
+/// A visit link not yet spent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VisitLink {
+    /// Device it opens.
+    pub device: String,
+    /// Who asked for it.
+    pub cm_user: String,
+    /// A passwordless visit.
+    pub passwordless: bool,
+}
+
+/// A visit link just spent: its grant and the cookie value that stands for it.
+#[derive(Debug, Clone)]
+pub struct Redeemed {
+    /// The grant.
+    pub grant: Grant,
+    /// `id.secret`, set as the front's grant cookie.
+    pub cookie: String,
+}
+
 impl Db {
     /// Creates a one-time visit link token for `device`.
     pub fn create_visit(&self, device: &str, cm_user: &str, passwordless: bool) -> Result<String> {
@@ -46,19 +66,25 @@ impl Db {
             Ok(token)
         })
     }
-    /// Looks at a visit link without spending it: (device, cm_user, passwordless).
-    pub fn peek_visit(&self, token: &str) -> Result<Option<(String, String, bool)>> {
+    /// Looks at a visit link without spending it.
+    pub fn peek_visit(&self, token: &str) -> Result<Option<VisitLink>> {
         self.with(|c| {
             Ok(c.query_row(
                 "SELECT device_id, cm_user, passwordless FROM visits WHERE token_hash = ?1 AND used_at IS NULL AND expires_at > ?2",
                 params![&sha256(token.as_bytes())[..], now()],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| {
+                    Ok(VisitLink {
+                        device: r.get(0)?,
+                        cm_user: r.get(1)?,
+                        passwordless: r.get(2)?,
+                    })
+                },
             )
             .optional()?)
         })
     }
-    /// Spends a visit link (once, even under a race) and creates its grant: (grant, cookie).
-    pub fn redeem_visit(&self, token: &str, device: &str) -> Result<Option<(Grant, String)>> {
+    /// Spends a visit link (once, even under a race) and creates its grant.
+    pub fn redeem_visit(&self, token: &str, device: &str) -> Result<Option<Redeemed>> {
         let hash = sha256(token.as_bytes());
         self.with(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -83,10 +109,10 @@ impl Db {
             )?;
             tx.commit()?;
             let cookie = format!("{id}.{secret}");
-            Ok(Some((
-                Grant { id, device_id: device.to_string(), cm_user, passwordless, redeemed: false, expires_at },
+            Ok(Some(Redeemed {
+                grant: Grant { id, device_id: device.to_string(), cm_user, passwordless, redeemed: false, expires_at },
                 cookie,
-            )))
+            }))
         })
     }
     /// The live grant a cookie value stands for.
@@ -94,7 +120,7 @@ impl Db {
         let Some((id, secret)) = cookie.split_once('.') else {
             return Ok(None);
         };
-        let row: Option<(Grant, Vec<u8>)> = self.with(|c| {
+        let row: Option<(Grant, Vec<u8>)> = self.with(|c| -> Result<_> {
             // The hot path of every visitor request: a cached statement.
             Ok(c.prepare_cached(
                 "SELECT id, device_id, cm_user, passwordless, redeemed, expires_at, secret_hash FROM grants
@@ -142,19 +168,20 @@ mod tests {
     fn visits_are_single_use_and_bound_to_their_device() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path()).unwrap();
-        let (id, _) = db
+        let id = db
             .add_device(&NewDevice {
                 name: "A".into(),
                 ..Default::default()
             })
-            .unwrap();
+            .unwrap()
+            .id;
         assert!(
             db.create_visit(&id, "alice", true).is_err(),
             "passwordless needs the device flag"
         );
         let token = db.create_visit(&id, "alice", false).unwrap();
         assert!(db.redeem_visit(&token, "other-device").unwrap().is_none());
-        let (grant, cookie) = db.redeem_visit(&token, &id).unwrap().unwrap();
+        let Redeemed { grant, cookie } = db.redeem_visit(&token, &id).unwrap().unwrap();
         assert!(db.redeem_visit(&token, &id).unwrap().is_none());
         assert_eq!(db.grant_by_cookie(&cookie).unwrap().unwrap().id, grant.id);
         assert!(db

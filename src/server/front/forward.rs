@@ -74,7 +74,7 @@ pub(super) async fn forward(
         cm_user: grant.cm_user.clone(),
         grant_id: grant.id.clone(),
         client_addr: client.to_string(),
-        scheme: public.scheme.clone(),
+        scheme: public.scheme,
         origin: public.device_origin(device),
         grant_expires_ms: expires_ms(&grant),
         passwordless_token: None,

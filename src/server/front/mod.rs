@@ -3,9 +3,9 @@
 //! the stream header saying who is visiting. A visitor connection keeps its stream for its next
 //! request to the same visit.
 
-use crate::protocol::{write_frame, StreamHeader};
+use crate::protocol::{write_frame, Scheme, StreamHeader};
 use crate::secret::Secret;
-use crate::server::db::Grant;
+use crate::server::db::{Grant, Redeemed, VisitLink};
 use crate::server::ServerState;
 use crate::web::{
     self, Body, CM_PREFIX, GRANT_COOKIE, GRANT_COOKIE_SECURE, PASSWORDLESS_PATH, VISIT_PREFIX,

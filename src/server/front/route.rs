@@ -5,7 +5,7 @@ use super::*;
 
 /// Visitor-facing view of the public URL.
 pub(super) struct PublicUrl {
-    pub(super) scheme: String,
+    pub(super) scheme: Scheme,
     pub(super) host: String,
     pub(super) port_suffix: String,
 }
@@ -14,7 +14,8 @@ impl PublicUrl {
     pub(super) fn of(state: &ServerState) -> PublicUrl {
         let u = &state.opts.public_url;
         PublicUrl {
-            scheme: u.scheme().to_string(),
+            // ServerState::open refused any other scheme.
+            scheme: Scheme::parse(u.scheme()).unwrap_or(Scheme::Https),
             host: u.host_str().unwrap_or("localhost").to_ascii_lowercase(),
             port_suffix: u.port().map(|p| format!(":{p}")).unwrap_or_default(),
         }
@@ -28,7 +29,7 @@ impl PublicUrl {
     }
 
     pub(super) fn secure(&self) -> bool {
-        self.scheme == "https"
+        self.scheme == Scheme::Https
     }
 
     pub(super) fn cookie_name(&self) -> &'static str {
@@ -80,7 +81,7 @@ pub(super) fn client_addr(
     headers: &http::HeaderMap,
 ) -> IpAddr {
     let mut addr = peer.ip();
-    if !state.opts.trusted_proxies.iter().any(|c| c.contains(addr)) {
+    if !state.opts.trusted_proxies.iter().any(|c| c.contains(&addr)) {
         return addr;
     }
     let hops: Vec<IpAddr> = headers
@@ -92,7 +93,7 @@ pub(super) fn client_addr(
         .collect();
     for hop in hops.into_iter().rev() {
         addr = hop;
-        if !state.opts.trusted_proxies.iter().any(|c| c.contains(hop)) {
+        if !state.opts.trusted_proxies.iter().any(|c| c.contains(&hop)) {
             break;
         }
     }

@@ -20,7 +20,7 @@ fn header(grant: &str) -> StreamHeader {
         cm_user: "alice".into(),
         grant_id: grant.into(),
         client_addr: "10.0.0.1".into(),
-        scheme: "https".into(),
+        scheme: crate::protocol::Scheme::Https,
         origin: "https://dev.cm.example".into(),
         grant_expires_ms: 0,
         passwordless_token: None,
@@ -147,7 +147,7 @@ async fn a_stream_is_kept_only_for_the_same_visit_and_while_the_tunnel_has_room(
 #[test]
 fn device_labels_from_host() {
     let p = PublicUrl {
-        scheme: "http".into(),
+        scheme: crate::protocol::Scheme::Http,
         host: "localhost".into(),
         port_suffix: ":8080".into(),
     };

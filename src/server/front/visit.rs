@@ -20,7 +20,12 @@ pub(super) async fn visit(
     };
     match *req.method() {
         Method::GET | Method::HEAD => {
-            let Ok(Some((d, cm_user, passwordless))) = state.db.peek_visit(token) else {
+            let Ok(Some(VisitLink {
+                device: d,
+                cm_user,
+                passwordless,
+            })) = state.db.peek_visit(token)
+            else {
                 return gone();
             };
             if d != device {
@@ -58,7 +63,7 @@ pub(super) async fn visit(
                     "Confirm the visit from its own page.",
                 );
             }
-            let (grant, cookie) = match state.db.redeem_visit(token, device) {
+            let Redeemed { grant, cookie } = match state.db.redeem_visit(token, device) {
                 Ok(Some(x)) => x,
                 Ok(None) => return gone(),
                 Err(e) => return internal(e),

@@ -8,6 +8,13 @@ use std::fmt;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+mod facts;
+
+pub use facts::{
+    firmware_supported, normalize_mac, parse_version, DeviceFacts, Edition, HaRole, HaState,
+    NodeRole, Telemetry,
+};
+
 /// Version of the tunnel protocol; carried in the ALPN so a mismatch fails the handshake with a
 /// `no_application_protocol` alert that the agent reports as `protocol_mismatch`.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -146,93 +153,6 @@ impl fmt::Display for Reason {
 /// QUIC application close code for a deliberate close with no fault (shutdown).
 pub const CLOSE_NORMAL: u32 = 0;
 
-/// Facts a device reports about itself at activation and in every hello.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceFacts {
-    /// "software" or "appliance".
-    pub edition: String,
-    /// Firmware version, e.g. "83.19.0.110".
-    pub firmware: String,
-    /// Model name.
-    pub model: String,
-    /// Serial number.
-    pub serial: String,
-    /// MAC address, lowercase colon form.
-    pub mac: String,
-    /// Hot Standby role ("primary"/"secondary") when configured.
-    #[serde(default)]
-    pub ha_role: Option<String>,
-}
-
-/// PBX edition; decides the firmware minimum.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Edition {
-    /// Software edition (minimum 83.19.0.110).
-    Software,
-    /// Appliance edition (minimum 37.19.0.110).
-    Appliance,
-}
-
-impl Edition {
-    /// The lowest firmware that supports Remote Management.
-    pub fn min_firmware(self) -> &'static str {
-        match self {
-            Edition::Software => "83.19.0.110",
-            Edition::Appliance => "37.19.0.110",
-        }
-    }
-
-    /// Config spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Edition::Software => "software",
-            Edition::Appliance => "appliance",
-        }
-    }
-
-    /// Parses the config spelling.
-    pub fn parse(s: &str) -> Option<Edition> {
-        match s {
-            "software" => Some(Edition::Software),
-            "appliance" => Some(Edition::Appliance),
-            _ => None,
-        }
-    }
-}
-
-/// Parses a dotted numeric version.
-pub fn parse_version(s: &str) -> Option<Vec<u32>> {
-    let parts: Option<Vec<u32>> = s.trim().split('.').map(|p| p.parse().ok()).collect();
-    parts.filter(|p| !p.is_empty())
-}
-
-/// True when `firmware` is at or above the edition minimum (numeric comparison).
-pub fn firmware_supported(edition: Edition, firmware: &[u32]) -> bool {
-    // Invariant: the minimums are literal dotted versions, so they parse.
-    let min = parse_version(edition.min_firmware()).unwrap_or_default();
-    firmware >= min.as_slice()
-}
-
-/// Lowercase colon form of a MAC; `None` if malformed or all zero.
-pub fn normalize_mac(s: &str) -> Option<String> {
-    let hexdigits: String = s
-        .trim()
-        .chars()
-        .filter(|c| !matches!(c, ':' | '-'))
-        .collect();
-    let bytes = hex::decode(&hexdigits).ok()?;
-    if bytes.len() != 6 || bytes.iter().all(|b| *b == 0) {
-        return None;
-    }
-    Some(
-        bytes
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":"),
-    )
-}
-
 /// How the device proves it may enrol.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "method", rename_all = "snake_case")]
@@ -293,59 +213,6 @@ pub struct DeviceSettings {
     pub allow_passwordless: bool,
 }
 
-/// One health sample of a node, sent with every heartbeat. Every field has a default so either
-/// side may be newer than the other.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Telemetry {
-    /// CPU use over the last heartbeat period, 0–100.
-    pub cpu_percent: f32,
-    /// Memory in use (total minus available), bytes.
-    pub memory_used_bytes: u64,
-    /// Memory installed, bytes.
-    pub memory_total_bytes: u64,
-    /// Space used on the filesystem of the agent's state directory, bytes.
-    pub disk_used_bytes: u64,
-    /// Size of that filesystem, bytes.
-    pub disk_total_bytes: u64,
-    /// Seconds since the PBX booted.
-    pub uptime_secs: u64,
-    /// Load averages over 1, 5 and 15 minutes.
-    pub load: [f64; 3],
-    /// PBX firmware (from the config).
-    pub firmware: String,
-    /// Agent version.
-    pub agent_version: String,
-    /// The local web portal accepted a connection (TCP, and TLS for an https portal).
-    pub portal_reachable: bool,
-    /// How long that took, ms.
-    pub portal_latency_ms: Option<f64>,
-    /// Why the portal was not reachable.
-    pub portal_error: Option<String>,
-    /// Hot Standby state, if in a pair.
-    pub ha_state: Option<String>,
-}
-
-impl Telemetry {
-    /// Memory in use, percent of installed.
-    pub fn memory_percent(&self) -> f64 {
-        percent(self.memory_used_bytes, self.memory_total_bytes)
-    }
-
-    /// Disk in use, percent of the filesystem.
-    pub fn disk_percent(&self) -> f64 {
-        percent(self.disk_used_bytes, self.disk_total_bytes)
-    }
-}
-
-fn percent(used: u64, total: u64) -> f64 {
-    if total == 0 {
-        0.0
-    } else {
-        used as f64 * 100.0 / total as f64
-    }
-}
-
 /// Frames on the control stream (the first bi-stream, opened by the agent).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -358,9 +225,9 @@ pub enum Control {
         agent_version: String,
         /// Device facts.
         facts: DeviceFacts,
-        /// Hot Standby state ("active"/"standby") of this node, when it is one.
+        /// Hot Standby state of this node, when it is one.
         #[serde(default)]
-        ha_state: Option<String>,
+        ha_state: Option<HaState>,
     },
     /// Server → agent, answer to hello.
     Welcome {
@@ -380,7 +247,7 @@ pub enum Control {
     Heartbeat {
         /// Hot Standby state, re-read every heartbeat so a failover shows within one.
         #[serde(default)]
-        ha_state: Option<String>,
+        ha_state: Option<HaState>,
         /// This node's health sample; `None` from agents that do not send one.
         #[serde(default)]
         telemetry: Option<Telemetry>,
@@ -401,11 +268,101 @@ pub enum Control {
     ProvisionResult {
         /// Task name.
         task: String,
-        /// `executing`, `finished`, `failed` or `unsupported`.
-        state: String,
+        /// Where the task stands now (never `pending`: the agent has it).
+        state: TaskState,
         /// Tail of the apply output, or why.
         output: String,
     },
+}
+
+/// Where a provisioning task stands: pending until delivered, then executing, then finished or
+/// failed; unsupported when the PBX has no `[provisioning]`. Finished and failed are final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    /// Waiting for the device to connect.
+    Pending,
+    /// Delivered; the PBX's apply unit has it.
+    Executing,
+    /// Applied.
+    Finished,
+    /// The apply unit (or writing the template) failed.
+    Failed,
+    /// The PBX does not accept provisioning.
+    Unsupported,
+}
+
+impl TaskState {
+    /// Every state.
+    pub const ALL: [TaskState; 5] = [
+        TaskState::Pending,
+        TaskState::Executing,
+        TaskState::Finished,
+        TaskState::Failed,
+        TaskState::Unsupported,
+    ];
+
+    /// Stored and displayed spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Executing => "executing",
+            TaskState::Finished => "finished",
+            TaskState::Failed => "failed",
+            TaskState::Unsupported => "unsupported",
+        }
+    }
+
+    /// Parses the stored spelling.
+    pub fn parse(s: &str) -> Option<TaskState> {
+        TaskState::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// Finished and failed never change again.
+    pub fn is_final(self) -> bool {
+        matches!(self, TaskState::Finished | TaskState::Failed)
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The scheme the visitor's browser uses to reach the front.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    /// Plain HTTP (demo and tests only; DESIGN §7).
+    Http,
+    /// HTTPS.
+    Https,
+}
+
+impl Scheme {
+    /// URL spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+
+    /// Parses a URL scheme; anything other than http/https is `None`.
+    pub fn parse(s: &str) -> Option<Scheme> {
+        match s {
+            "http" => Some(Scheme::Http),
+            "https" => Some(Scheme::Https),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Scheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Largest provisioning template (it travels in one control frame).
@@ -420,8 +377,8 @@ pub struct StreamHeader {
     pub grant_id: String,
     /// Browser address (TCP peer unless a trusted proxy says otherwise).
     pub client_addr: String,
-    /// Visitor-facing scheme: "http" or "https".
-    pub scheme: String,
+    /// Visitor-facing scheme.
+    pub scheme: Scheme,
     /// Visitor-facing origin, e.g. "https://dev1.cm.example.com".
     pub origin: String,
     /// When the grant ends (ms since the epoch, server clock); sessions end with it. 0: unknown.
@@ -513,26 +470,6 @@ mod tests {
             .unwrap();
         let err = read_frame::<_, Control>(&mut b).await.unwrap_err();
         assert!(err.to_string().contains("exceeds"), "{err}");
-    }
-
-    #[test]
-    fn macs_normalise_to_lowercase_colon_form() {
-        assert_eq!(
-            normalize_mac("00-11-22-AA-BB-CC").unwrap(),
-            "00:11:22:aa:bb:cc"
-        );
-        assert!(normalize_mac("00:00:00:00:00:00").is_none());
-        assert!(normalize_mac("00:11:22").is_none());
-    }
-
-    #[test]
-    fn firmware_minimums_compare_numerically() {
-        let v = |s| parse_version(s).unwrap();
-        assert!(firmware_supported(Edition::Software, &v("83.19.0.110")));
-        assert!(firmware_supported(Edition::Software, &v("83.20.0.1")));
-        assert!(!firmware_supported(Edition::Software, &v("83.19.0.99")));
-        assert!(firmware_supported(Edition::Appliance, &v("37.19.0.110")));
-        assert!(parse_version("83.x").is_none());
     }
 
     #[test]
