@@ -24,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod fsutil;
+pub mod httpserve;
 pub mod logging;
 pub mod password;
 pub mod protocol;

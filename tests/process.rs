@@ -303,3 +303,95 @@ async fn an_unreachable_server_is_logged_once_not_at_every_retry() {
         "the log names the server:\n{log}"
     );
 }
+
+/// A log line written while serving a request carries the tunnel's span (device, server) and
+/// the stream's (id, visitor), so a provider can tell whose request failed on which tunnel.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_logs_under_its_tunnel_and_stream_spans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = spawn_server(&data, "127.0.0.1:0", "127.0.0.1:0");
+    let db = pbx_remote::server::db::Db::open(&data).unwrap();
+    let pbx_remote::server::db::AddedDevice { id: device, code } = db
+        .add_device(&pbx_remote::server::db::NewDevice {
+            name: "P".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let pin = pbx_remote::server::admin::fingerprint(&data)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    let dir = tmp.path().join("agent");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Nothing listens on the portal's port, so the proxied request logs "portal unreachable".
+    let portal = format!("http://127.0.0.1:{}", free_port());
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}[log]\nformat = \"json\"\n",
+            agent_toml(server.tunnel, &pin, &code, &portal, &dir, "")
+        ),
+    )
+    .unwrap();
+    let stderr = tmp.path().join("stderr");
+    let _agent = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_pbx-remote-agent"))
+            .args(["run", "-c"])
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let status_file = dir.join("status.json");
+    eventually(Duration::from_secs(30), "the agent connects", || {
+        pbx_remote::status::read(&status_file)
+            .ok()
+            .filter(|s| s.state == State::Connected)
+    })
+    .await;
+    let url = {
+        let out = pbx_remote::server::admin::visit(&data, &device, "alice", false, true).unwrap();
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["url"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let mut v = Visitor::new(server.public, &device);
+    v.open_visit(&url).await;
+    assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
+    assert_eq!(v.get("/").await.status(), 502);
+    let line = eventually(
+        Duration::from_secs(10),
+        "the portal error is logged",
+        || {
+            let log = std::fs::read_to_string(&stderr).ok()?;
+            log.lines()
+                .find(|l| l.contains("portal unreachable"))
+                .map(str::to_string)
+        },
+    )
+    .await;
+    let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let spans = entry["spans"].as_array().expect("a span list");
+    let span = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} span in {line}"))
+    };
+    assert_eq!(span("tunnel")["device"], device.as_str(), "{line}");
+    assert_eq!(
+        span("tunnel")["server"],
+        server.tunnel.to_string().as_str(),
+        "{line}"
+    );
+    assert_eq!(span("stream")["visitor"], "alice", "{line}");
+    assert!(span("stream")["id"].is_string(), "{line}");
+}

@@ -3,6 +3,7 @@
 //! a separate local socket; the tunnel's request streams go to the portal proxy and can never
 //! reach it.
 
+use crate::httpserve::{self, Limits};
 use crate::status::{State, StatusHandle};
 use crate::web::{full, Body};
 use http::{Response, StatusCode};
@@ -197,6 +198,9 @@ fn single(o: &mut String, name: &str, kind: &str, text: &str, value: impl std::f
     let _ = writeln!(o, "{name} {value}");
 }
 
+/// Scrapers served at once (a scrape is one short request).
+const MAX_CONNECTIONS: usize = 16;
+
 /// Serves `/metrics` and `/ready` on `listener` until `stop`.
 pub async fn serve(
     listener: TcpListener,
@@ -204,38 +208,15 @@ pub async fn serve(
     status: StatusHandle,
     stop: CancellationToken,
 ) {
-    let tasks = tokio_util::task::TaskTracker::new();
-    loop {
-        let (tcp, _) = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::debug!(error = %e, "metrics accept failed");
-                    continue;
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        let status = status.clone();
-        let stop = stop.clone();
-        tasks.spawn(async move {
-            let svc = hyper::service::service_fn(move |req: http::Request<_>| {
-                let answer = respond(req.method(), req.uri().path(), &metrics, &status);
-                async move { Ok::<_, Infallible>(answer) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = conn => {}
-            }
-        });
-    }
-    tasks.close();
-    tasks.wait().await;
+    let limits = Limits::new("metrics", MAX_CONNECTIONS);
+    httpserve::serve(listener, None, limits, stop, move |_peer| {
+        let (metrics, status) = (metrics.clone(), status.clone());
+        hyper::service::service_fn(move |req: http::Request<_>| {
+            let answer = respond(req.method(), req.uri().path(), &metrics, &status);
+            async move { Ok::<_, Infallible>(answer) }
+        })
+    })
+    .await
 }
 
 fn respond(

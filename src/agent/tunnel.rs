@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// TLS alert "no_application_protocol" (RFC 7301): the server speaks another protocol version.
 const ALERT_NO_APPLICATION_PROTOCOL: u8 = 120;
@@ -89,8 +90,18 @@ impl Tunnel {
         self.live.borrow().clone()
     }
 
-    /// One connection: connect, serve until it ends or `shutdown`, report how it ended.
+    /// One connection: connect, serve until it ends or `shutdown`, report how it ended. Its
+    /// log lines (and those of its control loop and streams) carry a `tunnel` span.
     pub async fn connect_and_serve(&self, shutdown: &CancellationToken) -> End {
+        let span = tracing::info_span!(
+            "tunnel",
+            device = %self.credential.device_id,
+            server = %self.config().server.address,
+        );
+        self.connection(shutdown).instrument(span).await
+    }
+
+    async fn connection(&self, shutdown: &CancellationToken) -> End {
         let started = tokio::time::Instant::now();
         let lost = |reason, message: String, established| End::Lost {
             reason,
@@ -135,14 +146,17 @@ impl Tunnel {
 
         let streams = TaskTracker::new();
         let control_stop = CancellationToken::new();
-        let control = tokio::spawn(control_loop(
-            self.proxy.clone(),
-            conn.clone(),
-            (send, recv),
-            self.live.clone(),
-            self.status.clone(),
-            control_stop.clone(),
-        ));
+        let control = tokio::spawn(
+            control_loop(
+                self.proxy.clone(),
+                conn.clone(),
+                (send, recv),
+                self.live.clone(),
+                self.status.clone(),
+                control_stop.clone(),
+            )
+            .in_current_span(),
+        );
         let end = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break None,
@@ -150,7 +164,14 @@ impl Tunnel {
                     Ok((send, recv)) => {
                         let ctx = self.proxy.clone();
                         ctx.metrics.stream_opened();
-                        streams.spawn(proxy::serve_stream(ctx, send, recv, shutdown.clone()));
+                        let span = tracing::info_span!(
+                            "stream",
+                            id = %send.id(),
+                            visitor = tracing::field::Empty,
+                        );
+                        streams.spawn(
+                            proxy::serve_stream(ctx, send, recv, shutdown.clone()).instrument(span),
+                        );
                     }
                     Err(e) => break Some(e),
                 }

@@ -1,6 +1,7 @@
 //! The activation API: HTTPS on the tunnel's port. Checks the code (single use, expiry, wrong
 //! attempts per source), the firmware, and enrols the device's public key as a node.
 
+use crate::httpserve;
 use crate::protocol::{firmware_supported, parse_version, Edition};
 use crate::protocol::{
     ActivateRequest, ActivateResponse, ActivationProof, ErrorBody, Reason, ACTIVATE_PATH,
@@ -14,7 +15,6 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -157,43 +157,17 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let limiter = Arc::new(Limits::default());
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "api accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+    let limits = httpserve::Limits::new("api", MAX_CONNECTIONS);
+    httpserve::serve(listener, Some(tls), limits, shutdown, move |peer| {
+        let (state, limiter) = (state.clone(), limiter.clone());
+        hyper::service::service_fn(move |req| {
+            let (state, limiter) = (state.clone(), limiter.clone());
+            async move {
+                Ok::<_, std::convert::Infallible>(handle(&state, &limiter, peer, req).await)
             }
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
-        let (state, tls, limiter) = (state.clone(), tls.clone(), limiter.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let Ok(Ok(stream)) =
-                tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
-            else {
-                return;
-            };
-            let svc = hyper::service::service_fn(move |req| {
-                let (state, limiter) = (state.clone(), limiter.clone());
-                async move {
-                    Ok::<_, std::convert::Infallible>(handle(&state, &limiter, peer, req).await)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+        })
+    })
+    .await
 }
 
 fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {

@@ -1,32 +1,22 @@
 //! A tiny stand-in for the PBX web portal used by `demo`: one page that shows the identity
 //! headers it received, so a visitor can see who the agent says they are.
 
+use crate::httpserve::{self, Limits};
 use crate::web::{self, Body};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Serves the demo portal until `shutdown`.
 pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
-    loop {
-        let tcp = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r { Ok((t, _)) => t, Err(_) => continue },
-        };
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(|req| async move {
-                Ok::<_, std::convert::Infallible>(page(req))
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
+    let limits = Limits::new("demo portal", 64);
+    httpserve::serve(listener, None, limits, shutdown, |_peer| {
+        hyper::service::service_fn(
+            |req| async move { Ok::<_, std::convert::Infallible>(page(req)) },
+        )
+    })
+    .await
 }
 
 fn page(req: Request<Incoming>) -> Response<Body> {

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 mod headers;
 mod io;
@@ -104,6 +105,7 @@ pub async fn serve_stream(
                 return;
             }
         };
+    tracing::Span::current().record("visitor", header.cm_user.as_str());
     let visit = Arc::new(Visit {
         forwarded: forwarded_headers(&header),
         header,
@@ -257,15 +259,23 @@ async fn handle(ctx: &ProxyCtx, visit: &Visit, mut req: Request<Incoming>) -> Re
         };
         let portal_upgrade = hyper::upgrade::on(&mut resp);
         let gate = ctx.gate.clone();
-        tokio::spawn(async move {
-            match tokio::try_join!(client_upgrade, portal_upgrade) {
-                Ok((client, portal)) => {
-                    bridge_websocket(TokioIo::new(client), TokioIo::new(portal), &session, &gate)
+        tokio::spawn(
+            async move {
+                match tokio::try_join!(client_upgrade, portal_upgrade) {
+                    Ok((client, portal)) => {
+                        bridge_websocket(
+                            TokioIo::new(client),
+                            TokioIo::new(portal),
+                            &session,
+                            &gate,
+                        )
                         .await
+                    }
+                    Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
                 }
-                Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
             }
-        });
+            .in_current_span(),
+        );
         let (mut parts, _) = resp.into_parts();
         rewrite_outbound(&mut parts.headers, portal.origin(), &h.origin, true);
         return Response::from_parts(parts, crate::web::full(Bytes::new()));

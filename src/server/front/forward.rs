@@ -2,6 +2,7 @@
 //! answer, with the grant cookie kept from the agent and from the portal.
 
 use super::*;
+use hyper_util::rt::TokioIo;
 
 pub(super) async fn forward(
     state: &ServerState,

@@ -3,6 +3,7 @@
 //! the stream header saying who is visiting. A visitor connection keeps its stream for its next
 //! request to the same visit.
 
+use crate::httpserve::{self, Limits};
 use crate::protocol::{write_frame, Scheme, StreamHeader};
 use crate::secret::Secret;
 use crate::server::db::{Grant, Redeemed, VisitLink};
@@ -16,7 +17,6 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
@@ -43,6 +43,11 @@ const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 const STREAM_WAIT: Duration = Duration::from_secs(1);
 /// Concurrent visitor connections.
 const MAX_CONNECTIONS: usize = 1024;
+/// Time a visitor has to send a request's headers, and to send the next one on a kept-alive
+/// connection. Longer than the default: browsers keep idle connections for reuse.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest request head a visitor may send.
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
 /// rustls acceptor for an https front.
 pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor> {
@@ -58,86 +63,31 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
-/// Serves the front until `shutdown`.
+/// Serves the front until `shutdown`, then drains it.
 pub async fn serve(
     state: Arc<ServerState>,
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "front accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+    let mut limits = Limits::new("front", MAX_CONNECTIONS);
+    limits.header_read = HEADER_READ_TIMEOUT;
+    limits.max_buf_size = Some(MAX_REQUEST_HEAD);
+    limits.nodelay = true;
+    let public = Arc::new(PublicUrl::of(&state));
+    httpserve::serve(listener, tls, limits, shutdown, move |peer| {
+        let (state, public) = (state.clone(), public.clone());
+        // One keeper per visitor connection: it holds that connection's tunnel stream.
+        let keeper = Keeper::default();
+        hyper::service::service_fn(move |req| {
+            let (state, keeper, public) = (state.clone(), keeper.clone(), public.clone());
+            async move {
+                let resp = handle(&state, &public, peer, &keeper, req).await;
+                Ok::<_, std::convert::Infallible>(resp)
             }
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let (state, tls, shutdown) = (state.clone(), tls.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let svc = {
-                let state = state.clone();
-                let keeper = Keeper::default();
-                let public = Arc::new(PublicUrl::of(&state));
-                hyper::service::service_fn(move |req| {
-                    let (state, keeper, public) = (state.clone(), keeper.clone(), public.clone());
-                    async move {
-                        let resp = handle(&state, &public, peer, &keeper, req).await;
-                        Ok::<_, std::convert::Infallible>(resp)
-                    }
-                })
-            };
-            let builder = {
-                let mut b = hyper::server::conn::http1::Builder::new();
-                b.timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(15))
-                    .max_buf_size(64 * 1024);
-                b
-            };
-            let result = match tls {
-                None => {
-                    let conn = builder
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .with_upgrades();
-                    run_conn(conn, &shutdown).await
-                }
-                Some(tls) => {
-                    match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            let conn = builder
-                                .serve_connection(TokioIo::new(stream), svc)
-                                .with_upgrades();
-                            run_conn(conn, &shutdown).await
-                        }
-                        _ => Ok(()),
-                    }
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "front connection error");
-            }
-        });
-    }
-}
-
-async fn run_conn<C>(conn: C, shutdown: &CancellationToken) -> Result<(), hyper::Error>
-where
-    C: std::future::Future<Output = Result<(), hyper::Error>>,
-{
-    tokio::select! {
-        r = conn => r,
-        _ = shutdown.cancelled() => Ok(()),
-    }
+        })
+    })
+    .await
 }
 
 async fn handle(

@@ -1,6 +1,7 @@
 //! The front's routing, grant-cookie and stream-reuse rules in-process.
 
 use super::*;
+use hyper_util::rt::TokioIo;
 
 const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
 
