@@ -111,6 +111,13 @@ pub struct Status {
     /// Present only while a reloaded config was refused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub config_error: Option<String>,
+    /// Reloads handled since the agent started (applied or refused): a reload is done, its
+    /// `config_error` set or cleared, once this has moved on.
+    pub config_generation: u64,
+    /// Where `/metrics` and `/ready` are served (the bound address: `[metrics] listen` may name
+    /// port 0), while they are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
     /// Agent process id.
     pub pid: u32,
     /// When this file was written.

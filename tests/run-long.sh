@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${1:-}" ] && export RELAY_SEED=$1
-cargo test --release --locked -j2 --test faults -- --ignored --nocapture --test-threads 1
+cargo test --release --locked -j2 --test it -- --ignored faults:: --nocapture --test-threads 1

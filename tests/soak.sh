@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export SOAK_MINUTES=${1:-${SOAK_MINUTES:-30}}
-cargo test --release --locked -j2 --test soak -- --ignored --nocapture
+cargo test --release --locked -j2 --test it -- --ignored soak:: --nocapture

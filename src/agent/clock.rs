@@ -23,6 +23,8 @@ struct Inner {
     wall_skew_s: AtomicI64,
     server_offset_ms: AtomicI64,
     server_known: std::sync::atomic::AtomicBool,
+    /// Wakes [`Clock::sleep`]ers when a test moves the clock.
+    moved: tokio::sync::Notify,
 }
 
 impl Clock {
@@ -61,6 +63,32 @@ impl Clock {
         self.inner
             .advanced_ns
             .fetch_add(by.as_nanos() as u64, Ordering::Relaxed);
+        self.inner.moved.notify_waiters();
+    }
+
+    /// Waits `d` by this clock: in real time, or sooner when a test moves the clock past the
+    /// deadline (retry backoffs, so a test can show what happens at the next attempt without
+    /// waiting for it).
+    pub async fn sleep(&self, d: Duration) {
+        self.sleep_until(self.now() + d).await
+    }
+
+    /// Waits until this clock reads `deadline` (see [`Clock::sleep`]).
+    pub async fn sleep_until(&self, deadline: Instant) {
+        loop {
+            let moved = self.inner.moved.notified();
+            tokio::pin!(moved);
+            // Registered before reading the clock, so an advance in between is not missed.
+            moved.as_mut().enable();
+            let left = deadline.saturating_duration_since(self.now());
+            if left.is_zero() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(left) => {}
+                _ = moved => {}
+            }
+        }
     }
 
     /// Records the server's time as just received.
@@ -90,6 +118,26 @@ impl Clock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_moved_clock_ends_a_sleep_at_once() {
+        let c = Clock::default();
+        let sleeper = tokio::spawn({
+            let c = c.clone();
+            async move { c.sleep(Duration::from_secs(3600)).await }
+        });
+        // Lets the sleeper start (current-thread runtime) and fix its deadline.
+        tokio::task::yield_now().await;
+        // Moving the clock short of the deadline does not end it.
+        c.advance(Duration::from_secs(1800));
+        tokio::task::yield_now().await;
+        assert!(!sleeper.is_finished());
+        c.advance(Duration::from_secs(1800));
+        tokio::time::timeout(Duration::from_secs(5), sleeper)
+            .await
+            .expect("the sleep ends when the clock passes its deadline")
+            .unwrap();
+    }
 
     #[test]
     fn server_time_needs_learning_and_bounded_skew() {

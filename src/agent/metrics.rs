@@ -23,6 +23,7 @@ pub struct Metrics {
     connections: AtomicU64,
     streams: AtomicU64,
     login_failures: AtomicU64,
+    activation_attempts: AtomicU64,
     requests: Mutex<BTreeMap<u16, u64>>,
     /// The live connection (for RTT and bytes) and the byte totals of finished ones.
     link: Mutex<Link>,
@@ -50,6 +51,11 @@ impl Metrics {
             link.sent_before += stats.udp_tx.bytes;
             link.received_before += stats.udp_rx.bytes;
         }
+    }
+
+    /// An activation request is about to be sent.
+    pub fn activation_attempt(&self) {
+        self.activation_attempts.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The server opened a request stream.
@@ -184,6 +190,13 @@ impl Metrics {
             "Failed remote-account logins.",
             self.login_failures.load(Ordering::Relaxed),
         );
+        single(
+            &mut o,
+            "pbxra_activation_attempts_total",
+            "counter",
+            "Activation requests sent to the server (code or account).",
+            self.activation_attempts.load(Ordering::Relaxed),
+        );
         o
     }
 }
@@ -287,7 +300,10 @@ impl Endpoint {
                 .and_then(TcpListener::from_std)
             {
                 Ok(listener) => {
-                    tracing::info!(%addr, "metrics listening on /metrics and /ready");
+                    // The bound address: `listen` may name port 0.
+                    let bound = listener.local_addr().unwrap_or(addr);
+                    tracing::info!(addr = %bound, "metrics listening on /metrics and /ready");
+                    status.update(|s| s.metrics_listen = Some(bound.to_string()));
                     tokio::spawn(serve(
                         listener,
                         metrics.clone(),
@@ -296,9 +312,13 @@ impl Endpoint {
                     ));
                 }
                 Err(e) => {
-                    tracing::error!(%addr, error = %e, "metrics.listen: cannot listen; metrics are off")
+                    tracing::error!(%addr, error = %e, "metrics.listen: cannot listen; metrics are off");
+                    status.update(|s| s.metrics_listen = None);
                 }
             }
+        }
+        if listen.is_none() {
+            status.update(|s| s.metrics_listen = None);
         }
         Endpoint { listen, stop }
     }

@@ -109,6 +109,10 @@ pub async fn run_with(
         tokio::pin!(run);
         loop {
             tokio::select! {
+                // The run is polled before a reload is handled, so whatever the run had due
+                // (a retry whose backoff ended) has started by the time the reload is
+                // acknowledged in `config_generation`.
+                biased;
                 r = &mut run => break 'outer r,
                 Some(()) = reloads.recv() => {
                     let outcome = reload(&config, &status, &live);
@@ -117,9 +121,15 @@ pub async fn run_with(
                             .take()
                             .map(|e| e.reconfigure(new.metrics_listen, &metrics, &status));
                     }
+                    // Acknowledges the reload once its effects are in place (for a restart,
+                    // when the previous run has ended and the new config is the one in force).
+                    let handled = || status.update(|s| s.config_generation += 1);
                     match outcome {
-                        Reload::Refused | Reload::Live(None) => {}
-                        Reload::Live(Some(new)) => config = new,
+                        Reload::Refused | Reload::Live(None) => handled(),
+                        Reload::Live(Some(new)) => {
+                            config = new;
+                            handled();
+                        }
                         Reload::Restart(new) => {
                             tracing::info!("server, activation or device settings changed; starting a new connection");
                             // Reloads until the new run is up go into its config, not the old run.
@@ -129,6 +139,7 @@ pub async fn run_with(
                                 tracing::warn!(error = %format!("{e:#}"), "previous run ended with an error");
                             }
                             config = new;
+                            handled();
                             continue 'outer;
                         }
                     }

@@ -23,7 +23,7 @@ pub(super) async fn run_inner(
     }
     let state_dir = StateDir::open(&config.paths.state_dir)?;
     let trust = activation::server_trust(&config);
-    let mut retry = Retry::default();
+    let mut retry = Retry::new(clock.clone());
 
     let fingerprint = state::activation_fingerprint(&config);
     if let Some(device) = state_dir.removed(&fingerprint)? {
@@ -51,6 +51,7 @@ pub(super) async fn run_inner(
             break found;
         }
         status.set(State::Activating, None, None);
+        metrics.activation_attempt();
         match activation::activate(&config, &state_dir).await {
             Ok(found) => {
                 tracing::info!(device = %found.0.device_id, "activated");
@@ -181,18 +182,19 @@ pub(super) async fn sweep_sessions(
 struct Retry {
     backoff: Backoff,
     log: RetryLog,
-}
-
-impl Default for Retry {
-    fn default() -> Self {
-        Retry {
-            backoff: Backoff::new(BACKOFF_BASE, BACKOFF_CAP),
-            log: RetryLog::default(),
-        }
-    }
+    /// Backoff steps are slept on the agent's clock, which tests move.
+    clock: clock::Clock,
 }
 
 impl Retry {
+    fn new(clock: clock::Clock) -> Retry {
+        Retry {
+            backoff: Backoff::new(BACKOFF_BASE, BACKOFF_CAP),
+            log: RetryLog::default(),
+            clock,
+        }
+    }
+
     /// Logs a failed attempt as `what` when it is news.
     fn log_failure(&mut self, what: &'static str, reason: Reason, message: &str) {
         if let Some(line) = self
@@ -213,6 +215,8 @@ impl Retry {
         shutdown: &CancellationToken,
     ) -> bool {
         let delay = self.backoff.next_delay();
+        // Fixed before the status says when: a clock moved after that counts.
+        let until = self.clock.now() + delay;
         let at = rfc3339(SystemTime::now() + delay);
         status.update(|s| {
             s.state = State::Reconnecting;
@@ -224,7 +228,7 @@ impl Retry {
         });
         tokio::select! {
             _ = shutdown.cancelled() => false,
-            _ = tokio::time::sleep(delay) => true,
+            _ = self.clock.sleep_until(until) => true,
         }
     }
 }

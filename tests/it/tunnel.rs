@@ -1,13 +1,11 @@
 //! End to end through front, QUIC tunnel and agent to the portal fixture.
 
-mod support;
-
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
 use pbx_remote::protocol::Reason;
 use pbx_remote::status::State;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
-use support::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn activation_stores_a_private_credential_and_the_page_loads() {
@@ -234,7 +232,11 @@ async fn portal_down_gives_502_and_the_tunnel_stays() {
     drop(dead);
     let agent = TestAgent::start(
         &tmp.path().join("a"),
-        &agent_toml(server.tunnel, &server.pin, &code, &dead_url, tmp.path(), ""),
+        &server
+            .agent_toml(tmp.path())
+            .code(&code)
+            .portal(&dead_url)
+            .build(),
     );
     let since = agent.connected().await.since;
     let url = server.visit(&device, "alice", false);
@@ -271,27 +273,21 @@ async fn spent_expired_and_invalid_codes_fail_without_retry_storm() {
     let tmp = tempfile::tempdir().unwrap();
     let a = TestAgent::start(
         &tmp.path().join("a"),
-        &agent_toml(
-            server.tunnel,
-            &server.pin,
-            &code,
-            &portal.url(),
-            &tmp.path().join("a"),
-            "",
-        ),
+        &server
+            .agent_toml(&tmp.path().join("a"))
+            .code(&code)
+            .portal(&portal.url())
+            .build(),
     );
     a.connected().await;
 
     let b = TestAgent::start(
         &tmp.path().join("b"),
-        &agent_toml(
-            server.tunnel,
-            &server.pin,
-            &code,
-            &portal.url(),
-            &tmp.path().join("b"),
-            "",
-        ),
+        &server
+            .agent_toml(&tmp.path().join("b"))
+            .code(&code)
+            .portal(&portal.url())
+            .build(),
     );
     let s = b
         .wait(Duration::from_secs(10), |s| s.state == State::Failed)
@@ -306,14 +302,11 @@ async fn spent_expired_and_invalid_codes_fail_without_retry_storm() {
     let expired = server.db().new_code(&device, Duration::ZERO).unwrap();
     let c = TestAgent::start(
         &tmp.path().join("c"),
-        &agent_toml(
-            server.tunnel,
-            &server.pin,
-            &expired,
-            &portal.url(),
-            &tmp.path().join("c"),
-            "",
-        ),
+        &server
+            .agent_toml(&tmp.path().join("c"))
+            .code(&expired)
+            .portal(&portal.url())
+            .build(),
     );
     let s = c
         .wait(Duration::from_secs(10), |s| s.state == State::Failed)
@@ -322,21 +315,21 @@ async fn spent_expired_and_invalid_codes_fail_without_retry_storm() {
 
     let d = TestAgent::start(
         &tmp.path().join("d"),
-        &agent_toml(
-            server.tunnel,
-            &server.pin,
-            "ZZZZ-ZZZZ-ZZZZ-ZZZZ",
-            &portal.url(),
-            &tmp.path().join("d"),
-            "",
-        ),
+        &server
+            .agent_toml(&tmp.path().join("d"))
+            .code("ZZZZ-ZZZZ-ZZZZ-ZZZZ")
+            .portal(&portal.url())
+            .extra(METRICS_ON_ANY_PORT)
+            .build(),
     );
     let s = d
         .wait(Duration::from_secs(10), |s| s.state == State::Failed)
         .await;
     assert_eq!(s.reason, Some(Reason::InvalidCode));
-    // Failed stays failed: the daemon is up and does not retry.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Failed stays failed: the daemon is up and does not retry, however long it waits.
+    assert_eq!(d.activation_attempts().await, 1);
+    d.move_past_backoff().await;
+    assert_eq!(d.activation_attempts().await, 1, "retried a refused code");
     assert_eq!(d.status.get().state, State::Failed);
     assert!(!d.task.is_finished());
 }

@@ -1,14 +1,12 @@
 //! The server as a real process: killed with SIGKILL and restarted, and `demo`; the agent as a
 //! real process against a server that refuses it (what reaches its log).
 
-mod support;
-
+use crate::support::*;
 use pbx_remote::status::State;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use support::*;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_pbx-remote-server");
 
@@ -79,24 +77,21 @@ async fn killed_server_comes_back_and_agents_reconnect_within_10s() {
         .unwrap()
         .to_string();
     let portal = PortalFixture::start().await;
-    let agent = TestAgent::start(
+    // A process of its own, so its descriptors and memory are not the other tests'.
+    let agent = AgentProcess::spawn(
         &tmp.path().join("agent"),
-        &agent_toml(
-            tunnel,
-            &pin,
-            &code,
-            &portal.url(),
-            &tmp.path().join("agent"),
-            "",
-        ),
+        &AgentToml::new(tunnel, &pin, &tmp.path().join("agent"))
+            .code(&code)
+            .portal(&portal.url())
+            .build(),
+        |_| {},
     );
-    agent.connected().await;
+    let mut before = agent.connected().await.since;
 
-    let fds = || fd_count(std::process::id());
-    let (fd_before, rss_before) = (fds(), proc_mem_kib(std::process::id(), "VmRSS"));
+    let pid = agent.pid();
+    let (fd_before, rss_before) = (fd_count(pid), proc_mem_kib(pid, "VmRSS"));
     let mut reconnects = vec![];
     for round in 0..5 {
-        let before = agent.status.get().since;
         server.child.kill().unwrap();
         server.child.wait().unwrap();
         // Down for a growing moment (0 to 1.2 s): the agent's packets meanwhile go nowhere, and
@@ -104,15 +99,17 @@ async fn killed_server_comes_back_and_agents_reconnect_within_10s() {
         tokio::time::sleep(Duration::from_millis(300 * round)).await;
         let t0 = Instant::now();
         server = spawn_server(&data, &tunnel.to_string(), &public.to_string());
-        let s = agent
-            .wait(Duration::from_secs(10), |s| {
-                s.state == State::Connected && s.since != before
-            })
-            .await;
+        let s = eventually(Duration::from_secs(10), "a new connection", || {
+            pbx_remote::status::read(&agent.status_file)
+                .ok()
+                .filter(|s| s.state == State::Connected && s.since != before)
+        })
+        .await;
         reconnects.push(t0.elapsed());
         assert!(s.last_connected.is_some(), "round {round}");
+        before = s.since;
     }
-    let (fd_after, rss_after) = (fds(), proc_mem_kib(std::process::id(), "VmRSS"));
+    let (fd_after, rss_after) = (fd_count(pid), proc_mem_kib(pid, "VmRSS"));
     let mut sorted = reconnects.clone();
     sorted.sort();
     eprintln!(
@@ -161,14 +158,9 @@ async fn a_restarted_server_resets_the_old_connection_at_once() {
         .to_string();
     let agent = TestAgent::start(
         &tmp.path().join("agent"),
-        &agent_toml(
-            tunnel,
-            &pin,
-            &code,
-            "http://127.0.0.1:9",
-            &tmp.path().join("agent"),
-            "",
-        ),
+        &AgentToml::new(tunnel, &pin, &tmp.path().join("agent"))
+            .code(&code)
+            .build(),
     );
     let before = agent.connected().await.since;
     server.child.kill().unwrap();
@@ -264,7 +256,7 @@ async fn an_unreachable_server_is_logged_once_not_at_every_retry() {
     let pin = "ab".repeat(32);
     std::fs::write(
         &config,
-        agent_toml(closed, &pin, "123456", "http://127.0.0.1:9", &dir, ""),
+        AgentToml::new(closed, &pin, &dir).code("123456").build(),
     )
     .unwrap();
     let stderr = tmp.path().join("stderr");
@@ -333,7 +325,10 @@ async fn a_request_logs_under_its_tunnel_and_stream_spans() {
         &config,
         format!(
             "{}[log]\nformat = \"json\"\n",
-            agent_toml(server.tunnel, &pin, &code, &portal, &dir, "")
+            AgentToml::new(server.tunnel, &pin, &dir)
+                .code(&code)
+                .portal(&portal)
+                .build()
         ),
     )
     .unwrap();

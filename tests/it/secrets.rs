@@ -2,14 +2,12 @@
 //! account login (and a failed one) and a passwordless login, and none of the planted secrets
 //! shows up anywhere an operator or another local user can read.
 
-mod support;
-
+use crate::support::*;
 use pbx_remote::protocol::StreamHeader;
 use pbx_remote::secret::Secret;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::*;
 
 /// How a key file would look if it leaked: PEM body lines, or for DER the whole document and
 /// its 32-byte Ed25519 seed in base64 (both alphabets) and hex.
@@ -43,7 +41,11 @@ async fn no_secret_reaches_logs_status_audit_or_cmdline_at_trace_level() {
     let stderr = std::fs::File::create(tmp.path().join("stderr")).unwrap();
     let mut agent = AgentProcess::spawn(
         &dir,
-        &agent_toml(server.tunnel, &server.pin, &code, &portal.url(), &dir, ""),
+        &server
+            .agent_toml(&dir)
+            .code(&code)
+            .portal(&portal.url())
+            .build(),
         |c| {
             c.env("RUST_LOG", "trace").stdout(stdout).stderr(stderr);
         },

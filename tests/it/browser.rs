@@ -3,10 +3,8 @@
 //! decision, and every other test's client only imitates it. Needs `chromium` (see
 //! support/browser.rs).
 
-mod support;
-
-use support::browser::Browser;
-use support::*;
+use crate::support::browser::Browser;
+use crate::support::*;
 
 fn origin(w: &World) -> String {
     format!("http://{}.localhost:{}", w.device, w.server.public.port())

@@ -4,12 +4,10 @@
 //! its RSS and fd count are its own. Reports RSS drift, fds, reconnects, successes and every
 //! error; fails if a visit fails outside the seconds right after a restart.
 
-mod support;
-
+use crate::support::relay::{Impair, Relay};
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
 use std::time::{Duration, Instant};
-use support::relay::{Impair, Relay};
-use support::*;
 
 /// One round of use: log in with a fresh visit, a page, a 1 MiB download, a WebSocket echo.
 async fn round(server: &TestServer, device: &str, n: u32) -> Result<(), String> {
@@ -82,21 +80,23 @@ async fn soak() {
     let (device, code) = server.add_device(false);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("agent");
-    let metrics_port = free_port();
     let agent = AgentProcess::spawn(
         &dir,
-        &agent_toml(
-            relay.addr,
-            &server.pin,
-            &code,
-            &portal.url(),
-            &dir,
-            &format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
-        ),
+        &AgentToml::new(relay.addr, &server.pin, &dir)
+            .code(&code)
+            .portal(&portal.url())
+            .extra(METRICS_ON_ANY_PORT)
+            .build(),
         |_| {},
     );
     let pid = agent.pid();
-    agent.connected().await;
+    let metrics_port: u16 = agent
+        .connected()
+        .await
+        .metrics_listen
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .expect("metrics are served")
+        .port();
 
     let start = Instant::now();
     let (mut next_restart, mut next_rebind) = (restart_every, rebind_every);

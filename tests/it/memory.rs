@@ -2,11 +2,9 @@
 //! 1 GiB down, 256 MiB up and a 100 MiB WebSocket frame each way byte-exact while its RSS grows
 //! by less than 12 MiB over each.
 
-mod support;
-
+use crate::support::*;
 use std::process::Command;
 use std::time::Duration;
-use support::*;
 
 /// Whole-process peak, login included: a password check holds argon2id's 19 MiB while it runs
 /// (this test binary's agent is a debug build, ~13 MiB before that).
@@ -22,14 +20,11 @@ async fn gigabyte_download_large_upload_and_100_mib_websocket_frame_in_bounded_m
     let tmp = tempfile::tempdir().unwrap();
     let mut agent = AgentProcess::spawn(
         tmp.path(),
-        &agent_toml(
-            server.tunnel,
-            &server.pin,
-            &code,
-            &portal.url(),
-            tmp.path(),
-            "",
-        ),
+        &server
+            .agent_toml(tmp.path())
+            .code(&code)
+            .portal(&portal.url())
+            .build(),
         // As the shipped unit runs it (one malloc arena).
         |c| {
             c.env("MALLOC_ARENA_MAX", "1");

@@ -1,12 +1,10 @@
 //! Enrolment and fleet rules: email activation, device checks, capacity, removal, clock.
 
-mod support;
-
+use crate::support::*;
 use pbx_remote::protocol::Reason;
 use pbx_remote::server::db::{Capacity, DeviceChanges, NewDevice};
 use pbx_remote::status::State;
 use std::time::Duration;
-use support::*;
 
 const PROVIDER: &str = "provider@example.com";
 const PROVIDER_PW: &str = "Provider-Passw0rd-9";
@@ -18,7 +16,7 @@ fn email_toml(
     email: &str,
     password: &str,
 ) -> String {
-    agent_toml(server.tunnel, &server.pin, "UNUSED", portal, dir, "").replace(
+    server.agent_toml(dir).portal(portal).build().replace(
         "method = \"auth_code\"\nauth_code = \"UNUSED\"",
         &format!("method = \"email\"\nemail = \"{email}\"\npassword = \"{password}\""),
     )
@@ -83,25 +81,60 @@ async fn a_wrong_provider_password_fails_once_and_waits() {
     let tmp = tempfile::tempdir().unwrap();
     let agent = TestAgent::start(
         tmp.path(),
-        &email_toml(
+        &(email_toml(
             &server,
             "http://127.0.0.1:9",
             tmp.path(),
             PROVIDER,
             "Wrong-Passw0rd-1",
-        ),
+        ) + METRICS_ON_ANY_PORT),
     );
     let s = agent
         .wait(Duration::from_secs(10), |s| s.state == State::Failed)
         .await;
     assert_eq!(s.reason, Some(Reason::BadCredentials));
     assert!(s.message.unwrap().contains("activation.password"));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(agent.activation_attempts().await, 1);
+    agent.move_past_backoff().await;
     assert_eq!(
-        agent.status.get().state,
-        State::Failed,
+        agent.activation_attempts().await,
+        1,
         "no automatic retry with the same password"
     );
+    assert_eq!(agent.status.get().state, State::Failed);
+}
+
+/// The other side of the tests above: a failure worth retrying is retried once the backoff has
+/// passed, which the same attempt counter and moved clock show.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_server_is_retried_when_the_backoff_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let closed: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let agent = TestAgent::start(
+        tmp.path(),
+        &AgentToml::new(closed, &"ab".repeat(32), tmp.path())
+            .extra(METRICS_ON_ANY_PORT)
+            .build(),
+    );
+    let mut waiting = None;
+    for round in 0..3 {
+        // Each failed attempt ends in `reconnecting` with a new retry time: backing off.
+        let s = agent
+            .wait(Duration::from_secs(10), |s| {
+                s.state == State::Reconnecting
+                    && s.next_retry_at.is_some()
+                    && s.next_retry_at != waiting
+            })
+            .await;
+        waiting = s.next_retry_at;
+        let before = agent.activation_attempts().await;
+        agent.move_past_backoff().await;
+        let after = agent.activation_attempts().await;
+        assert!(
+            after > before,
+            "round {round}: the move made an attempt due ({before} → {after})"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -188,14 +221,7 @@ async fn serial_and_mac_are_checked_at_activation_and_every_connection() {
         .unwrap();
     let (device, code) = (added.id, added.code);
     let tmp = tempfile::tempdir().unwrap();
-    let toml = agent_toml(
-        server.tunnel,
-        &server.pin,
-        &code,
-        "http://127.0.0.1:9",
-        tmp.path(),
-        "",
-    );
+    let toml = server.agent_toml(tmp.path()).code(&code).build();
     let agent = TestAgent::start(tmp.path(), &toml);
     let s = agent
         .wait(Duration::from_secs(10), |s| s.state == State::Failed)
@@ -248,18 +274,14 @@ async fn unusable_macs_are_clear_errors() {
         ("nosuchif0", "cannot read /sys/class/net/nosuchif0/address"),
         ("lo", "no usable MAC"),
     ] {
-        let toml = agent_toml(
-            server.tunnel,
-            &server.pin,
-            &code,
-            "http://127.0.0.1:9",
-            &tmp.path().join(iface),
-            "",
-        )
-        .replace(
-            "mac = \"02:00:00:00:00:01\"",
-            &format!("mac_interface = \"{iface}\""),
-        );
+        let toml = server
+            .agent_toml(&tmp.path().join(iface))
+            .code(&code)
+            .build()
+            .replace(
+                "mac = \"02:00:00:00:00:01\"",
+                &format!("mac_interface = \"{iface}\""),
+            );
         let agent = TestAgent::start(&tmp.path().join(iface), &toml);
         let s = agent
             .wait(Duration::from_secs(10), |s| s.state == State::Failed)
@@ -281,26 +303,18 @@ async fn capacity_counts_activated_devices() {
     let tmp = tempfile::tempdir().unwrap();
     let a = TestAgent::start(
         &tmp.path().join("a"),
-        &agent_toml(
-            server.tunnel,
-            &server.pin,
-            &first,
-            "http://127.0.0.1:9",
-            &tmp.path().join("a"),
-            "",
-        ),
+        &server
+            .agent_toml(&tmp.path().join("a"))
+            .code(&first)
+            .build(),
     );
     a.connected().await;
     let b = TestAgent::start(
         &tmp.path().join("b"),
-        &agent_toml(
-            server.tunnel,
-            &server.pin,
-            &second,
-            "http://127.0.0.1:9",
-            &tmp.path().join("b"),
-            "",
-        ),
+        &server
+            .agent_toml(&tmp.path().join("b"))
+            .code(&second)
+            .build(),
     );
     let s = b
         .wait(Duration::from_secs(10), |s| s.state == State::Failed)
@@ -363,14 +377,7 @@ async fn a_clock_without_ntp_reads_clock_unsynced_and_recovers() {
     clock.skew_wall_clock(-20 * 365 * 86_400);
     let agent = TestAgent::start_with_clock(
         tmp.path(),
-        &agent_toml(
-            server.tunnel,
-            &server.pin,
-            &code,
-            "http://127.0.0.1:9",
-            tmp.path(),
-            "",
-        ),
+        &server.agent_toml(tmp.path()).code(&code).build(),
         clock.clone(),
     );
     let s = agent
@@ -399,14 +406,7 @@ async fn both_hot_standby_nodes_enrol_with_one_code_under_one_device() {
             "\n[ha]\nrole = \"{role}\"\nstate_file = \"{}\"\n",
             dir.join("ha-state").display()
         );
-        let toml = agent_toml(
-            server.tunnel,
-            &server.pin,
-            &code,
-            "http://127.0.0.1:9",
-            &dir,
-            &ha,
-        );
+        let toml = server.agent_toml(&dir).code(&code).extra(&ha).build();
         let a = TestAgent::start(&dir, &toml);
         a.connected().await;
         agents.push(a);
@@ -429,14 +429,7 @@ async fn both_hot_standby_nodes_enrol_with_one_code_under_one_device() {
     // The code is spent for anyone else.
     let third = TestAgent::start(
         &tmp.path().join("x"),
-        &agent_toml(
-            server.tunnel,
-            &server.pin,
-            &code,
-            "http://127.0.0.1:9",
-            &tmp.path().join("x"),
-            "",
-        ),
+        &server.agent_toml(&tmp.path().join("x")).code(&code).build(),
     );
     assert_eq!(
         third
@@ -464,7 +457,12 @@ async fn visits_follow_the_active_hot_standby_node() {
         );
         let agent = TestAgent::start(
             &dir,
-            &agent_toml(server.tunnel, &server.pin, &code, &portal.url(), &dir, &ha),
+            &server
+                .agent_toml(&dir)
+                .code(&code)
+                .portal(&portal.url())
+                .extra(&ha)
+                .build(),
         );
         let s = agent.connected().await;
         assert_eq!(s.ha_role.as_deref(), Some(role));
@@ -620,14 +618,11 @@ async fn provisioning_templates_are_dropped_once_and_results_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let drop_dir = tmp.path().join("drop");
     let extra = format!("\n[provisioning]\ndrop_dir = \"{}\"\n", drop_dir.display());
-    let toml = agent_toml(
-        server.tunnel,
-        &server.pin,
-        &code,
-        "http://127.0.0.1:9",
-        tmp.path(),
-        &extra,
-    );
+    let toml = server
+        .agent_toml(tmp.path())
+        .code(&code)
+        .extra(&extra)
+        .build();
     let agent = TestAgent::start(tmp.path(), &toml);
     agent.connected().await;
     let file = drop_dir.join("Provision-Prov_PBX-SN0001.template");
@@ -704,14 +699,7 @@ async fn without_the_provisioning_section_nothing_reaches_the_pbx() {
     let tmp = tempfile::tempdir().unwrap();
     let agent = TestAgent::start(
         tmp.path(),
-        &agent_toml(
-            server.tunnel,
-            &server.pin,
-            &code,
-            "http://127.0.0.1:9",
-            tmp.path(),
-            "",
-        ),
+        &server.agent_toml(tmp.path()).code(&code).build(),
     );
     agent.connected().await;
     let mut state = String::new();

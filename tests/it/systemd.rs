@@ -1,12 +1,10 @@
 //! The agent binary under a fake systemd: a NOTIFY_SOCKET we read, WATCHDOG_USEC set, and stop
 //! signals sent the way systemd sends them.
 
-mod support;
-
+use crate::support::*;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::*;
 use tokio::net::UnixDatagram;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_pbx-remote-agent");
@@ -86,14 +84,11 @@ impl Setup {
         let config = tmp.path().join("agent.toml");
         let agent_dir = tmp.path().join("agent");
         std::fs::create_dir_all(&agent_dir).unwrap();
-        let toml = agent_toml(
-            server.tunnel,
-            &server.pin,
-            &code,
-            &portal.url(),
-            &agent_dir,
-            "",
-        );
+        let toml = server
+            .agent_toml(&agent_dir)
+            .code(&code)
+            .portal(&portal.url())
+            .build();
         std::fs::write(&config, edit(toml)).unwrap();
         Setup {
             server,

@@ -1,7 +1,6 @@
 //! The activation API spoken to directly, as a misbehaving or outdated agent would.
 
-mod support;
-
+use crate::support::*;
 use base64::Engine;
 use pbx_remote::protocol::{
     ActivateRequest, ActivationProof, DeviceFacts, ErrorBody, Reason, ACTIVATE_PATH,
@@ -10,7 +9,6 @@ use pbx_remote::protocol::{
 use pbx_remote::secret::Secret;
 use pbx_remote::status::State;
 use std::time::Duration;
-use support::*;
 
 fn client(server: &TestServer) -> reqwest::Client {
     let pin = pbx_remote::config::parse_pin(&server.pin).unwrap();
@@ -111,14 +109,9 @@ async fn nobody_listening_reads_server_unreachable_and_retries() {
     let tmp = tempfile::tempdir().unwrap();
     let agent = TestAgent::start(
         tmp.path(),
-        &agent_toml(
-            addr,
-            &"ab".repeat(32),
-            "AAAA-AAAA-AAAA-AAAA",
-            "http://127.0.0.1:9",
-            tmp.path(),
-            "",
-        ),
+        &AgentToml::new(addr, &"ab".repeat(32), tmp.path())
+            .code("AAAA-AAAA-AAAA-AAAA")
+            .build(),
     );
     let s = agent
         .wait(Duration::from_secs(10), |s| {

@@ -328,6 +328,11 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// An agent config for this server, living under `dir`.
+    pub fn agent_toml(&self, dir: &Path) -> AgentToml {
+        AgentToml::new(self.tunnel, &self.pin, dir)
+    }
+
     pub async fn start() -> TestServer {
         Self::start_with(|_| {}).await
     }
@@ -471,17 +476,62 @@ pub fn password_hash() -> &'static str {
     H.get_or_init(|| pbx_remote::password::hash(PASSWORD).unwrap())
 }
 
-/// An agent config for `server` (account [`USER`] and passwordless on), with `extra` appended.
-pub fn agent_toml(
+/// An agent config: account [`USER`] and passwordless on, state and status under `dir`, built
+/// up from the parts a test changes ([`TestServer::agent_toml`] starts one for that server).
+#[derive(Clone, Debug)]
+pub struct AgentToml {
     tunnel: SocketAddr,
-    pin: &str,
-    code: &str,
-    portal: &str,
-    dir: &Path,
-    extra: &str,
-) -> String {
-    format!(
-        r#"
+    pin: String,
+    dir: PathBuf,
+    code: String,
+    portal: String,
+    extra: String,
+}
+
+impl AgentToml {
+    /// A config for the server at `tunnel` with certificate pin `pin`, living under `dir`; the
+    /// code is `UNUSED` and the portal a port where nothing answers until set.
+    pub fn new(tunnel: SocketAddr, pin: &str, dir: &Path) -> AgentToml {
+        AgentToml {
+            tunnel,
+            pin: pin.to_string(),
+            dir: dir.to_path_buf(),
+            code: "UNUSED".into(),
+            portal: "http://127.0.0.1:9".into(),
+            extra: String::new(),
+        }
+    }
+
+    /// `[activation] auth_code`.
+    pub fn code(mut self, code: &str) -> AgentToml {
+        self.code = code.to_string();
+        self
+    }
+
+    /// `[pbx] portal_url`.
+    pub fn portal(mut self, url: &str) -> AgentToml {
+        self.portal = url.to_string();
+        self
+    }
+
+    /// TOML appended at the end (more tables); calls add up.
+    pub fn extra(mut self, toml: &str) -> AgentToml {
+        self.extra.push_str(toml);
+        self
+    }
+
+    /// The config text.
+    pub fn build(&self) -> String {
+        let AgentToml {
+            tunnel,
+            pin,
+            dir,
+            code,
+            portal,
+            extra,
+        } = self;
+        format!(
+            r#"
 [server]
 enabled = true
 address = "{tunnel}"
@@ -520,11 +570,12 @@ status_file = "{status}"
 assertion_pubkey = "{pubkey}"
 {extra}
 "#,
-        hash = password_hash(),
-        state = dir.join("state").display(),
-        status = dir.join("status.json").display(),
-        pubkey = dir.join("assertion.pub").display(),
-    )
+            hash = password_hash(),
+            state = dir.join("state").display(),
+            status = dir.join("status.json").display(),
+            pubkey = dir.join("assertion.pub").display(),
+        )
+    }
 }
 
 /// An agent running in-process.
@@ -590,6 +641,45 @@ impl TestAgent {
         }
     }
 
+    /// Sends a reload and waits until the agent has handled it (`config_generation` moved on).
+    pub async fn reload_and_wait(&self) -> Status {
+        let before = self.status.get().config_generation;
+        self.reload.send(()).unwrap();
+        self.wait(Duration::from_secs(10), |s| s.config_generation > before)
+            .await
+    }
+
+    /// Moves the clock past the longest retry backoff, then has a reload acknowledged: the
+    /// agent polls its run before it handles a reload, so any attempt the move made due has
+    /// been counted by the time this returns. Twice: a move that lands before the agent has
+    /// started its backoff wait is lost, and the first acknowledgement shows that it has.
+    pub async fn move_past_backoff(&self) {
+        for _ in 0..2 {
+            self.clock.advance(pbx_remote::agent::BACKOFF_CAP * 2);
+            self.reload_and_wait().await;
+        }
+    }
+
+    /// Activation requests the agent has sent (`pbxra_activation_attempts_total`; its config
+    /// has `[metrics] listen`).
+    pub async fn activation_attempts(&self) -> u64 {
+        let port = self.metrics_port().await;
+        metric(port, "pbxra_activation_attempts_total")
+            .await
+            .expect("the counter is exported") as u64
+    }
+
+    /// Where the agent serves `/metrics` (its config has `[metrics] listen`).
+    pub async fn metrics_port(&self) -> u16 {
+        let s = self
+            .wait(Duration::from_secs(10), |s| s.metrics_listen.is_some())
+            .await;
+        s.metrics_listen
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .expect("metrics_listen is an address")
+            .port()
+    }
+
     pub async fn connected(&self) -> Status {
         self.wait(Duration::from_secs(20), |s| s.state == State::Connected)
             .await
@@ -604,6 +694,9 @@ impl TestAgent {
             .unwrap();
     }
 }
+
+/// `[metrics]` on a port the agent's own bind picks (`status.metrics_listen` says which).
+pub const METRICS_ON_ANY_PORT: &str = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
 
 /// Everything for one device: server, portal, agent, connected.
 pub struct World {
@@ -622,12 +715,8 @@ impl World {
 
     /// An account-login world whose agent serves `/metrics` on the returned port.
     pub async fn with_metrics() -> (World, u16) {
-        let port = free_port();
-        let w = Self::start(
-            false,
-            &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
-        )
-        .await;
+        let w = Self::start(false, METRICS_ON_ANY_PORT).await;
+        let port = w.agent.metrics_port().await;
         (w, port)
     }
 
@@ -645,14 +734,13 @@ impl World {
         let portal = PortalFixture::start().await;
         let (device, code) = server.add_device(passwordless);
         let tmp = tempfile::tempdir().unwrap();
-        let toml = edit(agent_toml(
-            server.tunnel,
-            &server.pin,
-            &code,
-            &portal.url(),
-            &tmp.path().join("agent"),
-            "",
-        ));
+        let toml = edit(
+            server
+                .agent_toml(&tmp.path().join("agent"))
+                .code(&code)
+                .portal(&portal.url())
+                .build(),
+        );
         let agent = TestAgent::start(&tmp.path().join("agent"), &toml);
         agent.connected().await;
         World {
@@ -965,6 +1053,7 @@ pub async fn body_sha256(mut resp: reqwest::Response) -> (u64, String) {
 
 /// One unlabelled sample from an agent's `/metrics` on `port`.
 pub async fn metric(port: u16, name: &str) -> Option<f64> {
+    pbx_remote::tls::install_default_provider();
     let text = reqwest::Client::builder()
         .no_proxy()
         .build()

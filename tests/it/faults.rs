@@ -2,12 +2,10 @@
 //! portal, and hostile visitors. Every test is bounded in time; the relay prints its seed when
 //! one fails.
 
-mod support;
-
+use crate::support::relay::{Impair, Relay};
+use crate::support::*;
 use pbx_remote::status::State;
 use std::time::{Duration, Instant};
-use support::relay::{Impair, Relay};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Server, portal, relay and an agent that dials the server through the relay.
@@ -34,14 +32,13 @@ impl Net {
         relay.set_both(before);
         let (device, code) = server.add_device(false);
         let tmp = tempfile::tempdir().unwrap();
-        let toml = edit(agent_toml(
-            relay.addr,
-            &server.pin,
-            &code,
-            &portal.url(),
-            &tmp.path().join("agent"),
-            extra,
-        ));
+        let toml = edit(
+            AgentToml::new(relay.addr, &server.pin, &tmp.path().join("agent"))
+                .code(&code)
+                .portal(&portal.url())
+                .extra(extra)
+                .build(),
+        );
         let agent = TestAgent::start(&tmp.path().join("agent"), &toml);
         Net {
             server,
@@ -481,7 +478,11 @@ async fn a_full_disk_stops_neither_the_tunnel_nor_logins() {
     let (device, code) = server.add_device(false);
     // State directory, status file and audit log all on the small disk.
     let dir = disk.join("agent");
-    let toml = agent_toml(server.tunnel, &server.pin, &code, &portal.url(), &dir, "");
+    let toml = server
+        .agent_toml(&dir)
+        .code(&code)
+        .portal(&portal.url())
+        .build();
     let agent = TestAgent::start(&dir, &toml);
     let since = agent.connected().await.since;
     let audit = dir.join("state/audit.log");
@@ -576,14 +577,11 @@ async fn a_resetting_portal_gives_502_while_the_tunnel_stays() {
     let server = TestServer::start().await;
     let (device, code) = server.add_device(false);
     let tmp = tempfile::tempdir().unwrap();
-    let toml = agent_toml(
-        server.tunnel,
-        &server.pin,
-        &code,
-        &format!("http://{reset_addr}"),
-        &tmp.path().join("agent"),
-        "",
-    );
+    let toml = server
+        .agent_toml(&tmp.path().join("agent"))
+        .code(&code)
+        .portal(&format!("http://{reset_addr}"))
+        .build();
     let agent = TestAgent::start(&tmp.path().join("agent"), &toml);
     let since = agent.connected().await.since;
     let url = server.visit(&device, "alice", false);
@@ -787,7 +785,7 @@ async fn bounded(what: &str, f: impl std::future::Future<Output = reqwest::Respo
 async fn a_seeded_walk_through_faults_restarts_and_sessions_keeps_the_invariants() {
     let mut net = Net::start(Impair::default(), "").await;
     net.agent.connected().await;
-    let mut rng = support::relay::SplitMix(net.relay.seed);
+    let mut rng = crate::support::relay::SplitMix(net.relay.seed);
     let mut v = net.visitor().await;
     let mut logged_in = true;
     let mut stranger = Visitor::new(net.server.public, &net.device);

@@ -1,8 +1,7 @@
 //! Server identity: pins, private CAs, an impostor holding the certificate but not the key, and
 //! a server speaking another protocol version.
 
-mod support;
-
+use crate::support::*;
 use pbx_remote::protocol::Reason;
 use pbx_remote::server::keys::{ServerKeys, TlsSource};
 use pbx_remote::status::State;
@@ -10,7 +9,6 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use std::sync::Arc;
 use std::time::Duration;
-use support::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_pin_is_a_tls_error_and_retried() {
@@ -21,7 +19,10 @@ async fn a_wrong_pin_is_a_tls_error_and_retried() {
     let wrong = "00".repeat(32);
     let agent = TestAgent::start(
         tmp.path(),
-        &agent_toml(server.tunnel, &wrong, &code, &portal.url(), tmp.path(), ""),
+        &AgentToml::new(server.tunnel, &wrong, tmp.path())
+            .code(&code)
+            .portal(&portal.url())
+            .build(),
     );
     let s = agent
         .wait(Duration::from_secs(10), |s| {
@@ -37,14 +38,11 @@ async fn a_wrong_pin_is_a_tls_error_and_retried() {
     // The code was never spent: the right pin still activates with it.
     let good = TestAgent::start(
         &tmp.path().join("g"),
-        &agent_toml(
-            server.tunnel,
-            &server.pin,
-            &code,
-            &portal.url(),
-            &tmp.path().join("g"),
-            "",
-        ),
+        &server
+            .agent_toml(&tmp.path().join("g"))
+            .code(&code)
+            .portal(&portal.url())
+            .build(),
     );
     good.connected().await;
 }
@@ -95,14 +93,9 @@ async fn a_server_with_the_certificate_but_not_the_key_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let agent = TestAgent::start(
         tmp.path(),
-        &agent_toml(
-            addr,
-            &genuine.pin_hex(),
-            "AAAA-BBBB-CCCC-DDDD",
-            "http://127.0.0.1:9",
-            tmp.path(),
-            "",
-        ),
+        &AgentToml::new(addr, &genuine.pin_hex(), tmp.path())
+            .code("AAAA-BBBB-CCCC-DDDD")
+            .build(),
     );
     let s = agent
         .wait(Duration::from_secs(10), |s| {
@@ -158,10 +151,15 @@ fn ca_toml(
     portal: &str,
     dir: &std::path::Path,
 ) -> String {
-    agent_toml(server.tunnel, &server.pin, code, portal, dir, "").replace(
-        &format!("pin_sha256 = \"{}\"", server.pin),
-        &format!("ca_file = \"{}\"", ca.display()),
-    )
+    server
+        .agent_toml(dir)
+        .code(code)
+        .portal(portal)
+        .build()
+        .replace(
+            &format!("pin_sha256 = \"{}\"", server.pin),
+            &format!("ca_file = \"{}\"", ca.display()),
+        )
 }
 
 #[tokio::test(flavor = "multi_thread")]

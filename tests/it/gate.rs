@@ -1,13 +1,11 @@
 //! The session gate (DESIGN §6), over real HTTP through the front and the tunnel, and with bytes
 //! injected straight into agent streams.
 
-mod support;
-
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
 use pbx_remote::protocol::StreamHeader;
 use pbx_remote::status::State;
 use std::time::Duration;
-use support::*;
 use tokio_tungstenite::tungstenite::Message;
 
 fn audit_lines(w: &World) -> Vec<serde_json::Value> {

@@ -92,7 +92,16 @@ fn the_server_reaches_the_agent_only_through_the_demo() {
 fn leaf_modules_import_neither_side() {
     let g = graph();
     for leaf in [
-        "backoff", "crypto", "fsutil", "password", "protocol", "quic", "secret", "tls", "token",
+        "backoff",
+        "crypto",
+        "fsutil",
+        "httpserve",
+        "password",
+        "protocol",
+        "quic",
+        "secret",
+        "tls",
+        "token",
         "web",
     ] {
         let uses: Vec<_> = g

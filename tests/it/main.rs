@@ -1,0 +1,21 @@
+//! The integration tests, one binary so `support` compiles once. Each module is one subject;
+//! filter by it: `cargo test --test it tunnel::`. The `#[ignore]`d long variants run through
+//! `tests/run-long.sh` (faults) and `tests/soak.sh` (soak).
+
+mod support;
+
+mod api;
+mod boundary;
+mod browser;
+mod cli;
+mod enrolment;
+mod faults;
+mod gate;
+mod memory;
+mod operations;
+mod process;
+mod secrets;
+mod soak;
+mod systemd;
+mod trust;
+mod tunnel;
