@@ -12,12 +12,14 @@ use std::path::PathBuf;
     version,
     about = "PBX side of Remote Management: activation, QUIC tunnel and session gate for the PBX web portal"
 )]
+/// `pbx-remote-agent`'s command line (in the library so `packaging/` can render its man page).
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The agent's subcommands.
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the daemon (systemd ExecStart).

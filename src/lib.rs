@@ -15,21 +15,30 @@
 //!
 //! The two sides share only [`protocol`] (the wire contract) and leaf modules: [`crypto`],
 //! [`tls`], [`web`], [`fsutil`], [`secret`], [`password`], [`token`], [`backoff`].
+//!
+//! **Public surface.** The library exists for its two binaries; what is `pub` is what they, the
+//! integration tests (`tests/it/`) and the fuzz targets (`fuzz/`) reach, and everything else is
+//! `pub(crate)`. Items public only for tests or fuzzing say so in their docs. Nothing here is a
+//! stable API for other crates: the contract is the CLI, the config, the status file and the
+//! wire protocol (DESIGN.md).
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
+/// The PBX side (what `pbx-remote-agent run` runs).
 pub mod agent;
-pub mod backoff;
+pub(crate) mod backoff;
 pub mod cli;
 pub mod config;
 pub mod crypto;
-pub mod fsutil;
-pub mod httpserve;
+pub(crate) mod fsutil;
+pub(crate) mod httpserve;
 pub mod logging;
 pub mod password;
 pub mod protocol;
 pub mod quic;
 pub mod secret;
+/// The reference CM server (what `pbx-remote-server` runs).
 pub mod server;
 pub mod signals;
 pub mod status;

@@ -36,7 +36,7 @@ pub struct Event<'a> {
 
 /// Appends events to the audit log.
 pub struct AuditLog {
-    path: PathBuf,
+    pub(super) path: PathBuf,
     lock: Mutex<()>,
 }
 
@@ -47,11 +47,6 @@ impl AuditLog {
             path,
             lock: Mutex::new(()),
         }
-    }
-
-    /// Where it writes.
-    pub fn path(&self) -> &std::path::Path {
-        &self.path
     }
 
     /// Records an event; a write failure is logged, never fatal.
@@ -106,23 +101,23 @@ mod tests {
             user: Some("provider"),
             ..Default::default()
         });
-        let text = std::fs::read_to_string(log.path()).unwrap();
+        let text = std::fs::read_to_string(&log.path).unwrap();
         let v: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         assert_eq!(v["event"], "login_ok");
         assert_eq!(v["cm_user"], "alice");
         assert!(v["time"].as_str().is_some());
         assert_eq!(
-            std::fs::metadata(log.path()).unwrap().permissions().mode() & 0o777,
+            std::fs::metadata(&log.path).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        std::fs::write(log.path(), vec![b'x'; ROTATE_BYTES as usize]).unwrap();
+        std::fs::write(&log.path, vec![b'x'; ROTATE_BYTES as usize]).unwrap();
         log.record(Event {
             event: "logout",
             ..Default::default()
         });
         assert!(dir.path().join("audit.log.1").exists());
         assert_eq!(
-            std::fs::read_to_string(log.path()).unwrap().lines().count(),
+            std::fs::read_to_string(&log.path).unwrap().lines().count(),
             1
         );
     }

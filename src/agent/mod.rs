@@ -1,19 +1,23 @@
 //! The agent daemon: activation, then the tunnel with reconnects, with the status file telling
 //! the PBX page what is happening. `run` is what `pbx-remote-agent run` and the tests call.
 
-pub mod activation;
+pub(crate) mod activation;
+/// Public for portals that verify the identity assertion, and for the tests that do.
 pub mod assertion;
-pub mod audit;
+pub(crate) mod audit;
+/// Public so the binary and tests can hand the agent a clock (tests move it).
 pub mod clock;
-pub mod gate;
-pub mod lockout;
-pub mod metrics;
-pub mod portal;
-pub mod provision;
+pub(crate) mod gate;
+pub(crate) mod lockout;
+pub(crate) mod metrics;
+pub(crate) mod portal;
+pub(crate) mod provision;
+/// Public for the header-rewriting fuzz target (`fuzz/fuzz_targets/sanitize.rs`).
 pub mod proxy;
-pub mod state;
-pub mod telemetry;
-pub mod tunnel;
+pub(crate) mod state;
+pub(crate) mod telemetry;
+pub(crate) mod tunnel;
+/// Public for the WebSocket-frame fuzz target (`fuzz/fuzz_targets/wsframe.rs`).
 pub mod wsframe;
 
 use crate::backoff::{Backoff, RetryLog};

@@ -21,13 +21,10 @@ use tokio::net::{TcpSocket, TcpStream};
 /// Connect timeout towards the portal.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Keep-alive connections kept per agent. Past the pool, a request in flight opens a portal
-/// connection and drops it afterwards. Bench (c=32 through the tunnel, 256-connection burst):
-/// 32 → small 0.30× of direct, burst RSS 24.2 MiB; 256 → 0.41×, but 29.0 MiB under the burst
-/// and 25.7 MiB after (past the 24 MiB target); 64 → 0.33×, 24.2 MiB. Once requests allocated
-/// a third as much (session 9), alternating runs of the burst gave (p99 ms, req/s, peak RSS):
-/// 64 → 93/75/72/67 ms, 6.2–8.3 k/s, 19.5–20.6 MiB; 128 → 62/64 ms, 8.7–9.0 k/s, 20.6–21.1
-/// MiB; 256 → 69/64/61/63 ms, 7.9–9.9 k/s, 21.9–22.3 MiB. 128 takes most of the gain and holds
-/// half the idle portal connections of 256. Idle ones live until the portal closes them.
+/// connection and drops it afterwards. A smaller pool costs small-request rate and burst
+/// latency; a larger one costs memory under a burst (past the RSS target at 256) for little
+/// more rate. 128 takes most of the gain and holds half the idle portal connections of 256
+/// (figures: `bench/README.md`). Idle ones live until the portal closes them.
 const POOL_SIZE: usize = 128;
 
 /// Why a portal request failed; decides 502 or 504.
@@ -43,7 +40,6 @@ pub enum PortalError {
 
 /// The portal upstream.
 pub struct Portal {
-    scheme_https: bool,
     host: String,
     port: u16,
     authority: String,
@@ -108,7 +104,6 @@ impl Portal {
         let host_header = hyper::header::HeaderValue::from_str(&authority)
             .context("pbx.portal_url's host and port cannot be a Host header")?;
         Ok(Portal {
-            scheme_https: https,
             host,
             port,
             host_header,
@@ -129,11 +124,6 @@ impl Portal {
     /// `scheme://authority` of the portal.
     pub fn origin(&self) -> &str {
         &self.origin
-    }
-
-    /// True for an https portal.
-    pub fn is_https(&self) -> bool {
-        self.scheme_https
     }
 
     /// Sends a request (origin-form URI, headers already sanitised) and waits for the response

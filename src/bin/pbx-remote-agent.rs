@@ -51,9 +51,9 @@ fn run(path: &Path) -> ExitCode {
     pbx_remote::logging::init(config.log_format == config::LogFormat::Json);
     // One thread runs the agent (argon2 checks still go to tokio's blocking pool). The agent is
     // I/O-bound and a PBX's cores belong to telephony; quinn drives a connection from one task
-    // anyway, so a second worker bought no throughput (bench: the same request rate with one),
-    // while tokio's multi-thread scheduler costs cross-thread wake-ups on every request and,
-    // through its poll-time statistics (`f64::powf`), links libm: 600 KiB of idle RSS.
+    // anyway, so a second worker bought no throughput, while tokio's multi-thread scheduler
+    // costs cross-thread wake-ups on every request and, through its poll-time statistics
+    // (`f64::powf`), links libm and its idle RSS (figures: bench/README.md).
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -5,12 +5,12 @@ pub mod admin;
 pub mod api;
 pub mod db;
 pub mod demo;
-pub mod demo_portal;
-pub mod front;
+pub(crate) mod demo_portal;
+pub(crate) mod front;
 pub mod health;
 pub mod hub;
 pub mod keys;
-pub mod refusal;
+pub(crate) mod refusal;
 
 use anyhow::{Context, Result};
 use ipnet::IpNet;

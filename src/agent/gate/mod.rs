@@ -21,7 +21,6 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -206,11 +205,6 @@ impl Gate {
     /// The gate's clock.
     pub fn clock(&self) -> &Clock {
         &self.clock
-    }
-
-    /// Where audit lines go.
-    pub fn audit_path(&self) -> &Path {
-        self.audit.path()
     }
 
     fn rules(&self) -> Rules {

@@ -1,6 +1,7 @@
 //! The gate's rules in-process: rule changes, the session cap, cookies, `next`, redirects.
 
 use super::*;
+use std::path::Path;
 
 fn gate_for_test(dir: &Path) -> Gate {
     let hash = crate::password::hash("Test-Passw0rd-1").unwrap();
@@ -109,7 +110,7 @@ fn past_the_session_cap_the_least_recently_active_session_ends() {
     assert!(sessions[1].ended.is_cancelled());
     assert!(!sessions[0].ended.is_cancelled() && !newest.ended.is_cancelled());
     assert_eq!(gate.status.get().active_sessions.len(), MAX_SESSIONS);
-    let audit = std::fs::read_to_string(gate.audit_path()).unwrap();
+    let audit = std::fs::read_to_string(&gate.audit.path).unwrap();
     assert!(audit.contains("session limit"), "{audit}");
 }
 

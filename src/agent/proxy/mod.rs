@@ -33,14 +33,14 @@ pub use websocket::is_websocket;
 use websocket::*;
 
 /// Largest request head (line + headers) the agent reads from the tunnel.
-pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Time allowed to send a whole request head.
-pub const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub use crate::web::Body;
 
 /// Cookie names the agent and front reserve; portal cookies with these names are dropped.
-pub const RESERVED_COOKIES: [&str; 4] = [
+pub(crate) const RESERVED_COOKIES: [&str; 4] = [
     "__pbxra_sid",
     "__Host-__pbxra_sid",
     "__cm_visit",
@@ -48,7 +48,7 @@ pub const RESERVED_COOKIES: [&str; 4] = [
 ];
 
 /// What every stream handler shares.
-pub struct ProxyCtx {
+pub(crate) struct ProxyCtx {
     /// The upstream; a reload that changes the portal settings swaps it in place.
     portal: std::sync::RwLock<Arc<Portal>>,
     /// Who may reach it.
@@ -86,7 +86,7 @@ impl ProxyCtx {
 }
 
 /// Serves one request stream until the request (or WebSocket) ends.
-pub async fn serve_stream(
+pub(crate) async fn serve_stream(
     ctx: Arc<ProxyCtx>,
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -294,9 +294,9 @@ async fn handle(ctx: &ProxyCtx, visit: &Visit, mut req: Request<Incoming>) -> Re
 }
 
 /// The agent's own pages; nothing under it reaches the portal.
-pub const REMOTE_PREFIX: &str = "/__remote/";
+pub(crate) const REMOTE_PREFIX: &str = "/__remote/";
 
 /// A plain page (shared helper).
-pub fn page(status: StatusCode, title: &str, detail: &str) -> Response<Body> {
+pub(crate) fn page(status: StatusCode, title: &str, detail: &str) -> Response<Body> {
     crate::web::page(status, title, detail)
 }
