@@ -32,6 +32,74 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
 content-length: 20\r\nretry-after: 1\r\nconnection: close\r\n\r\ntoo many connections";
 
+/// How a connection starts: plain TCP ([`Plain`]) or a TLS handshake first (a
+/// `tokio_rustls::TlsAcceptor`; `Option` of one decides at run time). A type rather than an
+/// `Option` argument, so a binary that serves only plain HTTP (the agent's metrics endpoint)
+/// carries no TLS server code: that `Option` cost the stripped agent 97 KB of rustls.
+pub trait Handshake: Clone + Send + Sync + 'static {
+    /// The stream HTTP runs on.
+    type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    /// Whether the handshake is TLS (a plain connection over the bound gets a 503 text).
+    fn is_tls(&self) -> bool;
+    /// Turns the accepted socket into the stream HTTP runs on.
+    fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> impl std::future::Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+/// Plain HTTP: the socket as it is.
+#[derive(Debug, Clone, Copy)]
+pub struct Plain;
+
+impl Handshake for Plain {
+    type Io = TcpStream;
+    fn is_tls(&self) -> bool {
+        false
+    }
+    fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> impl std::future::Future<Output = std::io::Result<TcpStream>> + Send {
+        std::future::ready(Ok(tcp))
+    }
+}
+
+impl Handshake for tokio_rustls::TlsAcceptor {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    fn is_tls(&self) -> bool {
+        true
+    }
+    fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> impl std::future::Future<Output = std::io::Result<Self::Io>> + Send {
+        self.accept(tcp)
+    }
+}
+
+impl<H: Handshake> Handshake for Option<H> {
+    type Io = tokio_util::either::Either<TcpStream, H::Io>;
+    fn is_tls(&self) -> bool {
+        self.as_ref().is_some_and(H::is_tls)
+    }
+    fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> impl std::future::Future<Output = std::io::Result<Self::Io>> + Send {
+        let h = self.clone();
+        async move {
+            match h {
+                None => Ok(tokio_util::either::Either::Left(tcp)),
+                Some(h) => h
+                    .handshake(tcp)
+                    .await
+                    .map(tokio_util::either::Either::Right),
+            }
+        }
+    }
+}
+
 /// What one listener allows.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -68,13 +136,14 @@ impl Limits {
 
 /// Serves `listener` until `shutdown`, then drains. `service` makes the per-connection hyper
 /// service from the peer's address. Returns when every connection has ended.
-pub async fn serve<F, S, B>(
+pub async fn serve<H, F, S, B>(
     listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: H,
     limits: Limits,
     shutdown: CancellationToken,
     service: F,
 ) where
+    H: Handshake,
     F: Fn(SocketAddr) -> S,
     S: Service<http::Request<Incoming>, Response = http::Response<B>> + Send + 'static,
     S::Future: Send + 'static,
@@ -101,7 +170,7 @@ pub async fn serve<F, S, B>(
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            if tls.is_none() {
+            if !tls.is_tls() {
                 // Best effort and without waiting: the socket's send buffer is empty.
                 let _ = tcp.try_write(BUSY);
             }
@@ -162,14 +231,15 @@ impl Refusals {
     }
 }
 
-async fn connection<S, B>(
+async fn connection<H, S, B>(
     tcp: TcpStream,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: H,
     limits: &Limits,
     svc: S,
     shutdown: &CancellationToken,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
+    H: Handshake,
     S: Service<http::Request<Incoming>, Response = http::Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -184,32 +254,25 @@ where
     if let Some(max) = limits.max_buf_size {
         builder.max_buf_size(max);
     }
-    match tls {
-        None => {
-            drive(
-                builder.serve_connection(TokioIo::new(tcp), svc),
-                limits,
-                shutdown,
-            )
-            .await
-        }
-        Some(tls) => {
-            let stream = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                r = tokio::time::timeout(limits.tls_handshake, tls.accept(tcp)) => match r {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => return Err(format!("TLS handshake: {e}").into()),
-                    Err(_) => return Err("TLS handshake timed out".into()),
-                },
-            };
-            drive(
-                builder.serve_connection(TokioIo::new(stream), svc),
-                limits,
-                shutdown,
-            )
-            .await
-        }
-    }
+    let what = if tls.is_tls() {
+        "TLS handshake"
+    } else {
+        "handshake"
+    };
+    let stream = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        r = tokio::time::timeout(limits.tls_handshake, tls.handshake(tcp)) => match r {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(format!("{what}: {e}").into()),
+            Err(_) => return Err(format!("{what} timed out").into()),
+        },
+    };
+    drive(
+        builder.serve_connection(TokioIo::new(stream), svc),
+        limits,
+        shutdown,
+    )
+    .await
 }
 
 /// Runs one connection (upgrades allowed); on shutdown asks it to finish what is in flight.
@@ -270,7 +333,7 @@ mod tests {
         let release = Arc::new(Notify::new());
         let (tx, entered) = mpsc::unbounded_channel();
         let r = release.clone();
-        let task = tokio::spawn(serve(listener, None, limits, stop.clone(), move |_| {
+        let task = tokio::spawn(serve(listener, Plain, limits, stop.clone(), move |_| {
             let (release, tx) = (r.clone(), tx.clone());
             hyper::service::service_fn(move |_req| {
                 let (release, tx) = (release.clone(), tx.clone());

@@ -222,7 +222,7 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let limits = Limits::new("metrics", MAX_CONNECTIONS);
-    httpserve::serve(listener, None, limits, stop, move |_peer| {
+    httpserve::serve(listener, httpserve::Plain, limits, stop, move |_peer| {
         let (metrics, status) = (metrics.clone(), status.clone());
         hyper::service::service_fn(move |req: http::Request<_>| {
             let answer = respond(req.method(), req.uri().path(), &metrics, &status);

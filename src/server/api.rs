@@ -158,7 +158,7 @@ pub async fn serve(
 ) {
     let limiter = Arc::new(Limits::default());
     let limits = httpserve::Limits::new("api", MAX_CONNECTIONS);
-    httpserve::serve(listener, Some(tls), limits, shutdown, move |peer| {
+    httpserve::serve(listener, tls, limits, shutdown, move |peer| {
         let (state, limiter) = (state.clone(), limiter.clone());
         hyper::service::service_fn(move |req| {
             let (state, limiter) = (state.clone(), limiter.clone());

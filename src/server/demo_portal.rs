@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 /// Serves the demo portal until `shutdown`.
 pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
     let limits = Limits::new("demo portal", 64);
-    httpserve::serve(listener, None, limits, shutdown, |_peer| {
+    httpserve::serve(listener, httpserve::Plain, limits, shutdown, |_peer| {
         hyper::service::service_fn(
             |req| async move { Ok::<_, std::convert::Infallible>(page(req)) },
         )
