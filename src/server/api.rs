@@ -7,6 +7,7 @@ use crate::protocol::{
     ActivateRequest, ActivateResponse, ActivationProof, ErrorBody, Reason, ACTIVATE_PATH,
     MAX_ACTIVATION_BODY, PROTOCOL_VERSION,
 };
+use crate::server::db::{Op, Role, Source};
 use crate::server::refusal::{EnrolError, Refusal};
 use crate::server::ServerState;
 use anyhow::{Context, Result};
@@ -345,24 +346,36 @@ async fn activate(
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            // Unknown emails cost the same as wrong passwords.
-            let phc = state.db.account_hash(&email)?;
-            let known = phc.is_some();
-            let phc = phc.unwrap_or_else(|| crate::password::dummy_hash().to_string());
+            // Unknown emails, and viewers (who may not add devices), cost the same as wrong
+            // passwords and read the same.
+            let creds = state.db.user_credentials(&email)?;
+            let may_activate = creds
+                .as_ref()
+                .is_some_and(|(_, role)| matches!(role, Role::Admin | Role::Operator));
+            let phc = creds
+                .map(|(h, _)| h)
+                .unwrap_or_else(|| crate::password::dummy_hash().to_string());
             let pw = password.clone();
             let verified =
                 tokio::task::spawn_blocking(move || crate::password::verify(pw.expose(), &phc))
                     .await
                     .unwrap_or(false);
-            if !(verified && known) {
-                limiter.accounts.fail(&email, ip);
-                return Err(Refusal::new(
-                Reason::BadCredentials,
-                "the provider's email or password is wrong; correct activation.email and activation.password",
-                ).into());
-            }
+            let user = match state.db.user(&email)? {
+                Some(u) if verified && may_activate => u,
+                _ => {
+                    limiter.accounts.fail(&email, ip);
+                    log_activation(state, &email, ip, None, "refused: bad credentials");
+                    return Err(Refusal::new(
+                        Reason::BadCredentials,
+                        "the provider's email or password is wrong; correct activation.email and activation.password",
+                    )
+                    .into());
+                }
+            };
             limiter.accounts.succeed(&email, ip);
-            state.db.enrol_by_account(&email, &key_hash, &req.facts)?
+            let device = state.db.enrol_by_account(&user, &key_hash, &req.facts)?;
+            log_activation(state, &user.email, ip, Some(&device), "ok");
+            device
         }
     };
     tracing::info!(device = %device, serial = %req.facts.serial, "device activated");
@@ -371,4 +384,28 @@ async fn activate(
         signing_key: crate::token::public_key_b64(&state.keys.signing),
         server_time_ms: crate::protocol::now_ms(),
     })
+}
+
+/// An activation by a CM user's email is that user's operation: it goes to the Operation Log.
+fn log_activation(
+    state: &ServerState,
+    email: &str,
+    ip: IpAddr,
+    device: Option<&str>,
+    result: &str,
+) {
+    let client = ip.to_string();
+    let op = Op {
+        actor: email,
+        source: Source::Api,
+        action: "device.activate",
+        target: device,
+        device,
+        client: Some(&client),
+        result,
+        detail: Some("activation by email and password"),
+    };
+    if let Err(e) = state.db.log_op(&op) {
+        tracing::warn!(error = %format!("{e:#}"), "operation log write failed");
+    }
 }

@@ -74,6 +74,99 @@ async fn email_activation_creates_the_device_and_forgets_the_password() {
     again.connected().await;
 }
 
+/// Email activation takes a CM user who may add devices: a viewer's correct password reads as
+/// wrong credentials, and an operator scoped to a group gets the new device in that group.
+#[tokio::test(flavor = "multi_thread")]
+async fn email_activation_needs_an_admin_or_operator_and_keeps_their_scope() {
+    use pbx_remote::server::admin;
+    use pbx_remote::server::db::{OpFilter, Role, Source};
+    let server = TestServer::start().await;
+    let portal = PortalFixture::start().await;
+    let data = server.data_dir();
+    admin::group_add(&data, "east").unwrap();
+    admin::user_add(&data, "viewer@example.com", Role::Viewer, &[], PROVIDER_PW).unwrap();
+    let east = ["east".to_string()];
+    admin::user_add(
+        &data,
+        "east@example.com",
+        Role::Operator,
+        &east,
+        PROVIDER_PW,
+    )
+    .unwrap();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let viewer = TestAgent::start(
+        tmp.path(),
+        &email_toml(
+            &server,
+            &portal.url(),
+            tmp.path(),
+            "viewer@example.com",
+            PROVIDER_PW,
+        ),
+    );
+    let s = viewer
+        .wait(Duration::from_secs(10), |s| s.state == State::Failed)
+        .await;
+    assert_eq!(
+        s.reason,
+        Some(Reason::BadCredentials),
+        "a viewer adds nothing"
+    );
+    viewer.shutdown().await;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(
+        tmp.path(),
+        &email_toml(
+            &server,
+            &portal.url(),
+            tmp.path(),
+            "east@example.com",
+            PROVIDER_PW,
+        ),
+    );
+    let id = agent.connected().await.device_id.unwrap();
+    let device = server.db().device(&id).unwrap().unwrap();
+    assert_eq!(device.group.as_deref(), Some("east"));
+
+    // Both attempts are in the Operation Log under the user who made them.
+    let db = server.db();
+    let me = db.user("east@example.com").unwrap().unwrap();
+    let all = OpFilter {
+        source: Some(Source::Api),
+        limit: 10,
+        ..Default::default()
+    };
+    let log = db.oplog(&me, &all).unwrap();
+    assert!(
+        log.iter().any(|o| o.actor == "east@example.com"
+            && o.action == "device.activate"
+            && o.device_id.as_deref() == Some(id.as_str())
+            && o.result == "ok"),
+        "{log:?}"
+    );
+
+    // A shell visit is a claim, recorded as such.
+    admin::visit(&data, &id, "alice", false, true).unwrap();
+    let log = db
+        .oplog(
+            &me,
+            &OpFilter {
+                source: Some(Source::Cli),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(
+        log.iter()
+            .any(|o| o.actor == "cli:alice" && o.action == "visit.create"),
+        "{log:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_provider_password_fails_once_and_waits() {
     let server = TestServer::start().await;
@@ -532,6 +625,13 @@ fn device_show_json_and_groups() {
         allow_passwordless: true,
         ..Default::default()
     };
+    let err = pbx_remote::server::admin::device_add(data, &new("Acme HQ", Some("acme")), true)
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("group add acme"),
+        "groups are rows, not free text: {err:#}"
+    );
+    pbx_remote::server::admin::group_add(data, "acme").unwrap();
     let out =
         pbx_remote::server::admin::device_add(data, &new("Acme HQ", Some("acme")), true).unwrap();
     let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["device_id"]

@@ -33,9 +33,11 @@ fn grant_id(v: &Visitor) -> String {
         .to_string()
 }
 
-fn header_for(v: &Visitor, cm_user: &str) -> StreamHeader {
+/// The stream header the front sends for `v`'s grant; `label` is the `--as` of the CLI visit
+/// that made it, which the server records as `cli:LABEL`.
+fn header_for(v: &Visitor, label: &str) -> StreamHeader {
     StreamHeader {
-        cm_user: cm_user.into(),
+        cm_user: format!("cli:{label}"),
         grant_id: grant_id(v),
         client_addr: "127.0.0.1".into(),
         scheme: pbx_remote::protocol::Scheme::Http,
@@ -116,7 +118,7 @@ async fn account_login_session_identity_and_logout() {
     let s: serde_json::Value = v.get("/__remote/session").await.json().await.unwrap();
     assert_eq!(s["user"], USER);
     assert_eq!(s["role"], "administrator");
-    assert_eq!(s["cm_user"], "alice");
+    assert_eq!(s["cm_user"], "cli:alice");
     assert_eq!(w.agent.status.get().active_sessions.len(), 1);
     assert_eq!(
         w.agent.status.get().active_sessions[0].role,
@@ -140,7 +142,7 @@ async fn account_login_session_identity_and_logout() {
     let claims = pbx_remote::agent::assertion::verify(&pem, jwts[0].as_str().unwrap()).unwrap();
     assert_eq!(claims["aud"], w.device.as_str());
     assert_eq!(claims["role"], "administrator");
-    assert_eq!(claims["cm_user"], "alice");
+    assert_eq!(claims["cm_user"], "cli:alice");
     assert_eq!(
         claims["sid_hash"],
         hex::encode(pbx_remote::crypto::sha256(first_sid.as_bytes()))
@@ -335,7 +337,7 @@ async fn racing_token_replays_get_one_session() {
     let claims = pbx_remote::token::Claims {
         dev: w.device.clone(),
         grant: grant_id(&v),
-        cm_user: "alice".into(),
+        cm_user: "cli:alice".into(),
         iat_ms: now,
         exp_ms: now + 60_000,
         nonce: "race-nonce".into(),
@@ -405,7 +407,7 @@ async fn a_copied_cookie_under_another_grant_is_refused_and_audited() {
     assert!(r.text().await.unwrap().contains("another visit"));
     assert_eq!(w.portal.hits(), before);
     let e = &events(&w, "grant_mismatch")[0];
-    assert_eq!(e["cm_user"], "bob");
+    assert_eq!(e["cm_user"], "cli:bob");
     assert_eq!(e["user"], USER);
 }
 

@@ -387,6 +387,6 @@ async fn a_request_logs_under_its_tunnel_and_stream_spans() {
         server.tunnel.to_string().as_str(),
         "{line}"
     );
-    assert_eq!(span("stream")["visitor"], "alice", "{line}");
+    assert_eq!(span("stream")["visitor"], "cli:alice", "{line}");
     assert!(span("stream")["id"].is_string(), "{line}");
 }

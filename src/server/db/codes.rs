@@ -2,6 +2,7 @@
 //! password) for a node key, under the device's identity checks and the capacity.
 
 use super::devices::identity_mismatch;
+use super::users::{Scope, User};
 use super::{capacity, now, Db};
 use crate::crypto::{random_bytes, sha256};
 use crate::protocol::{DeviceFacts, NodeRole, Reason};
@@ -72,32 +73,44 @@ impl Db {
             Ok(device)
         })
     }
-    /// Enrols a key for a provider-account activation: the device pre-added with this serial,
-    /// or a new device named after the PBX.
+    /// Enrols a key for an activation by a CM user's email and password: the device pre-added
+    /// with this serial (it must be in the user's scope), or a new device named after the PBX,
+    /// in the user's first group when their scope is a list of groups.
     pub fn enrol_by_account(
         &self,
-        email: &str,
+        user: &User,
         key_hash: &[u8; 32],
         facts: &DeviceFacts,
     ) -> Result<String, EnrolError> {
         let role = facts.node_role();
         self.with(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let existing: Option<String> = tx
+            let existing: Option<(String, Option<String>)> = tx
                 .query_row(
-                    "SELECT id FROM devices WHERE serial = ?1 ORDER BY created_at LIMIT 1",
+                    "SELECT id, group_name FROM devices WHERE serial = ?1 ORDER BY created_at LIMIT 1",
                     [&facts.serial],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
             let device = match existing {
-                Some(d) => d,
+                Some((d, group)) if user.scope.covers(group.as_deref()) => d,
+                Some(_) => {
+                    return Err(Refusal::new(
+                        Reason::BadCredentials,
+                        format!("the device pre-added with serial number {} is outside the groups of {}; activate with its authentication code or an account that covers it", facts.serial, user.email),
+                    )
+                    .into())
+                }
                 None => {
                     let name = format!("{} {}", facts.model, facts.serial);
                     let id = device_id_for(&name);
+                    let group = match &user.scope {
+                        Scope::All => None,
+                        Scope::Groups(gs) => gs.first().cloned(),
+                    };
                     tx.execute(
-                        "INSERT INTO devices (id, name, comment, created_at) VALUES (?1, ?2, ?3, ?4)",
-                        params![id, name, format!("activated with the account {email}"), now()],
+                        "INSERT INTO devices (id, name, group_name, comment, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![id, name, group, format!("activated with the account {}", user.email), now()],
                     )?;
                     id
                 }
@@ -105,31 +118,6 @@ impl Db {
             enrol(&tx, &device, role, key_hash, facts)?;
             tx.commit()?;
             Ok(device)
-        })
-    }
-    /// Adds a CM account (for email activation).
-    pub fn add_account(&self, email: &str, password_hash: &str) -> Result<()> {
-        let email = email.trim().to_lowercase();
-        anyhow::ensure!(email.contains('@'), "{email:?} is not an email address");
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO accounts (email, password_hash, created_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (email) DO UPDATE SET password_hash = excluded.password_hash",
-                params![email, password_hash, now()],
-            )?;
-            Ok(())
-        })
-    }
-    /// The stored hash for an account.
-    pub fn account_hash(&self, email: &str) -> Result<Option<String>> {
-        let email = email.trim().to_lowercase();
-        self.with(|c| {
-            Ok(c.query_row(
-                "SELECT password_hash FROM accounts WHERE email = ?1",
-                [email],
-                |r| r.get(0),
-            )
-            .optional()?)
         })
     }
 }

@@ -143,6 +143,8 @@ impl Db {
         anyhow::ensure!(!d.name.trim().is_empty(), "--name must not be empty");
         self.with(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let group = d.group.as_deref().filter(|g| !g.is_empty());
+            check_group(&tx, group)?;
             let id = loop {
                 let id = device_id_for(&d.name);
                 let taken: bool = tx
@@ -154,9 +156,9 @@ impl Db {
                 }
             };
             tx.execute(
-                "INSERT INTO devices (id, name, grp, comment, allow_passwordless, allow_provisioning, template, serial, mac, created_at)
+                "INSERT INTO devices (id, name, group_name, comment, allow_passwordless, allow_provisioning, template, serial, mac, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                params![id, d.name.trim(), d.group, d.comment, d.allow_passwordless, d.allow_provisioning, d.template, d.serial, d.mac, now()],
+                params![id, d.name.trim(), group, d.comment, d.allow_passwordless, d.allow_provisioning, d.template, d.serial, d.mac, now()],
             )?;
             if d.allow_provisioning {
                 let serial = d.serial.as_deref().unwrap_or("");
@@ -174,7 +176,7 @@ impl Db {
     pub fn list_devices(&self) -> Result<Vec<Device>> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT id, name, grp, comment, allow_passwordless, allow_provisioning, serial, mac, created_at, activated_at FROM devices ORDER BY name, id",
+                "SELECT id, name, group_name, comment, allow_passwordless, allow_provisioning, serial, mac, created_at, activated_at FROM devices ORDER BY name, id",
             )?;
             let mut devices: Vec<Device> = stmt
                 .query_map([], |r| {
@@ -267,7 +269,12 @@ impl Db {
                 tx.execute("UPDATE devices SET name = ?2 WHERE id = ?1", params![id, v])?;
             }
             if let Some(v) = &ch.group {
-                tx.execute("UPDATE devices SET grp = ?2 WHERE id = ?1", params![id, v])?;
+                let v = (!v.is_empty()).then_some(v.as_str());
+                check_group(&tx, v)?;
+                tx.execute(
+                    "UPDATE devices SET group_name = ?2 WHERE id = ?1",
+                    params![id, v],
+                )?;
             }
             if let Some(v) = &ch.comment {
                 tx.execute(
@@ -417,4 +424,15 @@ pub fn identity_mismatch(
             facts.mac
         ),
     ))
+}
+
+/// A device's group must be a row of `groups` (an empty group means none).
+fn check_group(tx: &rusqlite::Transaction<'_>, group: Option<&str>) -> Result<()> {
+    let Some(g) = group else { return Ok(()) };
+    let known = tx
+        .query_row("SELECT 1 FROM groups WHERE name = ?1", [g], |_| Ok(()))
+        .optional()?
+        .is_some();
+    anyhow::ensure!(known, "no group {g:?}; add it first (`group add {g}`)");
+    Ok(())
 }

@@ -16,10 +16,16 @@ pub struct Migration {
 }
 
 /// Every schema change, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    name: "registry: devices, codes, accounts, nodes, visits, grants, settings, provisioning tasks",
-    apply: v1_registry,
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "registry: devices, codes, accounts, nodes, visits, grants, settings, provisioning tasks",
+        apply: v1_registry,
+    },
+    Migration {
+        name: "console: groups as rows, CM users with roles, scopes and 2FA, API tokens, console sessions, login failures, operation log",
+        apply: v2_console,
+    },
+];
 
 /// The schema version this build writes.
 pub const LATEST: u32 = MIGRATIONS.len() as u32;
@@ -111,6 +117,95 @@ CREATE TABLE IF NOT EXISTS provision_tasks (
 );
 ";
 
+/// Groups become rows (each distinct `devices.grp` one, referenced by `devices.group_name`), and
+/// the provider accounts of v1 become CM users with the `operator` role over all groups, which
+/// is what they could do before (activate any device by email).
+fn v2_console(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(V2)?;
+    tx.execute_batch(
+        "INSERT INTO groups (name, created_at)
+           SELECT DISTINCT grp, strftime('%s','now') FROM devices WHERE grp IS NOT NULL AND grp <> '';
+         ALTER TABLE devices ADD COLUMN group_name TEXT REFERENCES groups(name) ON UPDATE CASCADE;
+         UPDATE devices SET group_name = NULLIF(grp, '');
+         ALTER TABLE devices DROP COLUMN grp;
+         CREATE INDEX devices_group ON devices(group_name);
+         INSERT INTO users (email, password_hash, role, all_groups, created_at)
+           SELECT email, password_hash, 'operator', 1, created_at FROM accounts;
+         DROP TABLE accounts;",
+    )
+}
+
+const V2: &str = "
+CREATE TABLE groups (
+    name TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE users (
+    email TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    role TEXT NOT NULL,
+    all_groups INTEGER NOT NULL DEFAULT 1,
+    totp_secret BLOB,
+    totp_enabled_at INTEGER,
+    totp_last_step INTEGER,
+    created_at INTEGER NOT NULL,
+    last_login_at INTEGER
+);
+CREATE TABLE user_groups (
+    email TEXT NOT NULL REFERENCES users(email) ON DELETE CASCADE ON UPDATE CASCADE,
+    group_name TEXT NOT NULL REFERENCES groups(name) ON DELETE CASCADE ON UPDATE CASCADE,
+    PRIMARY KEY (email, group_name)
+);
+CREATE TABLE recovery_codes (
+    email TEXT NOT NULL REFERENCES users(email) ON DELETE CASCADE ON UPDATE CASCADE,
+    code_hash BLOB NOT NULL,
+    used_at INTEGER,
+    PRIMARY KEY (email, code_hash)
+);
+CREATE TABLE api_tokens (
+    id TEXT PRIMARY KEY,
+    email TEXT NOT NULL REFERENCES users(email) ON DELETE CASCADE ON UPDATE CASCADE,
+    name TEXT NOT NULL,
+    token_hash BLOB NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    last_used_at INTEGER,
+    revoked_at INTEGER
+);
+CREATE TABLE console_sessions (
+    id_hash BLOB PRIMARY KEY,
+    email TEXT NOT NULL REFERENCES users(email) ON DELETE CASCADE ON UPDATE CASCADE,
+    stage TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    client TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    pending_secret BLOB
+);
+CREATE TABLE login_failures (
+    email TEXT NOT NULL,
+    source TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE INDEX login_failures_key ON login_failures(email, source, at);
+CREATE TABLE oplog (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    source TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT,
+    device_id TEXT,
+    client TEXT,
+    result TEXT NOT NULL,
+    detail TEXT,
+    node TEXT,
+    seq INTEGER
+);
+CREATE INDEX oplog_at ON oplog(at);
+CREATE INDEX oplog_device ON oplog(device_id, at);
+CREATE UNIQUE INDEX oplog_agent_event ON oplog(device_id, node, seq);
+";
+
 fn has_column(c: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
     let mut stmt = c.prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?;
     stmt.exists([table, column])
@@ -159,7 +254,7 @@ fn apply_list(conn: &mut Connection, migrations: &[Migration]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::db::{Db, NewDevice};
+    use crate::server::db::{Db, NewDevice, Role, Scope};
     use crate::server::health::Health;
 
     const UNVERSIONED: &str = include_str!("testdata/unversioned.sql");
@@ -188,13 +283,21 @@ mod tests {
         assert_eq!(
             tables(&c),
             [
-                "accounts",
+                "api_tokens",
                 "codes",
+                "console_sessions",
                 "devices",
                 "grants",
+                "groups",
+                "login_failures",
                 "nodes",
+                "oplog",
                 "provision_tasks",
+                "recovery_codes",
                 "settings",
+                "sqlite_sequence",
+                "user_groups",
+                "users",
                 "visits"
             ]
         );
@@ -233,7 +336,20 @@ mod tests {
                 total: Some(25)
             }
         );
-        assert!(db.account_hash("ops@example.com").unwrap().is_some());
+        // The v1 account is now an operator over all groups, and the group a row.
+        let ops = db
+            .user("ops@example.com")
+            .unwrap()
+            .expect("account kept as a user");
+        assert_eq!((ops.role, &ops.scope), (Role::Operator, &Scope::All));
+        assert!(db.user_credentials("ops@example.com").unwrap().is_some());
+        assert_eq!(
+            db.groups().unwrap(),
+            [crate::server::db::Group {
+                name: "east".into(),
+                devices: 1
+            }]
+        );
         let grant = db
             .grant_by_cookie("grant1.grant-secret")
             .unwrap()

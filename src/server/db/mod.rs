@@ -6,14 +6,22 @@
 mod codes;
 mod devices;
 pub mod migrate;
+mod oplog;
 mod tasks;
+mod tokens;
+mod users;
 mod visits;
 
 pub use codes::{device_id_for, new_auth_code, normalize_code};
 pub use devices::{
     identity_mismatch, AddedDevice, Device, DeviceChanges, DeviceFlags, NewDevice, Node, NodeKey,
 };
+pub use oplog::{AgentEvent, Op, OpEntry, OpFilter, Source};
 pub use tasks::{PendingTask, Task};
+pub use tokens::{ApiToken, TOKEN_PREFIX};
+pub use users::{
+    check_group_name, normalize_email, Group, NewUser, Role, Scope, User, UserChanges,
+};
 pub use visits::{Grant, Redeemed, VisitLink};
 
 use anyhow::{Context, Result};
@@ -149,6 +157,7 @@ macro_rules! sql_text_enum {
 
 sql_text_enum!(crate::protocol::NodeRole, "node role");
 sql_text_enum!(crate::protocol::TaskState, "task state");
+sql_text_enum!(users::Role, "user role");
 
 impl rusqlite::types::ToSql for crate::protocol::HaState {
     fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {

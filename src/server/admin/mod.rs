@@ -1,8 +1,16 @@
-//! Admin commands (`device`, `visit`, `capacity`, `fingerprint`): each opens the registry beside
-//! a running server and returns the text to print; `--json` output is a stable contract.
+//! Admin commands (`device`, `visit`, `capacity`, `fingerprint`; `user`, `group` and `account` in
+//! [`users`]): each opens the registry beside a running server and returns the text to print;
+//! `--json` output is a stable contract. Every change is written to the Operation Log as
+//! `cli:<login name>`; a visit as `cli:LABEL`.
+
+mod users;
+pub use users::{
+    account_add, group_add, group_list, group_remove, user_add, user_list, user_remove,
+    user_reset_2fa, user_set,
+};
 
 use crate::server::db::{
-    AddedDevice, Capacity, Db, Device, DeviceChanges, NewDevice, CODE_TTL, VISIT_TTL,
+    AddedDevice, Capacity, Db, Device, DeviceChanges, NewDevice, Op, Source, CODE_TTL, VISIT_TTL,
 };
 use crate::server::keys::{ServerKeys, TlsSource};
 use anyhow::{Context, Result};
@@ -33,6 +41,7 @@ pub fn device_add(data_dir: &Path, d: &NewDevice, as_json: bool) -> Result<Strin
     }
     let db = Db::open(data_dir)?;
     let AddedDevice { id, code } = db.add_device(&d)?;
+    log_cli(&db, "device.add", &id, Some(&id));
     let expires = rfc3339(std::time::SystemTime::now() + CODE_TTL);
     Ok(if as_json {
         json!({"device_id": id, "auth_code": code, "code_expires_at": expires}).to_string()
@@ -43,8 +52,10 @@ pub fn device_add(data_dir: &Path, d: &NewDevice, as_json: bool) -> Result<Strin
 
 /// `device code`: a fresh code for re-activation.
 pub fn device_code(data_dir: &Path, device: &str, ttl: Duration, as_json: bool) -> Result<String> {
+    let device = &device.to_ascii_lowercase();
     let db = Db::open(data_dir)?;
     let code = db.new_code(device, ttl)?;
+    log_cli(&db, "device.code", device, Some(device));
     Ok(if as_json {
         json!({"device_id": device.to_ascii_lowercase(), "auth_code": code}).to_string()
     } else {
@@ -188,8 +199,10 @@ pub fn device_show(data_dir: &Path, device: &str, as_json: bool) -> Result<Strin
 
 /// `device remove`.
 pub fn device_remove(data_dir: &Path, device: &str) -> Result<String> {
+    let device = &device.to_ascii_lowercase();
     let db = Db::open(data_dir)?;
     anyhow::ensure!(db.remove_device(device)?, "no device {device:?}");
+    log_cli(&db, "device.remove", device, Some(device));
     Ok(format!(
         "removed {device}; a connected agent is told within seconds\n"
     ))
@@ -197,6 +210,7 @@ pub fn device_remove(data_dir: &Path, device: &str) -> Result<String> {
 
 /// `device set`.
 pub fn device_set(data_dir: &Path, device: &str, changes: &DeviceChanges) -> Result<String> {
+    let device = &device.to_ascii_lowercase();
     let mut changes = changes.clone();
     if let Some(mac) = changes.mac.as_ref().filter(|m| !m.is_empty()) {
         changes.mac = Some(crate::protocol::normalize_mac(mac).with_context(|| {
@@ -205,6 +219,7 @@ pub fn device_set(data_dir: &Path, device: &str, changes: &DeviceChanges) -> Res
     }
     let db = Db::open(data_dir)?;
     db.set_device(device, &changes)?;
+    log_cli(&db, "device.edit", device, Some(device));
     Ok(format!("updated {device}\n"))
 }
 
@@ -223,7 +238,15 @@ pub fn visit(
         .context("the server has not run with this data dir yet, so its public URL is unknown; start `pbx-remote-server run` first")?;
     let public = url::Url::parse(&public).context("stored public URL")?;
     let device = device.to_ascii_lowercase();
-    let token = db.create_visit(&device, cm_user.trim(), passwordless)?;
+    // A label typed on the shell is a claim, not a signed-in person: the audit says so.
+    let actor = format!("cli:{}", cm_user.trim());
+    let token = db.create_visit(&device, &actor, passwordless)?;
+    let action = if passwordless {
+        "visit.passwordless"
+    } else {
+        "visit.create"
+    };
+    log_as(&db, &actor, action, &device, Some(&device));
     let url = crate::server::front::visit_url(&public, &device, &token, passwordless);
     let expires = rfc3339(std::time::SystemTime::now() + VISIT_TTL);
     Ok(if as_json {
@@ -231,14 +254,6 @@ pub fn visit(
     } else {
         format!("{url}\n(one use, valid until {expires})\n")
     })
-}
-
-/// `account add EMAIL`: a CM account agents may activate with (password given once, hashed).
-pub fn account_add(data_dir: &Path, email: &str, password: &str) -> Result<String> {
-    crate::password::check_strength(password)?;
-    let hash = crate::password::hash(password)?;
-    Db::open(data_dir)?.add_account(email, &hash)?;
-    Ok(format!("account {} saved\n", email.trim().to_lowercase()))
 }
 
 /// `capacity set N|unlimited`.
@@ -250,7 +265,9 @@ pub fn capacity_set(data_dir: &Path, value: &str) -> Result<String> {
             .map(|n| n.to_string())
             .map_err(|_| anyhow::anyhow!("expected a number or \"unlimited\", got {n:?}"))?,
     };
-    Db::open(data_dir)?.set_setting("capacity", &v)?;
+    let db = Db::open(data_dir)?;
+    db.set_setting("capacity", &v)?;
+    log_cli(&db, "capacity.set", &v, None);
     Ok(format!("capacity: {v}\n"))
 }
 
@@ -264,6 +281,40 @@ pub fn fingerprint(data_dir: &Path) -> Result<String> {
     Ok(format!(
         "# server.pin_sha256 for agents of this server:\n{pin}\n"
     ))
+}
+
+/// The Operation Log's actor for a shell user: `cli:` and the login name (the one `sudo` was
+/// run by, when it was).
+fn cli_actor() -> String {
+    let name = ["SUDO_USER", "LOGNAME", "USER"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| "shell".into());
+    format!("cli:{name}")
+}
+
+/// Records a CLI change. The change itself has happened: a failure to log it is reported on
+/// stderr, not turned into the command's failure.
+fn log_cli(db: &Db, action: &str, target: &str, device: Option<&str>) {
+    log_as(db, &cli_actor(), action, target, device)
+}
+
+fn log_as(db: &Db, actor: &str, action: &str, target: &str, device: Option<&str>) {
+    let op = Op {
+        actor,
+        source: Source::Cli,
+        action,
+        target: Some(target),
+        device,
+        client: None,
+        result: "ok",
+        detail: None,
+    };
+    if let Err(e) = db.log_op(&op) {
+        eprintln!(
+            "warning: {action} {target} was done but not written to the Operation Log: {e:#}"
+        );
+    }
 }
 
 /// RFC 3339 time, millisecond precision, as the agent's status file writes it.

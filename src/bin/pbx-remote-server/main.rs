@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod users;
+use users::{AccountCommand, GroupCommand, UserCommand};
+
 #[derive(Parser)]
 #[command(
     name = "pbx-remote-server",
@@ -73,7 +76,17 @@ enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
-    /// Manage CM accounts (for activation by email/password).
+    /// Manage CM users (console sign-in and activation by email/password).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Manage device groups.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
+    /// Kept from before CM users: `account add EMAIL` is `user add EMAIL --role operator`.
     Account {
         #[command(subcommand)]
         command: AccountCommand,
@@ -106,17 +119,6 @@ enum Command {
     },
     /// Run server, agent and a demo portal on loopback and print visit links.
     Demo,
-}
-
-#[derive(Subcommand)]
-enum AccountCommand {
-    /// Add (or reset) an account; the password is read from stdin.
-    Add {
-        #[command(flatten)]
-        data: DataDir,
-        /// Account email.
-        email: String,
-    },
 }
 
 #[derive(Subcommand)]
@@ -407,12 +409,9 @@ fn dispatch(command: Command) -> anyhow::Result<String> {
             passwordless,
             json,
         } => admin::visit(data.get()?, &device, &as_user, passwordless, json),
-        Command::Account {
-            command: AccountCommand::Add { data, email },
-        } => {
-            let password = read_password()?;
-            admin::account_add(data.get()?, &email, &password)
-        }
+        Command::User { command } => users::user(command),
+        Command::Group { command } => users::group(command),
+        Command::Account { command } => users::account(command),
         Command::Capacity {
             command: CapacityCommand::Set { data, value },
         } => admin::capacity_set(data.get()?, &value),
