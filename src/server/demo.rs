@@ -1,7 +1,7 @@
 //! `pbx-remote-server demo`: the whole system on loopback in one process — server, a demo
 //! portal and an in-process agent — printing visit links once the agent is connected.
 
-use crate::server::db::{AddedDevice, Db, NewDevice};
+use crate::server::db::{AddedDevice, Db, NewDevice, NewUser, Role, Scope};
 use crate::server::{self, keys, Listeners, ServerOptions};
 use crate::status::{State, StatusHandle};
 use anyhow::{Context, Result};
@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 /// The demo's remote account name.
 pub const DEMO_USER: &str = "provider";
+/// The demo console admin's email.
+pub const DEMO_ADMIN: &str = "admin@demo.example";
 
 /// Runs the demo until `shutdown`; links go to `out` (stdout in the binary).
 pub async fn run(shutdown: CancellationToken, out: &mut (dyn Write + Send)) -> Result<()> {
@@ -38,13 +40,26 @@ async fn run_in(
     let server_port = udp.local_addr()?.port();
     let public = TcpListener::bind(loopback).await?;
     let public_port = public.local_addr()?.port();
+    let console = TcpListener::bind(loopback).await?;
+    let console_url = url::Url::parse(&format!(
+        "http://127.0.0.1:{}",
+        console.local_addr()?.port()
+    ))?;
     let portal = TcpListener::bind(loopback).await?;
     let portal_port = portal.local_addr()?.port();
 
     let keys = keys::ServerKeys::load_or_create(&data_dir, &keys::TlsSource::default())?;
     let pin = keys.pin_hex();
     drop(keys);
-    let AddedDevice { id: device, code } = Db::open(&data_dir)?.add_device(&NewDevice {
+    let db = Db::open(&data_dir)?;
+    let admin_password = format!("Demo-{}7", crate::crypto::random_token::<9>());
+    db.add_user(&NewUser {
+        email: DEMO_ADMIN.into(),
+        password_hash: crate::password::hash(&admin_password)?,
+        role: Role::Admin,
+        scope: Scope::All,
+    })?;
+    let AddedDevice { id: device, code } = db.add_device(&NewDevice {
         name: "Demo PBX".into(),
         comment: Some("created by `pbx-remote-server demo`".into()),
         allow_passwordless: true,
@@ -57,11 +72,16 @@ async fn run_in(
         public_tls: None,
         trusted_proxies: vec![],
         tls: keys::TlsSource::default(),
+        console: Some(server::console::ConsoleOptions {
+            url: console_url.clone(),
+            tls: None,
+        }),
     };
     let listeners = Listeners {
         udp,
         api: TcpListener::from_std(api)?,
         public,
+        console: Some(console),
     };
     let tasks = tokio_util::task::TaskTracker::new();
     let stop = shutdown.child_token();
@@ -122,8 +142,8 @@ async fn run_in(
             );
         }
     }
-    let passwordless = server::admin::visit(&data_dir, &device, "demo-admin", true, true)?;
-    let account = server::admin::visit(&data_dir, &device, "demo-admin", false, true)?;
+    let passwordless = server::admin::visit(&data_dir, &device, "demo", true, true)?;
+    let account = server::admin::visit(&data_dir, &device, "demo", false, true)?;
     let url_of = |j: &str| -> Result<String> {
         let v: serde_json::Value = serde_json::from_str(j)?;
         v["url"].as_str().map(str::to_string).context("visit url")
@@ -137,6 +157,15 @@ async fn run_in(
     writeln!(out, "  {}", url_of(&account)?)?;
     writeln!(out, "  username: {DEMO_USER}")?;
     writeln!(out, "  password: {password}")?;
+    writeln!(out)?;
+    writeln!(out, "Provider console (CM):")?;
+    writeln!(out, "  {console_url}")?;
+    writeln!(out, "  email:    {DEMO_ADMIN}")?;
+    writeln!(out, "  password: {admin_password}")?;
+    writeln!(
+        out,
+        "  (an admin without two-factor sign-in: set it up under Account)"
+    )?;
     writeln!(out)?;
     writeln!(
         out,

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod console;
 pub mod db;
 pub mod demo;
 pub(crate) mod demo_portal;
@@ -36,6 +37,8 @@ pub struct ServerOptions {
     pub trusted_proxies: Vec<IpNet>,
     /// TLS identity for API and tunnel.
     pub tls: keys::TlsSource,
+    /// The provider console, when it is served.
+    pub console: Option<console::ConsoleOptions>,
 }
 
 /// Sockets `run` serves on; the caller binds them (tests use port 0).
@@ -46,6 +49,8 @@ pub struct Listeners {
     pub api: TcpListener,
     /// TCP for the public front.
     pub public: TcpListener,
+    /// TCP for the console (with [`ServerOptions::console`]).
+    pub console: Option<TcpListener>,
 }
 
 /// Parses a `--trusted-proxy` value: an IP prefix (`10.1.0.0/16`, `2001:db8::/33`) or a single
@@ -103,6 +108,9 @@ impl ServerState {
                 opts.public_url
             );
         }
+        if let Some(c) = &opts.console {
+            console::check_console_url(&c.url, &opts.public_url)?;
+        }
         let keys = keys::ServerKeys::load_or_create(&opts.data_dir, &opts.tls)?;
         let db = db::Db::open(&opts.data_dir)?;
         db.all_offline()?;
@@ -135,7 +143,11 @@ pub async fn serve(
     let endpoint = hub::endpoint(&state.keys, listeners.udp)?;
     let api_tls = api::tls_acceptor(&state.keys)?;
     let public_tls = match &state.opts.public_tls {
-        Some((cert, key)) => Some(front::tls_acceptor(cert, key)?),
+        Some((cert, key)) => Some(front::tls_acceptor(
+            cert,
+            key,
+            "--public-cert/--public-key",
+        )?),
         None => None,
     };
     tracing::info!(
@@ -163,6 +175,19 @@ pub async fn serve(
         public_tls,
         shutdown.clone(),
     ));
+    match (&state.opts.console, listeners.console) {
+        (Some(opts), Some(listener)) => {
+            tracing::info!(console = %opts.url, listen = %listener.local_addr()?, "console listening");
+            let (state, opts, stop) = (state.clone(), opts.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                if let Err(e) = console::serve(state, opts, listener, stop).await {
+                    tracing::error!(error = %format!("{e:#}"), "console stopped");
+                }
+            });
+        }
+        (None, None) => {}
+        _ => anyhow::bail!("the console needs both its options and a listener"),
+    }
     tasks.close();
     shutdown.cancelled().await;
     endpoint.close(crate::protocol::CLOSE_NORMAL.into(), b"server stopping");

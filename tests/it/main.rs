@@ -8,6 +8,7 @@ mod api;
 mod boundary;
 mod browser;
 mod cli;
+mod console;
 mod enrolment;
 mod faults;
 mod gate;

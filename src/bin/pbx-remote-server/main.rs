@@ -1,12 +1,12 @@
 //! `pbx-remote-server`: the reference CM server's CLI; parses arguments and calls the library.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use pbx_remote::server::{self, admin, db, keys, Listeners, ServerOptions};
-use std::net::SocketAddr;
+use pbx_remote::server::{self, admin, db};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod run;
 mod users;
 use users::{AccountCommand, GroupCommand, UserCommand};
 
@@ -22,14 +22,14 @@ struct Cli {
 }
 
 #[derive(Args, Clone)]
-struct DataDir {
+pub(crate) struct DataDir {
     /// Data directory (SQLite registry and keys).
     #[arg(long, env = "PBX_REMOTE_SERVER_DATA", global = true)]
     data_dir: Option<PathBuf>,
 }
 
 impl DataDir {
-    fn get(&self) -> anyhow::Result<&Path> {
+    pub(crate) fn get(&self) -> anyhow::Result<&Path> {
         self.data_dir
             .as_deref()
             .ok_or_else(|| anyhow::anyhow!("--data-dir (or PBX_REMOTE_SERVER_DATA) is required"))
@@ -38,39 +38,9 @@ impl DataDir {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the server: activation API + QUIC tunnel on --listen, the public front on --public-listen.
-    Run {
-        #[command(flatten)]
-        data: DataDir,
-        /// Address for the activation API (TCP) and the tunnel (UDP).
-        #[arg(long, default_value = "0.0.0.0:8443")]
-        listen: SocketAddr,
-        /// Address of the public front (visitors' browsers).
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        public_listen: SocketAddr,
-        /// Visitor-facing URL of the front; devices are served at DEVICE.<host>
-        /// [default: http://localhost:<public port>]
-        #[arg(long)]
-        public_url: Option<url::Url>,
-        /// Certificate (PEM) for HTTPS on the front.
-        #[arg(long, requires = "public_key")]
-        public_cert: Option<PathBuf>,
-        /// Private key (PEM) for HTTPS on the front.
-        #[arg(long, requires = "public_cert")]
-        public_key: Option<PathBuf>,
-        /// Proxy (CIDR) whose X-Forwarded-For is believed; repeatable.
-        #[arg(long, value_parser = server::parse_trusted_proxy)]
-        trusted_proxy: Vec<ipnet::IpNet>,
-        /// Certificate (PEM) for the API and tunnel [default: generated in the data dir].
-        #[arg(long, requires = "tls_key")]
-        tls_cert: Option<PathBuf>,
-        /// Private key (PEM) for --tls-cert.
-        #[arg(long, requires = "tls_cert")]
-        tls_key: Option<PathBuf>,
-        /// Extra DNS name or IP for the generated certificate; repeatable.
-        #[arg(long)]
-        tls_name: Vec<String>,
-    },
+    /// Run the server: activation API + QUIC tunnel on --listen, the public front on
+    /// --public-listen, and the provider console on --console-listen.
+    Run(Box<run::RunArgs>),
     /// Manage devices.
     Device {
         #[command(subcommand)]
@@ -278,60 +248,7 @@ fn main() -> ExitCode {
 
 fn dispatch(command: Command) -> anyhow::Result<String> {
     match command {
-        Command::Run {
-            data,
-            listen,
-            public_listen,
-            public_url,
-            public_cert,
-            public_key,
-            trusted_proxy,
-            tls_cert,
-            tls_key,
-            tls_name,
-        } => {
-            let data_dir = data.get()?.to_path_buf();
-            runtime()?.block_on(async move {
-                let (udp, api) = server::bind_pair(listen)?;
-                let public = tokio::net::TcpListener::bind(public_listen).await?;
-                let public_port = public.local_addr()?.port();
-                let public_url = match public_url {
-                    Some(u) => u,
-                    None => url::Url::parse(&format!("http://localhost:{public_port}"))?,
-                };
-                let opts = ServerOptions {
-                    data_dir,
-                    public_url,
-                    public_tls: public_cert.zip(public_key),
-                    trusted_proxies: trusted_proxy,
-                    tls: keys::TlsSource {
-                        files: tls_cert.zip(tls_key),
-                        names: tls_name,
-                    },
-                };
-                // Keys and registry first: the readiness line promises that `fingerprint` and
-                // `device add` now read what this server uses (printed earlier, a script's
-                // `fingerprint` could generate a second key beside the server's own).
-                let public_url = opts.public_url.clone();
-                let state = server::ServerState::open(opts)?;
-                // Machine-readable readiness line for scripts and tests.
-                println!(
-                    "listening tunnel={} public={} public_url={}",
-                    udp.local_addr()?,
-                    public.local_addr()?,
-                    public_url
-                );
-                let root = tokio_util::sync::CancellationToken::new();
-                let _hup = pbx_remote::signals::install(root.clone())?;
-                let listeners = Listeners {
-                    udp,
-                    api: tokio::net::TcpListener::from_std(api)?,
-                    public,
-                };
-                server::serve(state, listeners, root).await?;
-                Ok(String::new())
-            })
-        }
+        Command::Run(args) => run::run(*args),
         Command::Device { command } => match command {
             DeviceCommand::Add {
                 data,
@@ -426,7 +343,7 @@ fn dispatch(command: Command) -> anyhow::Result<String> {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)

@@ -174,81 +174,12 @@ impl Db {
     }
     /// Every device with its nodes.
     pub fn list_devices(&self) -> Result<Vec<Device>> {
-        self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT id, name, group_name, comment, allow_passwordless, allow_provisioning, serial, mac, created_at, activated_at FROM devices ORDER BY name, id",
-            )?;
-            let mut devices: Vec<Device> = stmt
-                .query_map([], |r| {
-                    Ok(Device {
-                        id: r.get(0)?,
-                        name: r.get(1)?,
-                        group: r.get(2)?,
-                        comment: r.get(3)?,
-                        allow_passwordless: r.get(4)?,
-                        allow_provisioning: r.get(5)?,
-                        serial: r.get(6)?,
-                        mac: r.get(7)?,
-                        created_at: r.get(8)?,
-                        activated_at: r.get(9)?,
-                        nodes: vec![],
-                        online: false,
-                        provisioning: None,
-                        warning: None,
-                    })
-                })?
-                .collect::<Result<_, _>>()?;
-            let mut stmt = c.prepare(
-                "SELECT role, serial, mac, firmware, model, agent_version, online, last_seen, ha_state, telemetry FROM nodes WHERE device_id = ?1 ORDER BY role",
-            )?;
-            let fresh = now() - ONLINE_WINDOW.as_secs() as i64;
-            for d in &mut devices {
-                d.nodes = stmt
-                    .query_map([&d.id], |r| {
-                        let online: bool = r.get(6)?;
-                        let last_seen: Option<i64> = r.get(7)?;
-                        let online = online && last_seen.is_some_and(|t| t >= fresh);
-                        let telemetry: Option<crate::protocol::Telemetry> = r
-                            .get::<_, Option<String>>(9)?
-                            .and_then(|j| serde_json::from_str(&j).ok());
-                        let (health, abnormal) = health(online, telemetry.as_ref());
-                        Ok(Node {
-                            role: r.get(0)?,
-                            serial: r.get(1)?,
-                            mac: r.get(2)?,
-                            firmware: r.get(3)?,
-                            model: r.get(4)?,
-                            agent_version: r.get(5)?,
-                            ha_state: r.get(8)?,
-                            online,
-                            last_seen,
-                            health,
-                            abnormal,
-                            telemetry,
-                        })
-                    })?
-                    .collect::<Result<_, _>>()?;
-                d.online = d.nodes.iter().any(|n| n.online);
-                d.provisioning = c
-                    .query_row(
-                        "SELECT name, state, output, updated_at FROM provision_tasks WHERE device_id = ?1",
-                        [&d.id],
-                        |r| Ok(Task { name: r.get(0)?, state: r.get(1)?, output: r.get(2)?, updated_at: r.get(3)? }),
-                    )
-                    .optional()?;
-                let pair = d.nodes.iter().any(|n| n.role != NodeRole::Single);
-                let reachable = d.nodes.iter().filter(|n| n.online).count();
-                if pair && reachable == 1 {
-                    d.warning = Some("only one node of the Hot Standby pair is reachable".into());
-                }
-            }
-            Ok(devices)
-        })
+        self.with(|c| load_devices(c, None))
     }
     /// One device.
     pub fn device(&self, id: &str) -> Result<Option<Device>> {
         let id = id.to_ascii_lowercase();
-        Ok(self.list_devices()?.into_iter().find(|d| d.id == id))
+        self.with(|c| Ok(load_devices(c, Some(&id))?.pop()))
     }
     /// Removes a device (its nodes, codes, visits and grants go with it).
     pub fn remove_device(&self, id: &str) -> Result<bool> {
@@ -435,4 +366,95 @@ fn check_group(tx: &rusqlite::Transaction<'_>, group: Option<&str>) -> Result<()
         .is_some();
     anyhow::ensure!(known, "no group {g:?}; add it first (`group add {g}`)");
     Ok(())
+}
+
+/// Devices with their nodes and provisioning task (one device, or all by name): three queries
+/// whatever the fleet's size, not two per device.
+fn load_devices(c: &rusqlite::Connection, only: Option<&str>) -> Result<Vec<Device>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT id, name, group_name, comment, allow_passwordless, allow_provisioning, serial, mac, created_at, activated_at
+         FROM devices WHERE ?1 IS NULL OR id = ?1 ORDER BY name, id",
+    )?;
+    let mut devices: Vec<Device> = stmt
+        .query_map([only], |r| {
+            Ok(Device {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                group: r.get(2)?,
+                comment: r.get(3)?,
+                allow_passwordless: r.get(4)?,
+                allow_provisioning: r.get(5)?,
+                serial: r.get(6)?,
+                mac: r.get(7)?,
+                created_at: r.get(8)?,
+                activated_at: r.get(9)?,
+                nodes: vec![],
+                online: false,
+                provisioning: None,
+                warning: None,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let index: std::collections::HashMap<String, usize> = devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.id.clone(), i))
+        .collect();
+    let fresh = now() - ONLINE_WINDOW.as_secs() as i64;
+    let mut stmt = c.prepare_cached(
+        "SELECT device_id, role, serial, mac, firmware, model, agent_version, online, last_seen, ha_state, telemetry
+         FROM nodes WHERE ?1 IS NULL OR device_id = ?1 ORDER BY device_id, role",
+    )?;
+    let mut rows = stmt.query([only])?;
+    while let Some(r) = rows.next()? {
+        let device: String = r.get(0)?;
+        let Some(&i) = index.get(&device) else {
+            continue;
+        };
+        let online: bool = r.get(7)?;
+        let last_seen: Option<i64> = r.get(8)?;
+        let online = online && last_seen.is_some_and(|t| t >= fresh);
+        let telemetry: Option<crate::protocol::Telemetry> = r
+            .get::<_, Option<String>>(10)?
+            .and_then(|j| serde_json::from_str(&j).ok());
+        let (health, abnormal) = health(online, telemetry.as_ref());
+        devices[i].nodes.push(Node {
+            role: r.get(1)?,
+            serial: r.get(2)?,
+            mac: r.get(3)?,
+            firmware: r.get(4)?,
+            model: r.get(5)?,
+            agent_version: r.get(6)?,
+            ha_state: r.get(9)?,
+            online,
+            last_seen,
+            health,
+            abnormal,
+            telemetry,
+        });
+    }
+    let mut stmt = c.prepare_cached(
+        "SELECT device_id, name, state, output, updated_at FROM provision_tasks WHERE ?1 IS NULL OR device_id = ?1",
+    )?;
+    let mut rows = stmt.query([only])?;
+    while let Some(r) = rows.next()? {
+        let device: String = r.get(0)?;
+        if let Some(&i) = index.get(&device) {
+            devices[i].provisioning = Some(Task {
+                name: r.get(1)?,
+                state: r.get(2)?,
+                output: r.get(3)?,
+                updated_at: r.get(4)?,
+            });
+        }
+    }
+    for d in &mut devices {
+        d.online = d.nodes.iter().any(|n| n.online);
+        let pair = d.nodes.iter().any(|n| n.role != NodeRole::Single);
+        let reachable = d.nodes.iter().filter(|n| n.online).count();
+        if pair && reachable == 1 {
+            d.warning = Some("only one node of the Hot Standby pair is reachable".into());
+        }
+    }
+    Ok(devices)
 }

@@ -4,6 +4,7 @@
 //! `PRAGMA data_version`. The schema is versioned ([`migrate`]).
 
 mod codes;
+mod console;
 mod devices;
 pub mod migrate;
 mod oplog;
@@ -13,6 +14,9 @@ mod users;
 mod visits;
 
 pub use codes::{device_id_for, new_auth_code, normalize_code};
+pub use console::{
+    ConsoleSession, Failures, Stage, LOGIN_LOCK, MAX_LOGIN_FAILURES, SESSION_ABSOLUTE, SESSION_IDLE,
+};
 pub use devices::{
     identity_mismatch, AddedDevice, Device, DeviceChanges, DeviceFlags, NewDevice, Node, NodeKey,
 };

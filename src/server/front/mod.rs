@@ -49,8 +49,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
 /// Largest request head a visitor may send.
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
-/// rustls acceptor for an https front.
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor> {
+/// rustls acceptor for an https front (or console); `flags` name the files in errors.
+pub fn tls_acceptor(cert: &Path, key: &Path, flags: &str) -> Result<tokio_rustls::TlsAcceptor> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -58,7 +58,7 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor
             crate::tls::load_certs(cert)?,
             crate::tls::load_private_key(key)?,
         )
-        .context("--public-cert/--public-key")?;
+        .with_context(|| flags.to_string())?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }

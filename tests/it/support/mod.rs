@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod console;
 pub mod relay;
 
 use bytes::Bytes;
@@ -322,6 +323,8 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub tunnel: SocketAddr,
     pub public: SocketAddr,
+    /// The provider console (http on loopback; its host 127.0.0.1 is not the front's).
+    pub console: SocketAddr,
     pub pin: String,
     pub stop: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
@@ -340,23 +343,24 @@ impl TestServer {
     pub async fn start_with(f: impl FnOnce(&mut ServerOptions)) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let any = "127.0.0.1:0".parse().unwrap();
-        Self::start_on(dir, any, any, f).await
+        Self::start_on(dir, any, any, any, f).await
     }
 
     /// Stops the server and starts it again on the same ports and data dir (a restart).
     pub async fn restart(self) -> TestServer {
-        let (tunnel, public) = (self.tunnel, self.public);
+        let (tunnel, public, console) = (self.tunnel, self.public, self.console);
         self.stop.cancel();
         let _ = self.task.await;
         let state = self.state;
         drop(state);
-        Self::start_on(self.dir, tunnel, public, |_| {}).await
+        Self::start_on(self.dir, tunnel, public, console, |_| {}).await
     }
 
     async fn start_on(
         dir: tempfile::TempDir,
         tunnel: SocketAddr,
         public: SocketAddr,
+        console: SocketAddr,
         f: impl FnOnce(&mut ServerOptions),
     ) -> TestServer {
         // On a restart the old endpoint lets go of its port once its connections have drained
@@ -370,6 +374,8 @@ impl TestServer {
             }
         };
         let public = TcpListener::bind(public).await.unwrap();
+        let console = TcpListener::bind(console).await.unwrap();
+        let console_addr = console.local_addr().unwrap();
         let public_addr = public.local_addr().unwrap();
         let tunnel = udp.local_addr().unwrap();
         let mut opts = ServerOptions {
@@ -379,8 +385,13 @@ impl TestServer {
             public_tls: None,
             trusted_proxies: vec![],
             tls: keys::TlsSource::default(),
+            console: Some(pbx_remote::server::console::ConsoleOptions {
+                url: url::Url::parse(&format!("http://{console_addr}")).unwrap(),
+                tls: None,
+            }),
         };
         f(&mut opts);
+        let opts_console = opts.console.is_some();
         let state = pbx_remote::server::ServerState::open(opts).unwrap();
         let pin = state.keys.pin_hex();
         let stop = CancellationToken::new();
@@ -388,6 +399,7 @@ impl TestServer {
             udp,
             api: TcpListener::from_std(api).unwrap(),
             public,
+            console: opts_console.then_some(console),
         };
         let (s, st) = (stop.clone(), state.clone());
         let task = tokio::spawn(async move {
@@ -398,6 +410,7 @@ impl TestServer {
             dir,
             tunnel,
             public: public_addr,
+            console: console_addr,
             pin,
             stop,
             task,
