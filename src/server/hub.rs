@@ -49,9 +49,18 @@ pub struct Link {
 pub struct Hub {
     links: Mutex<HashMap<String, Vec<Arc<Link>>>>,
     generation: AtomicU64,
+    /// Rung by this server's own writes to devices (the console's): `PRAGMA data_version`
+    /// only moves for other connections' commits.
+    registry: tokio::sync::Notify,
 }
 
 impl Hub {
+    /// Tells the registry watcher that this process changed devices (removed one, switched a
+    /// flag), so connected agents hear of it now rather than at the next outside commit.
+    pub fn registry_changed(&self) {
+        self.registry.notify_one();
+    }
+
     /// The node of `device` that visits go to: the one reporting "active", else a lone node,
     /// else the primary, else any.
     pub fn get(&self, device: &str) -> Option<Arc<Link>> {
@@ -373,10 +382,11 @@ pub async fn watch_registry(state: Arc<ServerState>, shutdown: CancellationToken
     let mut last = state.db.data_version().unwrap_or(0);
     let mut tick = tokio::time::interval(REGISTRY_POLL);
     loop {
-        tokio::select! {
+        let ours = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+            _ = tick.tick() => false,
+            _ = state.hub.registry.notified() => true,
+        };
         let version = match state.db.data_version() {
             Ok(v) => v,
             Err(e) => {
@@ -384,7 +394,7 @@ pub async fn watch_registry(state: Arc<ServerState>, shutdown: CancellationToken
                 continue;
             }
         };
-        if version == last {
+        if version == last && !ours {
             continue;
         }
         last = version;

@@ -9,6 +9,7 @@ mod boundary;
 mod browser;
 mod cli;
 mod console;
+mod console_browser;
 mod enrolment;
 mod faults;
 mod gate;

@@ -174,6 +174,7 @@ pub(super) async fn edit(
     };
     match app.server.db.set_device(&d.id, &ch) {
         Ok(()) => {
+            app.server.hub.registry_changed();
             app.log(&c, "device.edit", Some(&d.id), "ok");
             Redirect::to(&format!("/devices/{}", d.id)).into_response()
         }
@@ -256,6 +257,7 @@ pub(crate) fn remove_device(app: &AppState, c: &Caller, id: &str) -> anyhow::Res
     };
     let removed = app.server.db.remove_device(&d.id)?;
     if removed {
+        app.server.hub.registry_changed();
         app.log(c, "device.remove", Some(&d.id), "ok");
     }
     Ok(removed)

@@ -131,14 +131,22 @@ pub(super) fn status(d: &Device) -> (&'static str, &'static str) {
     }
 }
 
-/// Why a device is Abnormal, in a few words.
-pub(super) fn abnormal_why(d: &Device) -> String {
-    d.nodes
+/// Why a device is Abnormal: each distinct reason once over its online nodes, in full.
+pub(super) fn abnormal_why(d: &Device) -> Vec<&str> {
+    let mut why: Vec<&str> = d
+        .nodes
         .iter()
         .filter(|n| n.online)
-        .flat_map(|n| n.abnormal.iter().cloned())
-        .collect::<Vec<_>>()
-        .join("; ")
+        .flat_map(|n| n.abnormal.iter().map(String::as_str))
+        .collect();
+    why.dedup();
+    why
+}
+
+/// A reason in a few words (what comes before its first colon), for a table cell; the cell's
+/// title keeps the whole text.
+fn brief(reason: &str) -> &str {
+    reason.split(':').next().unwrap_or(reason)
 }
 
 /// A node's Hot Standby word: Active or Standby (None for a single PBX).
@@ -157,9 +165,12 @@ pub(super) fn ha_word(n: &Node) -> Option<&'static str> {
 pub(super) fn status_cell(d: &Device) -> Markup {
     let (word, class) = status(d);
     let why = abnormal_why(d);
+    let full = why.join("; ");
+    let mut short: Vec<&str> = why.iter().map(|w| brief(w)).collect();
+    short.dedup();
     html! {
-        span class={"status " (class)} title=[(!why.is_empty()).then_some(why.as_str())] { (word) }
-        @if class == "abnormal" && !why.is_empty() { small.why { (why) } }
+        span class={"status " (class)} title=[(!full.is_empty()).then_some(full.as_str())] { (word) }
+        @if class == "abnormal" && !short.is_empty() { small.why title=(full) { (short.join("; ")) } }
         @for n in d.nodes.iter().filter(|n| n.role != NodeRole::Single) {
             small.node {
                 (n.role) ": " (ha_word(n).unwrap_or("Unknown")) ", "

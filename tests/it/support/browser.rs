@@ -93,6 +93,11 @@ impl Browser {
             events: VecDeque::new(),
         };
         b.call("Page.enable", json!({})).await;
+        b.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": 1400, "height": 900, "deviceScaleFactor": 1, "mobile": false}),
+        )
+        .await;
         Some(b)
     }
 
@@ -206,5 +211,37 @@ impl Browser {
             .as_str()
             .unwrap()
             .to_string()
+    }
+
+    /// Waits (bounded) until `condition`, a JS expression, is true: checked now and at each
+    /// change of the page's DOM, not on a timer.
+    pub async fn wait_for(&mut self, condition: &str, limit: Duration) {
+        let ms = limit.as_millis();
+        let expr = format!(
+            "new Promise((resolve) => {{\
+               const check = () => {{ if ({condition}) {{ obs.disconnect(); resolve(true); }} }};\
+               const obs = new MutationObserver(check);\
+               obs.observe(document, {{subtree: true, childList: true, characterData: true, attributes: true}});\
+               setTimeout(() => {{ obs.disconnect(); resolve(!!({condition})); }}, {ms});\
+               check();\
+             }})"
+        );
+        let met = self.js(&expr).await;
+        assert_eq!(met, Value::Bool(true), "not within {limit:?}: {condition}");
+    }
+
+    /// Saves a PNG of the page as `target/console-screenshots/NAME.png`, for a reviewer.
+    pub async fn screenshot(&mut self, name: &str) {
+        use base64::Engine;
+        let r = self
+            .call("Page.captureScreenshot", json!({"format": "png"}))
+            .await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(r["data"].as_str().unwrap())
+            .unwrap();
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
     }
 }

@@ -50,3 +50,23 @@ document.addEventListener("click", (ev) => {
   tick();
   setInterval(tick, 3000);
 })();
+
+// Add: Allow Provisioning via Template turns on Verify Serial Number and MAC Address, whose
+// two fields then become required (the server checks the same).
+(function provisioning() {
+  const prov = document.getElementById("allow_provisioning");
+  const verify = document.getElementById("verify");
+  if (!prov || !verify) return;
+  const sync = () => {
+    if (prov.checked) verify.checked = true;
+    verify.disabled = prov.checked;
+    const needed = verify.checked;
+    for (const id of ["serial", "mac"]) {
+      const el = document.getElementById(id);
+      if (el) el.required = needed;
+    }
+  };
+  prov.addEventListener("change", sync);
+  verify.addEventListener("change", sync);
+  sync();
+})();

@@ -1,0 +1,268 @@
+//! The provider console in headless Chromium, as a provider uses it: first sign-in and 2FA
+//! enrolment, a sign-in with a fresh code, Add → code → an agent activates → its row turns
+//! Online without a reload, Passwordless Login into the portal as super admin with the user's
+//! email in the assertion, Remove → the agent reads `device_removed`, a viewer's view, and a
+//! Hot Standby pair that swaps on failover. Each page is saved under
+//! `target/console-screenshots/` for a reviewer to look at.
+
+use crate::support::browser::Browser;
+use crate::support::console::*;
+use crate::support::*;
+use pbx_remote::protocol::Reason;
+use pbx_remote::server::db::Role;
+use std::time::Duration;
+
+const LIVE: Duration = Duration::from_secs(10);
+
+/// Fills the fields (`#id` → value) and clicks the submit button of the form posting to `action`.
+async fn fill_and_submit(b: &mut Browser, fields: &[(&str, &str)], action: &str) {
+    let mut js = String::new();
+    for (id, value) in fields {
+        js.push_str(&format!(
+            "document.getElementById({id:?}).value = {value:?};"
+        ));
+    }
+    b.js(&js).await;
+    b.submit(action).await;
+}
+
+async fn sign_in(b: &mut Browser, console: &str, email: &str) {
+    b.go(&format!("{console}/login")).await;
+    fill_and_submit(b, &[("email", email), ("password", CM_PASSWORD)], "/login").await;
+}
+
+async fn sign_out(b: &mut Browser) {
+    b.submit("/logout").await;
+    assert_eq!(b.path().await, "/login");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_enrols_2fa_adds_a_device_sees_it_online_visits_it_and_removes_it() {
+    let Some(mut b) = Browser::start().await else {
+        return;
+    };
+    let server = TestServer::start().await;
+    let console = format!("http://{}", server.console);
+    add_user(&server, "ann@example.com", Role::Admin, &[]);
+
+    // First sign-in, then two-factor enrolment from Account.
+    b.go(&format!("{console}/devices")).await;
+    assert_eq!(b.path().await, "/login", "pages need a session");
+    b.screenshot("01-sign-in").await;
+    fill_and_submit(
+        &mut b,
+        &[("email", "ann@example.com"), ("password", CM_PASSWORD)],
+        "/login",
+    )
+    .await;
+    assert_eq!(b.path().await, "/devices");
+    b.go(&format!("{console}/account")).await;
+    b.screenshot("02-account").await;
+    b.act("document.querySelector('a[href=\"/account/2fa\"]').click()")
+        .await;
+    let secret = b
+        .js("document.getElementById('totp-secret').textContent")
+        .await;
+    let secret = secret.as_str().unwrap().to_string();
+    let qr_loaded = b
+        .js("document.querySelector('img.qr').complete && document.querySelector('img.qr').naturalWidth > 0")
+        .await;
+    assert_eq!(
+        qr_loaded, true,
+        "the QR code image loads from the console itself"
+    );
+    b.screenshot("03-2fa-enrol").await;
+    let step = totp_now();
+    fill_and_submit(
+        &mut b,
+        &[("code", &totp_code(&secret, step))],
+        "/account/2fa",
+    )
+    .await;
+    let codes = b
+        .js("document.querySelectorAll('#recovery-codes li').length")
+        .await;
+    assert_eq!(codes, 10);
+    b.screenshot("04-2fa-recovery-codes").await;
+
+    // A later sign-in asks for a fresh code.
+    b.go(&format!("{console}/devices")).await;
+    sign_out(&mut b).await;
+    sign_in(&mut b, &console, "ann@example.com").await;
+    assert_eq!(b.path().await, "/login/code");
+    let autocomplete = b.js("document.getElementById('code').autocomplete").await;
+    assert_eq!(autocomplete, "one-time-code");
+    b.screenshot("05-2fa-code").await;
+    fill_and_submit(
+        &mut b,
+        &[("code", &totp_code(&secret, step + 1))],
+        "/login/code",
+    )
+    .await;
+    assert_eq!(b.path().await, "/devices", "{}", b.text().await);
+
+    // Add → the code, shown once.
+    b.act("document.querySelector('a[href=\"/devices/add\"]').click()")
+        .await;
+    b.screenshot("06-add").await;
+    b.js("document.getElementById('allow_passwordless').checked = true")
+        .await;
+    fill_and_submit(
+        &mut b,
+        &[("name", "Branch PBX"), ("comment", "2nd floor")],
+        "/devices/add",
+    )
+    .await;
+    let code = b
+        .js("document.getElementById('auth-code').textContent")
+        .await;
+    let code = code.as_str().unwrap().to_string();
+    b.screenshot("07-add-code").await;
+    let device = server.db().list_devices().unwrap()[0].id.clone();
+
+    // The list, left open: the agent activates with the code, and the row turns Online.
+    b.go(&format!("{console}/devices")).await;
+    let row = format!("document.querySelector('tr[data-id=\"{device}\"] .status')");
+    assert_eq!(b.js(&format!("{row}.textContent")).await, "Never connected");
+    b.js("window.notReloaded = true").await;
+    let portal = PortalFixture::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(
+        tmp.path(),
+        &server
+            .agent_toml(tmp.path())
+            .code(&code)
+            .portal(&portal.url())
+            .build(),
+    );
+    agent.connected().await;
+    b.wait_for(&format!("{row}?.textContent === 'Online'"), LIVE)
+        .await;
+    assert_eq!(
+        b.js("window.notReloaded === true").await,
+        true,
+        "updated in place"
+    );
+    b.screenshot("08-devices-online").await;
+    b.go(&format!("{console}/devices/{device}")).await;
+    b.screenshot("09-device").await;
+
+    // Passwordless Login opens a new tab on the device's front (kept in this tab here, so the
+    // test can follow it), lands in the portal as super admin, and the assertion names Ann.
+    b.go(&format!("{console}/devices")).await;
+    let form = format!("document.querySelector('form[action=\"/devices/{device}/visit\"] input[name=passwordless]').form");
+    assert_eq!(b.js(&format!("{form}.target")).await, "_blank");
+    b.act(&format!(
+        "{form}.removeAttribute('target'); {form}.querySelector('button').click()"
+    ))
+    .await;
+    assert_eq!(b.title().await, "Remote visit", "{}", b.text().await);
+    b.act("document.querySelector('form button').click()").await;
+    assert_eq!(b.text().await, "PBX portal home");
+    let sessions = agent.status.get().active_sessions;
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].role, "super_admin");
+    let seen = portal.log.last_headers.lock().unwrap().clone();
+    let jwt = seen
+        .iter()
+        .find(|(k, _)| k == "x-pbx-remote-assertion")
+        .map(|(_, v)| v.clone())
+        .expect("the portal got an assertion");
+    let pem = std::fs::read_to_string(tmp.path().join("assertion.pub")).unwrap();
+    let claims = pbx_remote::agent::assertion::verify(&pem, &jwt).unwrap();
+    assert_eq!(claims["cm_user"], "ann@example.com");
+    assert_eq!(claims["role"], "super_admin");
+
+    // Remove, confirmed on a page of its own: the agent is told.
+    b.go(&format!("{console}/devices/{device}/remove")).await;
+    b.screenshot("10-remove-confirm").await;
+    b.submit(&format!("/devices/{device}/remove")).await;
+    assert_eq!(b.path().await, "/devices");
+    let s = agent
+        .wait(LIVE, |s| s.reason == Some(Reason::DeviceRemoved))
+        .await;
+    assert_eq!(s.reason, Some(Reason::DeviceRemoved));
+    agent.shutdown().await;
+
+    // A viewer: neither Add nor the visit buttons, and the API refuses their change.
+    server.add_device(false);
+    add_user(&server, "viewer@example.com", Role::Viewer, &[]);
+    sign_out(&mut b).await;
+    sign_in(&mut b, &console, "viewer@example.com").await;
+    assert_eq!(b.path().await, "/devices");
+    assert_eq!(
+        b.js("document.querySelectorAll('tbody tr[data-id]').length")
+            .await,
+        1
+    );
+    assert_eq!(
+        b.js("!!document.querySelector('a[href=\"/devices/add\"]')")
+            .await,
+        false
+    );
+    assert_eq!(
+        b.js("!!document.querySelector('form[action$=\"/visit\"]')")
+            .await,
+        false
+    );
+    b.screenshot("11-devices-viewer").await;
+    let status = b
+        .js("fetch('/api/v1/devices', {method: 'POST', headers: {'content-type': 'application/json', \
+             'x-csrf-token': document.querySelector('[name=csrf]').value}, \
+             body: JSON.stringify({name: 'nope'})}).then(r => r.status)")
+        .await;
+    assert_eq!(status, 403);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hot_standby_pair_shows_active_and_standby_and_swaps_on_failover() {
+    let Some(mut b) = Browser::start().await else {
+        return;
+    };
+    let server = TestServer::start().await;
+    let console = format!("http://{}", server.console);
+    add_user(&server, "ann@example.com", Role::Operator, &[]);
+    let (device, code) = server.add_device(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = vec![];
+    for (role, state) in [("primary", "active"), ("secondary", "standby")] {
+        let dir = tmp.path().join(role);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ha-state"), format!("{state}\n")).unwrap();
+        let ha = format!(
+            "\n[ha]\nrole = \"{role}\"\nstate_file = \"{}\"\n",
+            dir.join("ha-state").display()
+        );
+        let portal = PortalFixture::start().await;
+        let toml = server
+            .agent_toml(&dir)
+            .code(&code)
+            .portal(&portal.url())
+            .extra(&ha)
+            .build();
+        let agent = TestAgent::start(&dir, &toml);
+        agent.connected().await;
+        nodes.push((dir, agent, portal));
+    }
+    sign_in(&mut b, &console, "ann@example.com").await;
+    let cell = format!("document.querySelector('tr[data-id=\"{device}\"] .status-cell').innerText");
+    b.wait_for(
+        &format!("{cell}.startsWith('Online') && {cell}.includes('primary: Active, Online') && {cell}.includes('secondary: Standby, Online')"),
+        LIVE,
+    )
+    .await;
+    b.screenshot("12-devices-hot-standby").await;
+    b.js("window.notReloaded = true").await;
+    std::fs::write(nodes[0].0.join("ha-state"), "standby\n").unwrap();
+    std::fs::write(nodes[1].0.join("ha-state"), "active\n").unwrap();
+    b.wait_for(
+        &format!("{cell}.includes('primary: Standby') && {cell}.includes('secondary: Active')"),
+        LIVE,
+    )
+    .await;
+    assert_eq!(b.js("window.notReloaded === true").await, true);
+    b.screenshot("13-devices-failover").await;
+    for (_, a, _) in nodes {
+        a.shutdown().await;
+    }
+}
