@@ -275,6 +275,7 @@ impl Tunnel {
                     agent_version: env!("CARGO_PKG_VERSION").to_string(),
                     facts: self.facts.clone(),
                     ha_state: crate::agent::activation::ha_state(&config),
+                    switches: Some(self.proxy.gate.local_switches()),
                 },
             )
             .await?;
@@ -470,11 +471,17 @@ async fn control_loop(
                     heartbeat = every;
                     tick = heartbeats(every);
                 }
+                // A reload may have turned a switch: the CM hears of it now, not a beat later.
+                tick.reset_immediately();
             }
             _ = tick.tick() => {
                 let ha_state = crate::agent::activation::ha_state(&config);
                 let telemetry = sampler.sample(&ctx.portal(), ha_state).await;
-                let hb = Control::Heartbeat { ha_state, telemetry: Some(telemetry) };
+                let hb = Control::Heartbeat {
+                    ha_state,
+                    telemetry: Some(telemetry),
+                    switches: Some(gate.local_switches()),
+                };
                 if let Err(e) = write_frame(&mut send, &hb).await {
                     tracing::debug!(error = %e, "heartbeat not sent");
                     return;

@@ -213,6 +213,16 @@ pub struct DeviceSettings {
     pub allow_passwordless: bool,
 }
 
+/// What the PBX side allows, as its own config says (the CM shows which side is off when a
+/// Passwordless Login is not offered).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalSwitches {
+    /// Account Login is on (enabled, and not suspended by an extension's email).
+    pub account_login: bool,
+    /// The agent's passwordless switch is on.
+    pub passwordless: bool,
+}
+
 /// Frames on the control stream (the first bi-stream, opened by the agent).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -228,6 +238,9 @@ pub enum Control {
         /// Hot Standby state of this node, when it is one.
         #[serde(default)]
         ha_state: Option<HaState>,
+        /// The local switches at connect; `None` from agents that do not report them.
+        #[serde(default)]
+        switches: Option<LocalSwitches>,
     },
     /// Server → agent, answer to hello.
     Welcome {
@@ -251,6 +264,9 @@ pub enum Control {
         /// This node's health sample; `None` from agents that do not send one.
         #[serde(default)]
         telemetry: Option<Telemetry>,
+        /// The local switches now (a reload sends a heartbeat at once).
+        #[serde(default)]
+        switches: Option<LocalSwitches>,
     },
     /// Server → agent, answer to heartbeat.
     HeartbeatAck {
@@ -449,17 +465,38 @@ mod tests {
                 cpu_percent: 1.5,
                 ..Telemetry::default()
             }),
+            switches: Some(LocalSwitches {
+                account_login: true,
+                passwordless: false,
+            }),
         };
         write_frame(&mut a, &hello).await.unwrap();
         drop(a);
         let got: Control = read_frame(&mut b).await.unwrap().unwrap();
         match got {
-            Control::Heartbeat { telemetry, .. } => {
-                assert_eq!(telemetry.map(|t| t.cpu_percent), Some(1.5))
+            Control::Heartbeat {
+                telemetry,
+                switches,
+                ..
+            } => {
+                assert_eq!(telemetry.map(|t| t.cpu_percent), Some(1.5));
+                assert_eq!(
+                    switches.map(|s| (s.account_login, s.passwordless)),
+                    Some((true, false))
+                );
             }
             other => panic!("unexpected {other:?}"),
         }
         assert!(read_frame::<_, Control>(&mut b).await.unwrap().is_none());
+    }
+
+    #[test]
+    fn a_heartbeat_from_an_agent_without_switches_still_reads() {
+        let old = r#"{"type":"heartbeat","ha_state":null}"#;
+        match serde_json::from_str::<Control>(old).unwrap() {
+            Control::Heartbeat { switches, .. } => assert_eq!(switches, None),
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -199,6 +199,7 @@ async fn serve_tunnel(
         agent_version,
         facts,
         ha_state,
+        switches,
     }) = hello
     else {
         refuse(&conn, Reason::ProtocolMismatch, "expected hello");
@@ -227,7 +228,7 @@ async fn serve_tunnel(
     };
     state
         .db
-        .node_connected(&device, role, &facts, &agent_version, ha_state)?;
+        .node_connected(&device, role, &facts, &agent_version, ha_state, switches)?;
     let (settings_tx, mut settings_rx) = mpsc::unbounded_channel();
     let link = Arc::new(Link {
         device_id: device.clone(),
@@ -282,7 +283,7 @@ async fn serve_tunnel(
         tokio::select! {
             e = conn.closed() => break e.to_string(),
             frame = read_frame::<_, Control>(&mut recv) => match frame {
-                Ok(Some(Control::Heartbeat { ha_state, telemetry })) => {
+                Ok(Some(Control::Heartbeat { ha_state, telemetry, switches })) => {
                     let changed = {
                         let mut current = lock(&link.ha_state);
                         std::mem::replace(&mut *current, ha_state) != ha_state
@@ -290,7 +291,7 @@ async fn serve_tunnel(
                     if changed {
                         tracing::warn!(ha_state = ?ha_state, "hot standby state changed; visits follow the active node");
                     }
-                    if let Err(e) = state.db.node_seen(&device, role, ha_state, telemetry.as_ref()) {
+                    if let Err(e) = state.db.node_seen(&device, role, ha_state, telemetry.as_ref(), switches) {
                         tracing::warn!(error = %format!("{e:#}"), "cannot record heartbeat");
                     }
                     write_frame(&mut send, &Control::HeartbeatAck { server_time_ms: crate::protocol::now_ms() }).await?;

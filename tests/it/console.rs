@@ -6,6 +6,7 @@ use crate::support::console::*;
 use crate::support::*;
 use pbx_remote::server::db::{OpFilter, Role, Source};
 use reqwest::Method;
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sign_in_sets_a_strict_session_and_every_change_needs_origin_and_csrf() {
@@ -514,4 +515,78 @@ async fn a_console_on_the_fronts_host_or_under_it_is_refused_at_start() {
         );
     }
     assert!(pbx_remote::server::ServerState::open(opts("http://cm.example.com")).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_reports_its_switches_and_the_console_says_which_side_is_off() {
+    // Heartbeats a minute apart: a reload's report cannot ride on the next regular one.
+    let w = World::start_with_toml(true, |t| {
+        t.replace("heartbeat_secs = 1", "heartbeat_secs = 60")
+    })
+    .await;
+    add_user(&w.server, "ops@example.com", Role::Operator, &[]);
+    let switches = || {
+        w.server.db().device(&w.device).unwrap().unwrap().nodes[0]
+            .switches
+            .map(|s| (s.account_login, s.passwordless))
+    };
+    assert_eq!(switches(), Some((true, true)), "reported at connect");
+    let mut cm = Cm::new(&w.server);
+    cm.sign_in("ops@example.com", CM_PASSWORD).await;
+    let (_, _, page) = cm.get("/devices").await;
+    assert!(
+        page.contains(">Passwordless Login</button>"),
+        "offered: both sides on"
+    );
+
+    // The PBX turns its passwordless switch off: a reload, reported at once.
+    let path = w.agent.dir.join("agent.toml");
+    let toml = std::fs::read_to_string(&path).unwrap();
+    let off = toml.replace(
+        "[remote_access.passwordless]\nenabled = true",
+        "[remote_access.passwordless]\nenabled = false",
+    );
+    assert_ne!(toml, off);
+    std::fs::write(&path, off).unwrap();
+    w.agent.reload_and_wait().await;
+    eventually(Duration::from_secs(5), "the switch reported", || {
+        (switches() == Some((true, false))).then_some(())
+    })
+    .await;
+    let (_, _, page) = cm.get("/devices").await;
+    assert!(
+        !page.contains(">Passwordless Login</button>"),
+        "not offered"
+    );
+    assert!(
+        page.contains("Passwordless Login is off on the PBX"),
+        "{page}"
+    );
+    let r = cm
+        .post(
+            &format!("/devices/{}/visit", w.device),
+            &[("passwordless", "on")],
+        )
+        .await;
+    assert_eq!(r.status(), 409, "nor minted by a hand-made post");
+
+    // And the CM's flag too: the console names both sides.
+    pbx_remote::server::admin::device_set(
+        &w.server.data_dir(),
+        &w.device,
+        &pbx_remote::server::db::DeviceChanges {
+            allow_passwordless: Some(false),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (_, _, page) = cm.get("/devices").await;
+    assert!(
+        page.contains("Passwordless Login is off in CM and on the PBX"),
+        "{page}"
+    );
+    assert!(
+        page.contains(">Remote Visit</button>"),
+        "account login is still on"
+    );
 }

@@ -230,6 +230,16 @@ impl Gate {
         }
     }
 
+    /// The switches the CM is told about: Account Login (enabled and not suspended) and the
+    /// local passwordless switch.
+    pub fn local_switches(&self) -> crate::protocol::LocalSwitches {
+        let rules = self.rules();
+        crate::protocol::LocalSwitches {
+            account_login: rules.account.is_some() && lock(&self.account_suspended).is_none(),
+            passwordless: rules.passwordless,
+        }
+    }
+
     /// New access rules (reload): ends sessions the new rules no longer allow.
     pub fn apply_rules(&self, new: Rules) {
         let old = std::mem::replace(&mut *lock(&self.rules), new.clone());

@@ -278,13 +278,47 @@ pub(super) fn visit_buttons(c: &Caller, d: &Device) -> Markup {
             }
         }
     };
+    let account = visit_refusal(d, false);
+    let passwordless = visit_refusal(d, true);
     html! {
-        (form(false, "Remote Visit"))
-        @if d.allow_passwordless {
-            (form(true, "Passwordless Login"))
-        } @else {
-            small.off { "Passwordless Login is off for this device in CM" }
+        @match account {
+            None => (form(false, "Remote Visit")),
+            Some(why) => small.off { (why) },
         }
+        @match passwordless {
+            None => (form(true, "Passwordless Login")),
+            Some(why) => small.off { (why) },
+        }
+    }
+}
+
+/// Why a visit of this kind is not offered: the CM's flag, or the PBX's own switch as its
+/// agent reports it (the node visits go to: the active one, else any online, else the last
+/// report). None when it is offered.
+pub(crate) fn visit_refusal(d: &Device, passwordless: bool) -> Option<&'static str> {
+    let node = d
+        .nodes
+        .iter()
+        .filter(|n| n.online)
+        .max_by_key(|n| n.ha_state == Some(crate::protocol::HaState::Active))
+        .or_else(|| d.nodes.iter().find(|n| n.switches.is_some()));
+    let switches = node.and_then(|n| n.switches);
+    if !passwordless {
+        return match switches {
+            Some(s) if !s.account_login => Some("Remote Visit: Account Login is off on the PBX"),
+            _ => None,
+        };
+    }
+    let pbx = switches.map(|s| s.passwordless);
+    match (d.allow_passwordless, pbx) {
+        (true, Some(true)) => None,
+        (false, Some(false)) => Some("Passwordless Login is off in CM and on the PBX"),
+        (false, _) => Some("Passwordless Login is off for this device in CM"),
+        (true, Some(false)) => Some("Passwordless Login is off on the PBX"),
+        (true, None) if d.nodes.is_empty() => {
+            Some("Passwordless Login: the PBX has not connected yet")
+        }
+        (true, None) => Some("Passwordless Login: the PBX's agent does not report its switch"),
     }
 }
 
@@ -326,6 +360,9 @@ pub(crate) fn visit_url(
     let Some(d) = device_for(app, &c.user, id)? else {
         return Ok(None);
     };
+    if let Some(why) = visit_refusal(&d, passwordless) {
+        anyhow::bail!("{why}.");
+    }
     let token = app
         .server
         .db

@@ -3,7 +3,7 @@
 
 use super::codes::{device_id_for, insert_code};
 use super::{now, Db, Task, CODE_TTL, ONLINE_WINDOW};
-use crate::protocol::{DeviceFacts, HaState, NodeRole, Reason};
+use crate::protocol::{DeviceFacts, HaState, LocalSwitches, NodeRole, Reason};
 use crate::server::health::{health, Health};
 use crate::server::refusal::Refusal;
 use anyhow::Result;
@@ -72,6 +72,9 @@ pub struct Node {
     pub abnormal: Vec<String>,
     /// The last telemetry sample (kept while offline, for the record).
     pub telemetry: Option<crate::protocol::Telemetry>,
+    /// The PBX side's own switches as its agent last reported them (None: an agent that does
+    /// not report them, or never connected).
+    pub switches: Option<LocalSwitches>,
 }
 
 /// Per-device settings the hub watches.
@@ -285,13 +288,17 @@ impl Db {
         facts: &DeviceFacts,
         agent_version: &str,
         ha_state: Option<HaState>,
+        switches: Option<LocalSwitches>,
     ) -> Result<()> {
+        let (account_login, passwordless) =
+            switches.map(|s| (s.account_login, s.passwordless)).unzip();
         self.with(|c| {
             c.execute(
                 "UPDATE nodes SET online = 1, connected_at = ?3, last_seen = ?3, agent_version = ?4,
-                   serial = ?5, mac = ?6, firmware = ?7, model = ?8, edition = ?9, ha_state = ?10
+                   serial = ?5, mac = ?6, firmware = ?7, model = ?8, edition = ?9, ha_state = ?10,
+                   account_login = ?11, passwordless = ?12
                  WHERE device_id = ?1 AND role = ?2",
-                params![device, role, now(), agent_version, facts.serial, facts.mac, facts.firmware, facts.model, facts.edition, ha_state],
+                params![device, role, now(), agent_version, facts.serial, facts.mac, facts.firmware, facts.model, facts.edition, ha_state, account_login, passwordless],
             )?;
             Ok(())
         })
@@ -303,13 +310,17 @@ impl Db {
         role: NodeRole,
         ha_state: Option<HaState>,
         telemetry: Option<&crate::protocol::Telemetry>,
+        switches: Option<LocalSwitches>,
     ) -> Result<()> {
         let telemetry = telemetry.map(serde_json::to_string).transpose()?;
+        let (account_login, passwordless) =
+            switches.map(|s| (s.account_login, s.passwordless)).unzip();
         self.with(|c| {
             c.execute(
-                "UPDATE nodes SET last_seen = ?3, online = 1, ha_state = ?4, telemetry = COALESCE(?5, telemetry)
+                "UPDATE nodes SET last_seen = ?3, online = 1, ha_state = ?4, telemetry = COALESCE(?5, telemetry),
+                   account_login = COALESCE(?6, account_login), passwordless = COALESCE(?7, passwordless)
                  WHERE device_id = ?1 AND role = ?2",
-                params![device, role, now(), ha_state, telemetry],
+                params![device, role, now(), ha_state, telemetry, account_login, passwordless],
             )?;
             Ok(())
         })
@@ -402,7 +413,8 @@ fn load_devices(c: &rusqlite::Connection, only: Option<&str>) -> Result<Vec<Devi
         .collect();
     let fresh = now() - ONLINE_WINDOW.as_secs() as i64;
     let mut stmt = c.prepare_cached(
-        "SELECT device_id, role, serial, mac, firmware, model, agent_version, online, last_seen, ha_state, telemetry
+        "SELECT device_id, role, serial, mac, firmware, model, agent_version, online, last_seen, ha_state, telemetry,
+           account_login, passwordless
          FROM nodes WHERE ?1 IS NULL OR device_id = ?1 ORDER BY device_id, role",
     )?;
     let mut rows = stmt.query([only])?;
@@ -431,6 +443,13 @@ fn load_devices(c: &rusqlite::Connection, only: Option<&str>) -> Result<Vec<Devi
             health,
             abnormal,
             telemetry,
+            switches: match (r.get::<_, Option<bool>>(11)?, r.get::<_, Option<bool>>(12)?) {
+                (Some(account_login), Some(passwordless)) => Some(LocalSwitches {
+                    account_login,
+                    passwordless,
+                }),
+                _ => None,
+            },
         });
     }
     let mut stmt = c.prepare_cached(

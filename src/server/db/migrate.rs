@@ -25,6 +25,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "console: groups as rows, CM users with roles, scopes and 2FA, API tokens, console sessions, login failures, operation log",
         apply: v2_console,
     },
+    Migration {
+        name: "provisioning templates as rows; each node's local switches (account login, passwordless) as its agent reports them",
+        apply: v3_templates_and_switches,
+    },
 ];
 
 /// The schema version this build writes.
@@ -206,6 +210,21 @@ CREATE INDEX oplog_device ON oplog(device_id, at);
 CREATE UNIQUE INDEX oplog_agent_event ON oplog(device_id, node, seq);
 ";
 
+/// Templates the Add dialog picks from, and what each node's agent says of its own switches
+/// (NULL until an agent that reports them connects).
+fn v3_templates_and_switches(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "CREATE TABLE templates (
+             name TEXT PRIMARY KEY,
+             body TEXT NOT NULL,
+             created_at INTEGER NOT NULL,
+             updated_at INTEGER NOT NULL
+         );
+         ALTER TABLE nodes ADD COLUMN account_login INTEGER;
+         ALTER TABLE nodes ADD COLUMN passwordless INTEGER;",
+    )
+}
+
 fn has_column(c: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
     let mut stmt = c.prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?;
     stmt.exists([table, column])
@@ -296,6 +315,7 @@ mod tests {
                 "recovery_codes",
                 "settings",
                 "sqlite_sequence",
+                "templates",
                 "user_groups",
                 "users",
                 "visits"

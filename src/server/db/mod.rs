@@ -9,6 +9,7 @@ mod devices;
 pub mod migrate;
 mod oplog;
 mod tasks;
+mod templates;
 mod tokens;
 mod users;
 mod visits;
@@ -22,6 +23,7 @@ pub use devices::{
 };
 pub use oplog::{AgentEvent, Op, OpEntry, OpFilter, Source};
 pub use tasks::{PendingTask, Task};
+pub use templates::Template;
 pub use tokens::{ApiToken, TOKEN_PREFIX};
 pub use users::{
     check_group_name, normalize_email, Group, NewUser, Role, Scope, User, UserChanges,
