@@ -266,3 +266,77 @@ async fn a_hot_standby_pair_shows_active_and_standby_and_swaps_on_failover() {
         a.shutdown().await;
     }
 }
+
+/// Visible form controls without a bound label (by name), on the current page.
+const UNLABELLED: &str =
+    "[...document.querySelectorAll('input:not([type=hidden]), select, textarea')]\
+    .filter(e => !e.labels || e.labels.length === 0).map(e => e.name || e.id)";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_page_labels_its_fields_works_from_the_keyboard_and_is_saved_for_review() {
+    let Some(mut b) = Browser::start().await else {
+        return;
+    };
+    let server = TestServer::start().await;
+    let console = format!("http://{}", server.console);
+    add_user(&server, "ann@example.com", Role::Admin, &[]);
+    pbx_remote::server::admin::group_add(&server.data_dir(), "east").unwrap();
+    add_user(&server, "op@example.com", Role::Operator, &["east"]);
+    server
+        .db()
+        .save_template("office", "[extensions]\n100 = \"Reception\"\n")
+        .unwrap();
+    let (device, _) = server.add_device(true);
+
+    // Sign-in from the keyboard: type, Tab, type, Enter.
+    b.go(&format!("{console}/login")).await;
+    assert_eq!(b.js(UNLABELLED).await, serde_json::json!([]));
+    b.js("document.getElementById('email').focus()").await;
+    b.call(
+        "Input.insertText",
+        serde_json::json!({"text": "ann@example.com"}),
+    )
+    .await;
+    b.key("Tab", 9).await;
+    b.call("Input.insertText", serde_json::json!({"text": CM_PASSWORD}))
+        .await;
+    b.key_and_wait("Enter", 13).await;
+    assert_eq!(b.path().await, "/devices", "{}", b.text().await);
+
+    for (path, shot) in [
+        ("/devices".to_string(), "20-devices"),
+        ("/devices/add".to_string(), "21-add"),
+        (format!("/devices/{device}"), "22-device-never-connected"),
+        (format!("/devices/{device}/remove"), "23-remove"),
+        ("/groups".to_string(), "24-groups"),
+        ("/templates".to_string(), "25-templates"),
+        ("/templates/office".to_string(), "26-template"),
+        ("/users".to_string(), "27-users"),
+        ("/users/op@example.com".to_string(), "28-user"),
+        ("/subscription".to_string(), "29-subscription"),
+        ("/log".to_string(), "30-operation-log"),
+        ("/account".to_string(), "31-account"),
+    ] {
+        b.go(&format!("{console}{path}")).await;
+        let status = b.js("document.title").await;
+        assert!(
+            !status.as_str().unwrap().starts_with("Not found"),
+            "{path}: {status}"
+        );
+        assert_eq!(
+            b.js(UNLABELLED).await,
+            serde_json::json!([]),
+            "{path}: fields without a label"
+        );
+        b.screenshot(shot).await;
+    }
+
+    // A form submitted from the keyboard: a group added with Enter in its name field.
+    b.go(&format!("{console}/groups")).await;
+    b.js("document.getElementById('group-name').focus()").await;
+    b.call("Input.insertText", serde_json::json!({"text": "west"}))
+        .await;
+    b.key_and_wait("Enter", 13).await;
+    assert!(b.text().await.contains("west"));
+    assert_eq!(server.db().groups().unwrap().len(), 2);
+}

@@ -10,6 +10,7 @@ mod browser;
 mod cli;
 mod console;
 mod console_browser;
+mod console_pages;
 mod enrolment;
 mod faults;
 mod gate;

@@ -37,13 +37,21 @@ pub(crate) struct AddForm {
     pub serial: String,
     #[serde(default)]
     pub mac: String,
+    /// The name of a stored template (the dialog's choice).
     #[serde(default)]
     pub template: String,
+    /// A template's text given directly (the API's `template`); wins over the name.
+    #[serde(skip)]
+    pub template_text: Option<String>,
 }
 
 fn add_form(app: &AppState, c: &Caller, error: Option<&str>, f: &AddForm) -> Response {
     let groups = match scoped_groups(app, &c.user) {
         Ok(g) => g,
+        Err(e) => return layout::internal(&format!("{e:#}")),
+    };
+    let templates: Vec<String> = match app.server.db.templates() {
+        Ok(t) => t.into_iter().map(|t| t.name).collect(),
         Err(e) => return layout::internal(&format!("{e:#}")),
     };
     let all = c.user.scope == crate::server::db::Scope::All;
@@ -79,7 +87,11 @@ fn add_form(app: &AppState, c: &Caller, error: Option<&str>, f: &AddForm) -> Res
             label for="mac" { "MAC Address" }
             input #mac name="mac" placeholder="00:11:22:33:44:55" value=(f.mac);
             label for="template" { "Provisioning Template" }
-            textarea #template name="template" rows="6" { (f.template) }
+            select #template name="template" {
+                option value="" { "None" }
+                @for t in &templates { option value=(t) selected[f.template == *t] { (t) } }
+            }
+            p.hint { "Templates are kept under " a href="/templates" { "Templates" } "." }
             div.buttons {
                 button type="submit" { "Save" }
                 a href="/devices" { "Cancel" }
@@ -121,7 +133,17 @@ pub(crate) fn add_device(app: &AppState, c: &Caller, f: &AddForm) -> anyhow::Res
     } else {
         None
     };
-    let template = f.template.trim();
+    let stored;
+    let template = match &f.template_text {
+        Some(t) => t.trim(),
+        None if f.template.is_empty() => "",
+        None => {
+            stored = app.server.db.template(&f.template)?.ok_or_else(|| {
+                anyhow::anyhow!("There is no template {:?} (any more).", f.template)
+            })?;
+            stored.trim()
+        }
+    };
     if f.allow_provisioning.is_some() {
         anyhow::ensure!(
             !template.is_empty(),

@@ -91,7 +91,8 @@ async fn add(State(app): State<AppState>, c: Caller, Json(j): Json<AddJson>) -> 
         verify: on(verify),
         serial: j.serial.unwrap_or_default(),
         mac: j.mac.unwrap_or_default(),
-        template: j.template.unwrap_or_default(),
+        template: String::new(),
+        template_text: j.template,
     };
     match add_device(&app, &c, &form) {
         Ok(added) => (

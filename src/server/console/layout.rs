@@ -38,6 +38,11 @@ pub(super) fn bare(status: StatusCode, title: &str, body: Markup) -> Response {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Nav {
     Devices,
+    Groups,
+    Templates,
+    Users,
+    Subscription,
+    Log,
     Account,
 }
 
@@ -57,6 +62,11 @@ pub(super) fn page(c: &Caller, nav: Nav, title: &str, body: Markup) -> Response 
                     span.brand { "Central Management" }
                     nav aria-label="Main" {
                         (item(Nav::Devices, "/devices", "My Devices"))
+                        (item(Nav::Groups, "/groups", "Groups"))
+                        (item(Nav::Templates, "/templates", "Templates"))
+                        @if c.user.is_admin() { (item(Nav::Users, "/users", "Users")) }
+                        (item(Nav::Subscription, "/subscription", "My Subscription"))
+                        (item(Nav::Log, "/log", "Operation Log"))
                         (item(Nav::Account, "/account", "Account"))
                     }
                     div.me {
@@ -81,6 +91,16 @@ pub(super) fn message(status: StatusCode, title: &str, text: &str) -> Response {
         title,
         html! { h1 { (title) } p { (text) } p { a href="/devices" { "Back to My Devices" } } },
     )
+}
+
+/// A form that could not be saved: why, and the way back to `back`.
+pub(super) fn not_saved(back: &str, e: anyhow::Error) -> Response {
+    let body = html! {
+        h1 { "Not saved" }
+        p.error role="alert" { (format!("{e:#}")) }
+        p { a href=(back) { "Back" } }
+    };
+    bare(StatusCode::UNPROCESSABLE_ENTITY, "Not saved", body)
 }
 
 /// 404, also for what exists but is outside the caller's scope.

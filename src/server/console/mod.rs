@@ -18,10 +18,13 @@ mod account;
 mod add;
 mod api;
 mod auth;
+mod catalog;
 mod device;
 mod devices;
 mod layout;
+mod log;
 mod totp;
+mod users;
 
 use crate::httpserve::{self, Limits};
 use crate::server::db::{Op, Source, User};
@@ -203,6 +206,25 @@ pub(crate) fn router(state: AppState) -> Router {
             "/devices/{id}/remove",
             get(device::remove_page).post(device::remove),
         )
+        .route("/groups", get(catalog::groups).post(catalog::add_group))
+        .route("/groups/{name}/remove", post(catalog::remove_group))
+        .route(
+            "/templates",
+            get(catalog::templates).post(catalog::save_template),
+        )
+        .route("/templates/{name}", get(catalog::template))
+        .route("/templates/{name}/remove", post(catalog::remove_template))
+        .route(
+            "/subscription",
+            get(catalog::subscription).post(catalog::set_capacity),
+        )
+        .route("/users", get(users::list).post(users::add))
+        .route("/users/settings", post(users::settings))
+        .route("/users/{email}", get(users::show).post(users::edit))
+        .route("/users/{email}/reset-2fa", post(users::reset_2fa))
+        .route("/users/{email}/remove", post(users::remove))
+        .route("/log", get(log::page))
+        .route("/log.csv", get(log::csv))
         .route("/account", get(account::page))
         .route("/account/password", post(account::password))
         .route(
@@ -305,6 +327,15 @@ pub(crate) fn forbidden(api: bool, why: &str) -> Response {
         api::error(StatusCode::FORBIDDEN, why)
     } else {
         layout::message(StatusCode::FORBIDDEN, "Not allowed", why)
+    }
+}
+
+/// Refuses anyone but an admin (users, groups, capacity, settings).
+pub(crate) fn admin_only(c: &Caller) -> Result<(), Response> {
+    if c.user.is_admin() {
+        Ok(())
+    } else {
+        Err(forbidden(false, "Only an admin may do this."))
     }
 }
 

@@ -244,4 +244,23 @@ impl Browser {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
     }
+
+    /// Presses a key (DevTools key name and Windows key code) in the focused element.
+    pub async fn key(&mut self, key: &str, code: u32) {
+        for kind in ["keyDown", "keyUp"] {
+            let mut ev =
+                json!({"type": kind, "key": key, "code": key, "windowsVirtualKeyCode": code});
+            if key == "Enter" && kind == "keyDown" {
+                ev["text"] = json!("\r");
+            }
+            self.call("Input.dispatchKeyEvent", ev).await;
+        }
+    }
+
+    /// Presses a key that leads to a new page (Enter in a form) and waits for it.
+    pub async fn key_and_wait(&mut self, key: &str, code: u32) {
+        self.events.clear();
+        self.key(key, code).await;
+        self.wait_load().await;
+    }
 }
