@@ -76,6 +76,7 @@ async fn run_in(
             url: console_url.clone(),
             tls: None,
         }),
+        smtp: None,
     };
     let listeners = Listeners {
         udp,

@@ -11,6 +11,7 @@ pub(crate) mod front;
 pub mod health;
 pub mod hub;
 pub mod keys;
+pub mod mail;
 pub(crate) mod refusal;
 
 use anyhow::{Context, Result};
@@ -39,6 +40,8 @@ pub struct ServerOptions {
     pub tls: keys::TlsSource,
     /// The provider console, when it is served.
     pub console: Option<console::ConsoleOptions>,
+    /// Outgoing mail (Send to Email), when configured.
+    pub smtp: Option<mail::SmtpOptions>,
 }
 
 /// Sockets `run` serves on; the caller binds them (tests use port 0).
@@ -76,6 +79,8 @@ pub struct ServerState {
     pub hub: hub::Hub,
     /// Options.
     pub opts: ServerOptions,
+    /// Outgoing mail, with `--smtp-url`.
+    pub mailer: Option<mail::Mailer>,
 }
 
 /// Binds UDP and TCP on the same `addr` (port 0 picks one free for both).
@@ -111,6 +116,7 @@ impl ServerState {
         if let Some(c) = &opts.console {
             console::check_console_url(&c.url, &opts.public_url)?;
         }
+        let mailer = opts.smtp.as_ref().map(mail::Mailer::new).transpose()?;
         let keys = keys::ServerKeys::load_or_create(&opts.data_dir, &opts.tls)?;
         let db = db::Db::open(&opts.data_dir)?;
         db.all_offline()?;
@@ -121,7 +127,23 @@ impl ServerState {
             keys,
             hub: hub::Hub::default(),
             opts,
+            mailer,
         }))
+    }
+}
+
+/// The setting that keeps the address agents are given (`[server] address`).
+pub const AGENT_ADDRESS: &str = "agent_address";
+
+/// The `host:port` a PBX's `[server] address` takes: the first `--tls-name` (what the
+/// certificate names) with the tunnel's port, else the listening address itself.
+pub fn agent_address(listen: SocketAddr, names: &[String]) -> String {
+    match names.first() {
+        Some(n) if n.contains(':') && n.parse::<std::net::Ipv6Addr>().is_ok() => {
+            format!("[{n}]:{}", listen.port())
+        }
+        Some(n) => format!("{n}:{}", listen.port()),
+        None => listen.to_string(),
     }
 }
 
@@ -140,6 +162,8 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let address = agent_address(listeners.udp.local_addr()?, &state.opts.tls.names);
+    state.db.set_setting(AGENT_ADDRESS, &address)?;
     let endpoint = hub::endpoint(&state.keys, listeners.udp)?;
     let api_tls = api::tls_acceptor(&state.keys)?;
     let public_tls = match &state.opts.public_tls {

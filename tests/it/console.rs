@@ -504,6 +504,7 @@ async fn a_console_on_the_fronts_host_or_under_it_is_refused_at_start() {
             url: url::Url::parse(console).unwrap(),
             tls: None,
         }),
+        smtp: None,
     };
     for bad in ["http://pbx.example.com:9000", "http://cm.pbx.example.com"] {
         let err = pbx_remote::server::ServerState::open(opts(bad))

@@ -248,3 +248,100 @@ async fn the_operation_log_filters_and_exports_csv_within_the_users_scope() {
         "not the admin's sign-in"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn send_to_email_mails_a_live_code_with_the_server_address_and_pin() {
+    let sink = crate::support::smtp::SmtpSink::start().await;
+    let url = sink.url();
+    let server = TestServer::start_with(move |o| {
+        o.smtp = Some(pbx_remote::server::mail::SmtpOptions {
+            url,
+            from: "Central Management <cm@example.com>".into(),
+        })
+    })
+    .await;
+    add_user(&server, "op@example.com", Role::Operator, &[]);
+    let mut cm = Cm::new(&server);
+    cm.sign_in("op@example.com", CM_PASSWORD).await;
+    let r = cm.post("/devices/add", &[("name", "Mailed PBX")]).await;
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains(">Send to Email</button>"),
+        "offered with SMTP settings"
+    );
+    let code = text_of(&page, "auth-code").unwrap();
+    let address = text_of(&page, "server-address").unwrap();
+    assert_eq!(
+        address,
+        server.tunnel.to_string(),
+        "what the agent's [server] address takes"
+    );
+    let id = server.db().list_devices().unwrap()[0].id.clone();
+
+    let r = cm
+        .post(
+            &format!("/devices/{id}/mail"),
+            &[("code", &code), ("to", "it@customer.example")],
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("Sent to it@customer.example"));
+    let mail = sink.wait_for(1).await;
+    assert_eq!(mail.to, ["<it@customer.example>"]);
+    assert_eq!(mail.from, "<cm@example.com>");
+    assert!(
+        mail.data
+            .contains("Subject: Authentication code for Mailed PBX"),
+        "{}",
+        mail.data
+    );
+    for value in [&code, &address, &server.pin] {
+        assert!(
+            mail.data.contains(value.as_str()),
+            "{value} in {}",
+            mail.data
+        );
+    }
+
+    // Only a live code of that device is mailed: not a replaced one, not made-up text.
+    cm.post(&format!("/devices/{id}/code"), &[]).await;
+    for text in [code.as_str(), "BUY-CHEAP-STUFF"] {
+        let r = cm
+            .post(
+                &format!("/devices/{id}/mail"),
+                &[("code", text), ("to", "x@customer.example")],
+            )
+            .await;
+        assert_eq!(r.status(), 409);
+    }
+    assert_eq!(sink.mails.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_smtp_settings_send_to_email_is_not_offered() {
+    let server = TestServer::start().await;
+    add_user(&server, "op@example.com", Role::Operator, &[]);
+    let mut cm = Cm::new(&server);
+    cm.sign_in("op@example.com", CM_PASSWORD).await;
+    let page = cm
+        .post("/devices/add", &[("name", "Quiet PBX")])
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(text_of(&page, "auth-code").is_some());
+    assert!(!page.contains("Send to Email"));
+    let code = text_of(&page, "auth-code").unwrap();
+    let id = server.db().list_devices().unwrap()[0].id.clone();
+    let r = cm
+        .post(
+            &format!("/devices/{id}/mail"),
+            &[("code", &code), ("to", "it@customer.example")],
+        )
+        .await;
+    assert_eq!(r.status(), 404);
+}

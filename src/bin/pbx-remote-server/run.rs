@@ -2,6 +2,7 @@
 
 use crate::DataDir;
 use clap::Args;
+use pbx_remote::server::mail::SmtpOptions;
 use pbx_remote::server::{self, console::ConsoleOptions, keys, Listeners, ServerOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,6 +51,14 @@ pub(crate) struct RunArgs {
     /// Private key (PEM) for --console-cert.
     #[arg(long, requires = "console_cert")]
     console_key: Option<PathBuf>,
+    /// SMTP server for Send to Email: smtps://[user[:password]@]host[:port], or
+    /// smtp://…?tls=required (STARTTLS), or plain smtp:// to a relay on this host; the
+    /// password may come from PBX_REMOTE_SERVER_SMTP_PASSWORD instead.
+    #[arg(long, requires = "smtp_from")]
+    smtp_url: Option<url::Url>,
+    /// Sender of those mails, e.g. "CM <cm@example.com>".
+    #[arg(long, requires = "smtp_url")]
+    smtp_from: Option<String>,
 }
 
 pub(crate) fn run(a: RunArgs) -> anyhow::Result<String> {
@@ -92,6 +101,10 @@ pub(crate) fn run(a: RunArgs) -> anyhow::Result<String> {
                 names: a.tls_name,
             },
             console: console_opts,
+            smtp: a.smtp_url.map(|url| SmtpOptions {
+                url,
+                from: a.smtp_from.unwrap_or_default(),
+            }),
         };
         // Keys and registry first: the readiness line promises that `fingerprint` and
         // `device add` now read what this server uses (printed earlier, a script's

@@ -184,21 +184,117 @@ pub(super) async fn add(
     }
 }
 
-/// The authentication code, shown once, with Copy and what the PBX needs besides it.
+/// The authentication code, shown once, with Copy, what the PBX needs besides it, and Send to
+/// Email when the server has SMTP settings.
 pub(super) fn code_page(app: &AppState, c: &Caller, id: &str, name: &str, code: &str) -> Response {
+    code_page_with(app, c, id, name, code, None)
+}
+
+fn code_page_with(
+    app: &AppState,
+    c: &Caller,
+    id: &str,
+    name: &str,
+    code: &str,
+    note: Option<(bool, String)>,
+) -> Response {
     let pin = app.server.keys.pin_hex();
+    let address = app
+        .server
+        .db
+        .setting(crate::server::AGENT_ADDRESS)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
     let body = html! {
         h1 { "Authentication code for " (name) }
         p { "Give this code to the PBX's administrator. It is shown once, works once and expires in 24 hours." }
+        @if let Some((ok, text)) = &note {
+            p class=(if *ok { "note" } else { "error" }) role="status" { (text) }
+        }
         div.code-box {
             code #auth-code { (code) }
             button type="button" data-copy="auth-code" { "Copy" }
         }
         dl {
             dt { "Device" } dd { a href={"/devices/" (id)} { (id) } }
+            dt { "Server address" } dd { code #server-address { (address) } }
             dt { "Server pin (pin_sha256)" } dd { code { (pin) } }
+        }
+        @if app.server.mailer.is_some() {
+            h2 { "Send to Email" }
+            form.stack method="post" action={"/devices/" (id) "/mail"} {
+                input type="hidden" name="csrf" value=(c.csrf());
+                input type="hidden" name="code" value=(code);
+                label for="mail-to" { "Email address" }
+                input #mail-to type="email" name="to" required autocomplete="email";
+                div.buttons { button type="submit" { "Send to Email" } }
+            }
         }
         p { a href="/devices" { "Back to My Devices" } }
     };
     layout::page(c, Nav::Devices, "Authentication code", body)
+}
+
+#[derive(Deserialize)]
+pub(super) struct MailForm {
+    code: String,
+    to: String,
+}
+
+/// Mails a live code of the device (only a live one: the form cannot make the console mail
+/// arbitrary text), then shows the code page again saying what happened.
+pub(super) async fn mail(
+    State(app): State<AppState>,
+    c: Caller,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Form(f): Form<MailForm>,
+) -> Response {
+    if let Err(r) = c.may_change(false) {
+        return r;
+    }
+    let Some(mailer) = &app.server.mailer else {
+        return layout::not_found();
+    };
+    let d = match super::devices::device_for(&app, &c.user, &id) {
+        Ok(Some(d)) => d,
+        Ok(None) => return layout::not_found(),
+        Err(e) => return layout::internal(&format!("{e:#}")),
+    };
+    match app.server.db.code_is_live(&d.id, &f.code) {
+        Ok(true) => {}
+        Ok(false) => {
+            return layout::message(
+                StatusCode::CONFLICT,
+                "Code not sent",
+                "That code is used, expired or replaced by a newer one; issue a new code on the device's page.",
+            )
+        }
+        Err(e) => return layout::internal(&format!("{e:#}")),
+    }
+    let address = app
+        .server
+        .db
+        .setting(crate::server::AGENT_ADDRESS)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let pin = app.server.keys.pin_hex();
+    let mail = crate::server::mail::CodeMail {
+        device: &d.name,
+        code: &f.code,
+        server_address: &address,
+        pin: &pin,
+    };
+    let note = match mailer.send_code(f.to.trim(), &mail).await {
+        Ok(()) => {
+            app.log(&c, "device.code_mail", Some(&d.id), "ok");
+            (true, format!("Sent to {}.", f.to.trim()))
+        }
+        Err(e) => {
+            app.log(&c, "device.code_mail", Some(&d.id), "failed");
+            (false, format!("Not sent: {e:#}"))
+        }
+    };
+    code_page_with(&app, &c, &d.id, &d.name, &f.code, Some(note))
 }

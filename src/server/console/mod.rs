@@ -201,6 +201,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/devices/{id}", get(device::show))
         .route("/devices/{id}/edit", post(device::edit))
         .route("/devices/{id}/code", post(device::new_code))
+        .route("/devices/{id}/mail", post(add::mail))
         .route("/devices/{id}/visit", post(devices::visit))
         .route(
             "/devices/{id}/remove",

@@ -34,6 +34,20 @@ impl Db {
             Ok(code)
         })
     }
+    /// Whether `code` is an unused, unexpired code of `device` (Send to Email mails only such).
+    pub fn code_is_live(&self, device: &str, code: &str) -> Result<bool> {
+        let hash = sha256(normalize_code(code).as_bytes());
+        self.with(|c| {
+            Ok(c
+                .query_row(
+                    "SELECT 1 FROM codes WHERE code_hash = ?1 AND device_id = ?2 AND used_at IS NULL AND expires_at > ?3",
+                    params![&hash[..], device.to_ascii_lowercase(), now()],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some())
+        })
+    }
     /// Spends a code for a new node key. Errors carry the reason the agent shows; a refused
     /// activation (mismatch, capacity) does not spend the code.
     pub fn redeem_code(

@@ -5,6 +5,7 @@
 pub mod browser;
 pub mod console;
 pub mod relay;
+pub mod smtp;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -389,6 +390,7 @@ impl TestServer {
                 url: url::Url::parse(&format!("http://{console_addr}")).unwrap(),
                 tls: None,
             }),
+            smtp: None,
         };
         f(&mut opts);
         let opts_console = opts.console.is_some();
