@@ -1,5 +1,6 @@
 //! The audit trail of remote sessions: one JSON line per event in `state_dir/audit.log` (0600,
-//! rotated by size), mirrored under tracing target `audit`.
+//! rotated by size), mirrored under tracing target `audit`, and queued in the outbox for the
+//! server's Operation Log.
 
 use serde::Serialize;
 use std::io::Write;
@@ -38,14 +39,17 @@ pub struct Event<'a> {
 pub struct AuditLog {
     pub(super) path: PathBuf,
     lock: Mutex<()>,
+    /// The same events, waiting for the server.
+    pub(crate) outbox: crate::agent::outbox::Outbox,
 }
 
 impl AuditLog {
-    /// Audit log at `path`.
-    pub fn new(path: PathBuf) -> AuditLog {
+    /// Audit log at `path`, queueing for the server in `outbox`.
+    pub fn new(path: PathBuf, outbox: crate::agent::outbox::Outbox) -> AuditLog {
         AuditLog {
             path,
             lock: Mutex::new(()),
+            outbox,
         }
     }
 
@@ -60,6 +64,16 @@ impl AuditLog {
         }
         tracing::info!(target: "audit", event = e.event, cm_user = e.cm_user, client = e.client_addr,
             user = e.user, role = e.role, session = e.session, reason = e.reason, "audit");
+        let detail: Vec<String> = [("user", e.user), ("role", e.role), ("reason", e.reason)]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| format!("{k}: {v}")))
+            .collect();
+        self.outbox.push(
+            e.event,
+            e.cm_user,
+            e.client_addr,
+            (!detail.is_empty()).then(|| detail.join("; ")),
+        );
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(err) = self.append(&line.to_string()) {
             tracing::warn!(error = %err, file = %self.path.display(), "cannot write the audit log");
@@ -93,7 +107,10 @@ mod tests {
     #[test]
     fn writes_private_json_lines_and_rotates() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::new(dir.path().join("audit.log"));
+        let log = AuditLog::new(
+            dir.path().join("audit.log"),
+            crate::agent::outbox::Outbox::open(dir.path().join("audit-outbox")),
+        );
         log.record(Event {
             event: "login_ok",
             cm_user: "alice",
@@ -106,6 +123,12 @@ mod tests {
         assert_eq!(v["event"], "login_ok");
         assert_eq!(v["cm_user"], "alice");
         assert!(v["time"].as_str().is_some());
+        let queued = log.outbox.pending();
+        assert_eq!(
+            (queued[0].kind.as_str(), queued[0].user.as_str()),
+            ("login_ok", "alice")
+        );
+        assert_eq!(queued[0].detail.as_deref(), Some("user: provider"));
         assert_eq!(
             std::fs::metadata(&log.path).unwrap().permissions().mode() & 0o777,
             0o600

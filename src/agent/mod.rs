@@ -10,6 +10,7 @@ pub mod clock;
 pub(crate) mod gate;
 pub(crate) mod lockout;
 pub(crate) mod metrics;
+pub(crate) mod outbox;
 pub(crate) mod portal;
 pub(crate) mod provision;
 /// Public for the header-rewriting fuzz target (`fuzz/fuzz_targets/sanitize.rs`).

@@ -115,7 +115,13 @@ impl Tunnel {
             _ = shutdown.cancelled() => return End::Shutdown,
             r = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(&progress)) => r,
         };
-        let (endpoint, conn, send, recv) = match attempt {
+        let Established {
+            endpoint,
+            conn,
+            send,
+            recv,
+            audit,
+        } = match attempt {
             Err(_) => {
                 let progress = progress.lock().map(|p| p.clone()).unwrap_or_default();
                 let server = self.config().server.address.to_string();
@@ -151,6 +157,7 @@ impl Tunnel {
                 self.proxy.clone(),
                 conn.clone(),
                 (send, recv),
+                audit,
                 self.live.clone(),
                 self.status.clone(),
                 control_stop.clone(),
@@ -208,15 +215,7 @@ impl Tunnel {
     async fn connect(
         &self,
         progress: &std::sync::Mutex<Progress>,
-    ) -> Result<
-        (
-            quinn::Endpoint,
-            quinn::Connection,
-            quinn::SendStream,
-            quinn::RecvStream,
-        ),
-        ConnectFailure,
-    > {
+    ) -> Result<Established, ConnectFailure> {
         let config = self.config();
         let server = &config.server.address;
         let unreachable = |m: String| ConnectFailure {
@@ -290,6 +289,7 @@ impl Tunnel {
                     device_id,
                     settings,
                     server_time_ms,
+                    audit,
                 }),
             )) => {
                 if device_id != self.credential.device_id {
@@ -299,7 +299,13 @@ impl Tunnel {
                 self.proxy
                     .gate
                     .set_cm_passwordless(settings.allow_passwordless);
-                Ok((endpoint, conn, send, recv))
+                Ok(Established {
+                    endpoint,
+                    conn,
+                    send,
+                    recv,
+                    audit,
+                })
             }
             Ok(_) | Err(_) => {
                 // The server closes with a reason when it refuses; prefer that over the I/O error.
@@ -319,6 +325,16 @@ impl Tunnel {
             }
         }
     }
+}
+
+/// A connection past hello: its endpoint, connection and control stream, and whether the
+/// server records audit events.
+struct Established {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    audit: bool,
 }
 
 /// How far a connection attempt got.
@@ -445,6 +461,7 @@ async fn control_loop(
     ctx: Arc<ProxyCtx>,
     conn: quinn::Connection,
     (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
+    audit: bool,
     mut live: watch::Receiver<Arc<AgentConfig>>,
     status: StatusHandle,
     stop: CancellationToken,
@@ -461,9 +478,19 @@ async fn control_loop(
     };
     let mut heartbeat = config.tunnel.heartbeat;
     let mut tick = heartbeats(heartbeat);
+    let outbox = gate.outbox();
+    // Events queued while disconnected (or by an earlier run) go first, with their own times.
+    if audit && deliver_audit(&mut send, outbox).await.is_err() {
+        return;
+    }
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
+            _ = outbox.queued(), if audit => {
+                if deliver_audit(&mut send, outbox).await.is_err() {
+                    return;
+                }
+            }
             Ok(()) = live.changed() => {
                 let every = live.borrow_and_update().tunnel.heartbeat;
                 if every != heartbeat {
@@ -484,6 +511,10 @@ async fn control_loop(
                 };
                 if let Err(e) = write_frame(&mut send, &hb).await {
                     tracing::debug!(error = %e, "heartbeat not sent");
+                    return;
+                }
+                // Unacknowledged events again (the server records each once).
+                if audit && deliver_audit(&mut send, outbox).await.is_err() {
                     return;
                 }
                 for report in provisioner.poll() {
@@ -507,6 +538,13 @@ async fn control_loop(
                     let skew = server_time_ms as i64 - protocol::now_ms() as i64;
                     tracing::trace!(skew_ms = skew, "heartbeat acknowledged");
                 }
+                Ok(Some(Control::AuditAck { upto })) => {
+                    outbox.ack(upto);
+                    tracing::debug!(upto, left = outbox.len(), "audit events recorded by the server");
+                    if !outbox.is_empty() && deliver_audit(&mut send, outbox).await.is_err() {
+                        return;
+                    }
+                }
                 Ok(Some(Control::Provision { task, template })) => {
                     let report = provisioner.receive(&task, &template);
                     if write_frame(&mut send, &report).await.is_err() {
@@ -518,4 +556,16 @@ async fn control_loop(
             }
         }
     }
+}
+
+/// Sends the oldest unacknowledged audit events, if any.
+async fn deliver_audit(
+    send: &mut quinn::SendStream,
+    outbox: &crate::agent::outbox::Outbox,
+) -> anyhow::Result<()> {
+    let events = outbox.pending();
+    if events.is_empty() {
+        return Ok(());
+    }
+    write_frame(send, &Control::AuditEvents { events }).await
 }

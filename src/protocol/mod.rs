@@ -223,6 +223,32 @@ pub struct LocalSwitches {
     pub passwordless: bool,
 }
 
+/// One remote-session audit event as the agent delivers it to the server (its own copy stays
+/// in the PBX's `audit.log`). `seq` is per node and only grows, so a redelivered batch is
+/// recorded once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// Sequence number on this node.
+    pub seq: u64,
+    /// When it happened on the PBX (Unix seconds).
+    pub at: i64,
+    /// `login_ok`, `login_failed`, `lockout`, `passwordless_ok`, `logout`, `idle_expiry`,
+    /// …, or `overflow` (the queue was full and older events were dropped).
+    pub kind: String,
+    /// The CM user behind the visit.
+    pub user: String,
+    /// Visitor address.
+    #[serde(default)]
+    pub client: Option<String>,
+    /// The PBX-side user, role and reason, in a few words.
+    #[serde(default)]
+    pub detail: Option<String>,
+}
+
+/// Most audit events in one [`Control::AuditEvents`] frame (each is bounded, so a batch stays
+/// well under [`MAX_FRAME`]).
+pub const AUDIT_BATCH: usize = 50;
+
 /// Frames on the control stream (the first bi-stream, opened by the agent).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -250,6 +276,10 @@ pub enum Control {
         server_time_ms: u64,
         /// Current settings.
         settings: DeviceSettings,
+        /// The server records audit events ([`Control::AuditEvents`]); an older server does
+        /// not, and is sent none.
+        #[serde(default)]
+        audit: bool,
     },
     /// Server → agent: settings changed.
     Settings {
@@ -279,6 +309,16 @@ pub enum Control {
         task: String,
         /// Template text (at most [`MAX_TEMPLATE`] bytes).
         template: String,
+    },
+    /// Agent → server: remote-session audit events not yet acknowledged, oldest first.
+    AuditEvents {
+        /// At most [`AUDIT_BATCH`].
+        events: Vec<AuditEvent>,
+    },
+    /// Server → agent: every event up to this sequence number is recorded.
+    AuditAck {
+        /// Highest sequence number recorded.
+        upto: u64,
     },
     /// Agent → server: what became of a provisioning task.
     ProvisionResult {

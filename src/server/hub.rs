@@ -259,6 +259,7 @@ async fn serve_tunnel(
             settings: DeviceSettings {
                 allow_passwordless: flags.allow_passwordless,
             },
+            audit: true,
         },
     )
     .await?;
@@ -295,6 +296,20 @@ async fn serve_tunnel(
                         tracing::warn!(error = %format!("{e:#}"), "cannot record heartbeat");
                     }
                     write_frame(&mut send, &Control::HeartbeatAck { server_time_ms: crate::protocol::now_ms() }).await?;
+                }
+                Ok(Some(Control::AuditEvents { events })) => {
+                    let events = &events[..events.len().min(crate::protocol::AUDIT_BATCH)];
+                    let upto = events.iter().map(|e| e.seq).max();
+                    match state.db.record_agent_events(&device, role.as_str(), events) {
+                        Ok(new) => {
+                            tracing::debug!(new, "audit events recorded");
+                            if let Some(upto) = upto {
+                                write_frame(&mut send, &Control::AuditAck { upto }).await?;
+                            }
+                        }
+                        // Not acknowledged: the agent keeps them and sends them again.
+                        Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot record audit events"),
+                    }
                 }
                 Ok(Some(Control::ProvisionResult { task, state: TaskState::Pending, .. })) => {
                     tracing::debug!(%task, "provisioning result without progress ignored");

@@ -5,6 +5,7 @@
 mod support;
 
 mod api;
+mod audit_delivery;
 mod boundary;
 mod browser;
 mod cli;

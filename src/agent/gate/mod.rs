@@ -195,7 +195,10 @@ impl Gate {
                 &config.paths.assertion_pubkey,
                 device_id,
             )?,
-            audit: AuditLog::new(state.join("audit.log")),
+            audit: AuditLog::new(
+                state.join("audit.log"),
+                crate::agent::outbox::Outbox::open(state.join("audit-outbox")),
+            ),
             clock,
             status,
             metrics,
@@ -228,6 +231,11 @@ impl Gate {
                 "passwordless disabled on the CM",
             );
         }
+    }
+
+    /// Audit events waiting for the server.
+    pub(crate) fn outbox(&self) -> &crate::agent::outbox::Outbox {
+        &self.audit.outbox
     }
 
     /// The switches the CM is told about: Account Login (enabled and not suspended) and the

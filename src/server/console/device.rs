@@ -122,10 +122,11 @@ pub(super) async fn show(
         h2 { "Visits and remote sessions" }
         @if visits.is_empty() { p { "None yet." } } @else {
             table.log {
-                thead { tr { th scope="col" { "Time" } th scope="col" { "User" } th scope="col" { "Action" } th scope="col" { "Client" } th scope="col" { "Result" } } }
+                thead { tr { th scope="col" { "Time" } th scope="col" { "User" } th scope="col" { "Action" } th scope="col" { "Client" } th scope="col" { "Result" } th scope="col" { "Detail" } } }
                 tbody { @for e in &visits { tr {
                     td { (layout::time(Some(e.at))) } td { (e.actor) } td { (e.action) }
                     td { (e.client.as_deref().unwrap_or("")) } td { (e.result) }
+                    td { (e.detail.as_deref().unwrap_or("")) }
                 } } }
             }
         }

@@ -21,7 +21,7 @@ pub use console::{
 pub use devices::{
     identity_mismatch, AddedDevice, Device, DeviceChanges, DeviceFlags, NewDevice, Node, NodeKey,
 };
-pub use oplog::{AgentEvent, Op, OpEntry, OpFilter, Source};
+pub use oplog::{Op, OpEntry, OpFilter, Source};
 pub use tasks::{PendingTask, Task};
 pub use templates::Template;
 pub use tokens::{ApiToken, TOKEN_PREFIX};

@@ -3,6 +3,7 @@
 
 use super::users::{Scope, User};
 use super::{now, Db};
+use crate::protocol::AuditEvent;
 use anyhow::Result;
 use rusqlite::params;
 use serde::Serialize;
@@ -115,23 +116,6 @@ pub struct OpFilter {
     pub limit: usize,
 }
 
-/// An agent's remote-session audit event as delivered to the server.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentEvent {
-    /// The agent's sequence number (per node), which makes redelivery harmless.
-    pub seq: u64,
-    /// Time on the PBX (Unix seconds).
-    pub at: i64,
-    /// `login`, `login_failed`, `lockout`, `logout`, `idle_expiry`, `overflow`…
-    pub kind: String,
-    /// The CM user of the session, or the account name tried.
-    pub user: String,
-    /// Visitor address.
-    pub client: Option<String>,
-    /// More.
-    pub detail: Option<String>,
-}
-
 impl Db {
     /// Records one operation. Failing to record never hides the operation's own result from
     /// its caller: callers log this error and carry on.
@@ -151,7 +135,7 @@ impl Db {
         &self,
         device: &str,
         node: &str,
-        events: &[AgentEvent],
+        events: &[AuditEvent],
     ) -> Result<usize> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -166,7 +150,7 @@ impl Db {
                         format!("session.{}", e.kind),
                         device,
                         e.client,
-                        if e.kind.contains("fail") || e.kind == "lockout" { "refused" } else { "ok" },
+                        if ["fail", "reject", "lockout", "mismatch", "overflow"].iter().any(|k| e.kind.contains(k)) { "refused" } else { "ok" },
                         e.detail,
                         node,
                         e.seq as i64
@@ -336,7 +320,7 @@ mod tests {
                 scope: Scope::All,
             })
             .unwrap();
-        let ev = |seq, at, kind: &str| AgentEvent {
+        let ev = |seq, at, kind: &str| AuditEvent {
             seq,
             at,
             kind: kind.into(),
