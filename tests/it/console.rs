@@ -591,3 +591,54 @@ async fn the_agent_reports_its_switches_and_the_console_says_which_side_is_off()
         "account login is still on"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_https_the_session_cookie_is_host_prefixed_and_secure() {
+    let certs = tempfile::tempdir().unwrap();
+    let id = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let (cert, key) = (certs.path().join("cm.pem"), certs.path().join("cm.key"));
+    std::fs::write(&cert, id.cert.pem()).unwrap();
+    std::fs::write(&key, id.key_pair.serialize_pem()).unwrap();
+    let server = TestServer::start_with(|o| {
+        let c = o.console.as_mut().unwrap();
+        c.url.set_scheme("https").unwrap();
+        c.tls = Some((cert, key));
+    })
+    .await;
+    add_user(&server, "ann@example.com", Role::Admin, &[]);
+    let base = format!("https://{}", server.console);
+    pbx_remote::tls::install_default_provider();
+    let client = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = client
+        .post(format!("{base}/login"))
+        .header("origin", &base)
+        .form(&[("email", "ann@example.com"), ("password", CM_PASSWORD)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(cookie.starts_with("__Host-cm_session="), "{cookie}");
+    assert!(cookie.contains("; Secure") && cookie.contains("Path=/") && !cookie.contains("Domain"));
+    let value = cookie.split(';').next().unwrap().to_string();
+    let r = client
+        .get(format!("{base}/devices"))
+        .header("cookie", &value)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "signed in over https");
+    // A plain-http name for the same session means nothing there.
+    let plain = value.replace("__Host-cm_session", "cm_session");
+    let r = client
+        .get(format!("{base}/devices"))
+        .header("cookie", plain)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+}
