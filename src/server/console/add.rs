@@ -184,6 +184,16 @@ pub(super) async fn add(
     }
 }
 
+/// The address a PBX's `[server] address` takes, as the running server recorded it.
+fn agent_address(app: &AppState) -> String {
+    app.server
+        .db
+        .setting(crate::server::AGENT_ADDRESS)
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
 /// The authentication code, shown once, with Copy, what the PBX needs besides it, and Send to
 /// Email when the server has SMTP settings.
 pub(super) fn code_page(app: &AppState, c: &Caller, id: &str, name: &str, code: &str) -> Response {
@@ -199,13 +209,7 @@ fn code_page_with(
     note: Option<(bool, String)>,
 ) -> Response {
     let pin = app.server.keys.pin_hex();
-    let address = app
-        .server
-        .db
-        .setting(crate::server::AGENT_ADDRESS)
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+    let address = agent_address(app);
     let body = html! {
         h1 { "Authentication code for " (name) }
         p { "Give this code to the PBX's administrator. It is shown once, works once and expires in 24 hours." }
@@ -250,16 +254,12 @@ pub(super) async fn mail(
     axum::extract::Path(id): axum::extract::Path<String>,
     Form(f): Form<MailForm>,
 ) -> Response {
-    if let Err(r) = c.may_change(false) {
-        return r;
-    }
     let Some(mailer) = &app.server.mailer else {
         return layout::not_found();
     };
-    let d = match super::devices::device_for(&app, &c.user, &id) {
-        Ok(Some(d)) => d,
-        Ok(None) => return layout::not_found(),
-        Err(e) => return layout::internal(&format!("{e:#}")),
+    let d = match super::devices::device_to_change(&app, &c, &id) {
+        Ok(d) => d,
+        Err(r) => return r,
     };
     match app.server.db.code_is_live(&d.id, &f.code) {
         Ok(true) => {}
@@ -272,13 +272,7 @@ pub(super) async fn mail(
         }
         Err(e) => return layout::internal(&format!("{e:#}")),
     }
-    let address = app
-        .server
-        .db
-        .setting(crate::server::AGENT_ADDRESS)
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+    let address = agent_address(&app);
     let pin = app.server.keys.pin_hex();
     let mail = crate::server::mail::CodeMail {
         device: &d.name,

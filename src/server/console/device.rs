@@ -1,7 +1,7 @@
 //! A device's page: nodes with telemetry and health, provisioning task, edit, a new code,
 //! remove (confirmed first), and its visits and remote sessions.
 
-use super::devices::{device_for, scoped_groups, visit_buttons};
+use super::devices::{device_for, device_page, device_to_change, scoped_groups, visit_buttons};
 use super::layout::{self, Nav};
 use super::{in_scope, AppState, Caller};
 use crate::server::db::{DeviceChanges, OpFilter};
@@ -17,10 +17,9 @@ pub(super) async fn show(
     c: Caller,
     Path(id): Path<String>,
 ) -> Response {
-    let d = match device_for(&app, &c.user, &id) {
-        Ok(Some(d)) => d,
-        Ok(None) => return layout::not_found(),
-        Err(e) => return layout::internal(&format!("{e:#}")),
+    let d = match device_page(&app, &c, &id) {
+        Ok(d) => d,
+        Err(r) => return r,
     };
     let filter = OpFilter {
         device: Some(d.id.clone()),
@@ -151,13 +150,9 @@ pub(super) async fn edit(
     Path(id): Path<String>,
     Form(f): Form<EditForm>,
 ) -> Response {
-    if let Err(r) = c.may_change(false) {
-        return r;
-    }
-    let d = match device_for(&app, &c.user, &id) {
-        Ok(Some(d)) => d,
-        Ok(None) => return layout::not_found(),
-        Err(e) => return layout::internal(&format!("{e:#}")),
+    let d = match device_to_change(&app, &c, &id) {
+        Ok(d) => d,
+        Err(r) => return r,
     };
     if !in_scope(&c.user, (!f.group.is_empty()).then_some(f.group.as_str())) {
         return layout::message(
@@ -192,13 +187,9 @@ pub(super) async fn new_code(
     c: Caller,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = c.may_change(false) {
-        return r;
-    }
-    let d = match device_for(&app, &c.user, &id) {
-        Ok(Some(d)) => d,
-        Ok(None) => return layout::not_found(),
-        Err(e) => return layout::internal(&format!("{e:#}")),
+    let d = match device_to_change(&app, &c, &id) {
+        Ok(d) => d,
+        Err(r) => return r,
     };
     match app.server.db.new_code(&d.id, crate::server::db::CODE_TTL) {
         Ok(code) => {
@@ -214,13 +205,9 @@ pub(super) async fn remove_page(
     c: Caller,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = c.may_change(false) {
-        return r;
-    }
-    let d = match device_for(&app, &c.user, &id) {
-        Ok(Some(d)) => d,
-        Ok(None) => return layout::not_found(),
-        Err(e) => return layout::internal(&format!("{e:#}")),
+    let d = match device_to_change(&app, &c, &id) {
+        Ok(d) => d,
+        Err(r) => return r,
     };
     let body = html! {
         h1 { "Remove " (d.name) "?" }

@@ -129,6 +129,22 @@ pub(crate) fn device_for(app: &AppState, user: &User, id: &str) -> anyhow::Resul
         .filter(|d| in_scope(user, d.group.as_deref())))
 }
 
+/// The device `id` for a page of `c`: 404 when there is none in their scope (whether or not it
+/// exists), 500 on a store error.
+pub(super) fn device_page(app: &AppState, c: &Caller, id: &str) -> Result<Device, Response> {
+    match device_for(app, &c.user, id) {
+        Ok(Some(d)) => Ok(d),
+        Ok(None) => Err(layout::not_found()),
+        Err(e) => Err(layout::internal(&format!("{e:#}"))),
+    }
+}
+
+/// [`device_page`] for a change: a viewer is refused first.
+pub(super) fn device_to_change(app: &AppState, c: &Caller, id: &str) -> Result<Device, Response> {
+    c.may_change(false)?;
+    device_page(app, c, id)
+}
+
 /// The groups `user` may see or put devices in, by name.
 pub(crate) fn scoped_groups(app: &AppState, user: &User) -> anyhow::Result<Vec<String>> {
     Ok(app

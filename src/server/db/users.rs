@@ -226,14 +226,7 @@ impl Db {
         let email = normalize_email(email)?;
         self.with(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let role: Option<Role> = tx
-                .query_row("SELECT role FROM users WHERE email = ?1", [&email], |r| {
-                    r.get(0)
-                })
-                .optional()?;
-            let Some(role) = role else {
-                bail!("no user {email}")
-            };
+            let role = role_of(&tx, &email)?;
             if let Some(new) = ch.role {
                 if role == Role::Admin && new != Role::Admin && admins(&tx)? <= 1 {
                     bail!("{email} is the last admin; make another user admin first");
@@ -268,14 +261,7 @@ impl Db {
         let email = normalize_email(email)?;
         self.with(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let role: Option<Role> = tx
-                .query_row("SELECT role FROM users WHERE email = ?1", [&email], |r| {
-                    r.get(0)
-                })
-                .optional()?;
-            let Some(role) = role else {
-                bail!("no user {email}")
-            };
+            let role = role_of(&tx, &email)?;
             if role == Role::Admin && admins(&tx)? <= 1 {
                 bail!("{email} is the last admin; make another user admin first");
             }
@@ -433,6 +419,15 @@ impl Db {
             Ok(())
         })
     }
+}
+
+/// A user's role, or an error naming the email when there is no such user.
+fn role_of(tx: &rusqlite::Transaction<'_>, email: &str) -> Result<Role> {
+    tx.query_row("SELECT role FROM users WHERE email = ?1", [email], |r| {
+        r.get(0)
+    })
+    .optional()?
+    .with_context(|| format!("no user {email}"))
 }
 
 fn admins(tx: &rusqlite::Transaction<'_>) -> Result<u64> {
