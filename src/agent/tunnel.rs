@@ -551,7 +551,7 @@ async fn control_loop(
                         return;
                     }
                 }
-                Ok(Some(other)) => tracing::debug!(?other, "unexpected control frame ignored"),
+                Ok(Some(other)) => tracing::debug!(frame = other.kind(), "unexpected control frame ignored"),
                 Ok(None) | Err(_) => return,
             }
         }

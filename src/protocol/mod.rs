@@ -331,6 +331,24 @@ pub enum Control {
     },
 }
 
+impl Control {
+    /// The frame's type as the wire spells it, for logs (a frame's `Debug` would drag every
+    /// field type's formatting code into the agent for one debug line).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Control::Hello { .. } => "hello",
+            Control::Welcome { .. } => "welcome",
+            Control::Settings { .. } => "settings",
+            Control::Heartbeat { .. } => "heartbeat",
+            Control::HeartbeatAck { .. } => "heartbeat_ack",
+            Control::Provision { .. } => "provision",
+            Control::ProvisionResult { .. } => "provision_result",
+            Control::AuditEvents { .. } => "audit_events",
+            Control::AuditAck { .. } => "audit_ack",
+        }
+    }
+}
+
 /// Where a provisioning task stands: pending until delivered, then executing, then finished or
 /// failed; unsupported when the PBX has no `[provisioning]`. Finished and failed are final.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -528,6 +546,18 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(read_frame::<_, Control>(&mut b).await.unwrap().is_none());
+    }
+
+    #[test]
+    fn kind_names_the_frame_as_the_wire_does() {
+        for frame in [
+            Control::AuditAck { upto: 1 },
+            Control::AuditEvents { events: vec![] },
+            Control::HeartbeatAck { server_time_ms: 1 },
+        ] {
+            let v = serde_json::to_value(&frame).unwrap();
+            assert_eq!(v["type"], frame.kind());
+        }
     }
 
     #[test]

@@ -489,6 +489,25 @@ async fn a_console_visit_carries_the_signed_in_users_email_to_the_agent() {
             && o.device_id.as_deref() == Some(w.device.as_str())),
         "{log:?}"
     );
+    let opened = db
+        .oplog(
+            &me,
+            &OpFilter {
+                source: Some(Source::Front),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(opened.len(), 1, "{opened:?}");
+    assert_eq!(
+        (
+            opened[0].action.as_str(),
+            opened[0].actor.as_str(),
+            opened[0].client.as_deref()
+        ),
+        ("visit.open", "ops@example.com", Some("127.0.0.1"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

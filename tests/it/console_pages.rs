@@ -257,6 +257,7 @@ async fn send_to_email_mails_a_live_code_with_the_server_address_and_pin() {
         o.smtp = Some(pbx_remote::server::mail::SmtpOptions {
             url,
             from: "Central Management <cm@example.com>".into(),
+            ca_file: None,
         })
     })
     .await;
@@ -344,4 +345,49 @@ async fn without_smtp_settings_send_to_email_is_not_offered() {
         )
         .await;
     assert_eq!(r.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn send_to_email_over_smtps_logs_in_and_trusts_the_given_ca() {
+    let sink = crate::support::smtp::SmtpSink::start_tls().await;
+    let mut url = sink.url();
+    url.set_username("cm").unwrap();
+    url.set_password(Some("s3cret/pw")).unwrap();
+    let ca = sink.ca.as_ref().map(|(_, p)| p.clone());
+    let server = TestServer::start_with(move |o| {
+        o.smtp = Some(pbx_remote::server::mail::SmtpOptions {
+            url,
+            from: "cm@example.com".into(),
+            ca_file: ca,
+        })
+    })
+    .await;
+    add_user(&server, "op@example.com", Role::Operator, &[]);
+    let mut cm = Cm::new(&server);
+    cm.sign_in("op@example.com", CM_PASSWORD).await;
+    let page = cm
+        .post("/devices/add", &[("name", "TLS PBX")])
+        .await
+        .text()
+        .await
+        .unwrap();
+    let code = text_of(&page, "auth-code").unwrap();
+    let id = server.db().list_devices().unwrap()[0].id.clone();
+    let r = cm
+        .post(
+            &format!("/devices/{id}/mail"),
+            &[("code", &code), ("to", "it@customer.example")],
+        )
+        .await;
+    assert!(
+        r.text().await.unwrap().contains("Sent to"),
+        "delivered over TLS"
+    );
+    let mail = sink.wait_for(1).await;
+    assert_eq!(
+        mail.auth.as_deref(),
+        Some("\0cm\0s3cret/pw"),
+        "logged in with the URL's credentials"
+    );
+    assert!(mail.data.contains(&code));
 }

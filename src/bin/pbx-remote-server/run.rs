@@ -51,11 +51,14 @@ pub(crate) struct RunArgs {
     /// Private key (PEM) for --console-cert.
     #[arg(long, requires = "console_cert")]
     console_key: Option<PathBuf>,
-    /// SMTP server for Send to Email: smtps://[user[:password]@]host[:port], or
-    /// smtp://…?tls=required (STARTTLS), or plain smtp:// to a relay on this host; the
-    /// password may come from PBX_REMOTE_SERVER_SMTP_PASSWORD instead.
+    /// SMTP server for Send to Email: smtps://[user[:password]@]host[:port] (TLS, port 465 by
+    /// default), or plain smtp:// to a relay on this host; the password may come from
+    /// PBX_REMOTE_SERVER_SMTP_PASSWORD instead.
     #[arg(long, requires = "smtp_from")]
     smtp_url: Option<url::Url>,
+    /// CA certificates (PEM) that sign the SMTP server's certificate [default: the system's].
+    #[arg(long, requires = "smtp_url")]
+    smtp_ca: Option<PathBuf>,
     /// Sender of those mails, e.g. "CM <cm@example.com>".
     #[arg(long, requires = "smtp_url")]
     smtp_from: Option<String>,
@@ -104,6 +107,7 @@ pub(crate) fn run(a: RunArgs) -> anyhow::Result<String> {
             smtp: a.smtp_url.map(|url| SmtpOptions {
                 url,
                 from: a.smtp_from.unwrap_or_default(),
+                ca_file: a.smtp_ca,
             }),
         };
         // Keys and registry first: the readiness line promises that `fingerprint` and

@@ -109,6 +109,7 @@ pub(super) async fn page(
         ("console", "Console"),
         ("api", "API"),
         ("cli", "Command line"),
+        ("front", "Visits opened"),
         ("agent", "PBX agent"),
     ];
     let body = html! {

@@ -126,7 +126,8 @@ async fn handle(
         if let Some(page) = unknown_device() {
             return page;
         }
-        return visit(state, public, &device, &token, req).await;
+        let client = client_addr(state, peer, req.headers());
+        return visit(state, public, &device, &token, client, req).await;
     }
     if req.uri().path().starts_with(CM_PREFIX) {
         return web::page(StatusCode::NOT_FOUND, "Not found", "No such page.");

@@ -8,6 +8,7 @@ pub(super) async fn visit(
     public: &PublicUrl,
     device: &str,
     token: &str,
+    client: IpAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let origin = public.device_origin(device);
@@ -69,6 +70,26 @@ pub(super) async fn visit(
                 Err(e) => return internal(e),
             };
             tracing::info!(device, cm_user = %grant.cm_user, passwordless = grant.passwordless, "visit started");
+            // The visit is opened: in the Operation Log under whoever minted the link, with the
+            // address of the browser that opened it.
+            let client = client.to_string();
+            let op = crate::server::db::Op {
+                actor: &grant.cm_user,
+                source: crate::server::db::Source::Front,
+                action: "visit.open",
+                target: Some(device),
+                device: Some(device),
+                client: Some(&client),
+                result: "ok",
+                detail: Some(if grant.passwordless {
+                    "passwordless"
+                } else {
+                    "account login"
+                }),
+            };
+            if let Err(e) = state.db.log_op(&op) {
+                tracing::warn!(error = %format!("{e:#}"), "operation log write failed");
+            }
             let secure = if public.secure() { "; Secure" } else { "" };
             let set = format!(
                 "{}={cookie}; Path=/; HttpOnly; SameSite=Lax{secure}",

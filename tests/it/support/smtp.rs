@@ -1,5 +1,6 @@
-//! An SMTP sink: accepts every mail on 127.0.0.1 (EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP,
-//! QUIT; no TLS, no auth) and keeps what it got, for tests of Send to Email.
+//! An SMTP sink: accepts every mail on 127.0.0.1 (EHLO/HELO, AUTH PLAIN, MAIL, RCPT, DATA,
+//! RSET, NOOP, QUIT), in the clear or over TLS from the first byte (smtps), and keeps what it
+//! got, for tests of Send to Email.
 
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -11,10 +12,14 @@ pub struct Mail {
     pub from: String,
     pub to: Vec<String>,
     pub data: String,
+    /// The decoded `AUTH PLAIN` response (`\0user\0password`), if the client logged in.
+    pub auth: Option<String>,
 }
 
 pub struct SmtpSink {
     pub addr: std::net::SocketAddr,
+    /// With TLS: the CA that signed the sink's certificate (PEM), for `--smtp-ca`.
+    pub ca: Option<(tempfile::TempDir, std::path::PathBuf)>,
     pub mails: Arc<Mutex<Vec<Mail>>>,
     received: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
@@ -27,31 +32,83 @@ impl Drop for SmtpSink {
 }
 
 impl SmtpSink {
+    /// A sink in the clear.
     pub async fn start() -> SmtpSink {
+        Self::start_with(false).await
+    }
+
+    /// A sink speaking TLS from the first byte, with a certificate for 127.0.0.1.
+    pub async fn start_tls() -> SmtpSink {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(tls: bool) -> SmtpSink {
+        pbx_remote::tls::install_default_provider();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mails = Arc::new(Mutex::new(Vec::new()));
         let received = Arc::new(tokio::sync::Notify::new());
+        let (acceptor, ca) = if tls {
+            // A CA of the test's own and a certificate for 127.0.0.1 it signed: what a relay
+            // under a private CA looks like.
+            use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+            let ca_key = KeyPair::generate().unwrap();
+            let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            ca_params
+                .distinguished_name
+                .push(DnType::CommonName, "Sink CA");
+            let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+            let leaf_key = KeyPair::generate().unwrap();
+            let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+                .unwrap()
+                .signed_by(&leaf_key, &ca_cert, &ca_key)
+                .unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let pem = dir.path().join("sink-ca.pem");
+            std::fs::write(&pem, ca_cert.pem()).unwrap();
+            let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+            let cfg = rustls::ServerConfig::builder_with_provider(pbx_remote::tls::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![leaf.der().clone()], key)
+                .unwrap();
+            (
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg))),
+                Some((dir, pem)),
+            )
+        } else {
+            (None, None)
+        };
         let (m, r) = (mails.clone(), received.clone());
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                let (m, r) = (m.clone(), r.clone());
+                let (m, r, acceptor) = (m.clone(), r.clone(), acceptor.clone());
                 tokio::spawn(async move {
-                    let _ = session(tcp, &m, &r).await;
+                    let _ = match acceptor {
+                        None => session(tcp, &m, &r).await,
+                        Some(a) => match a.accept(tcp).await {
+                            Ok(tls) => session(tls, &m, &r).await,
+                            Err(_) => Ok(()),
+                        },
+                    };
                 });
             }
         });
         SmtpSink {
             addr,
+            ca,
             mails,
             received,
             task,
         }
     }
 
-    /// `smtp://127.0.0.1:PORT`.
+    /// `smtp://127.0.0.1:PORT`, or `smtps://` for a TLS sink.
     pub fn url(&self) -> url::Url {
-        url::Url::parse(&format!("smtp://{}", self.addr)).unwrap()
+        let scheme = if self.ca.is_some() { "smtps" } else { "smtp" };
+        url::Url::parse(&format!("{scheme}://{}", self.addr)).unwrap()
     }
 
     /// Waits (bounded) for the `n`th mail and returns it.
@@ -72,11 +129,11 @@ impl SmtpSink {
 }
 
 async fn session(
-    tcp: tokio::net::TcpStream,
+    io: impl tokio::io::AsyncRead + tokio::io::AsyncWrite,
     mails: &Mutex<Vec<Mail>>,
     received: &tokio::sync::Notify,
 ) -> std::io::Result<()> {
-    let (rd, mut wr) = tcp.into_split();
+    let (rd, mut wr) = tokio::io::split(io);
     let mut lines = BufReader::new(rd);
     wr.write_all(b"220 sink ESMTP\r\n").await?;
     let mut mail = Mail::default();
@@ -89,7 +146,14 @@ async fn session(
         let cmd = line.trim_end().to_string();
         let upper = cmd.to_ascii_uppercase();
         let reply: &[u8] = if upper.starts_with("EHLO") {
-            b"250-sink\r\n250 8BITMIME\r\n"
+            b"250-sink\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n"
+        } else if upper.starts_with("AUTH PLAIN ") {
+            use base64::Engine;
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(cmd[11..].trim())
+                .unwrap_or_default();
+            mail.auth = Some(String::from_utf8_lossy(&decoded).into_owned());
+            b"235 ok\r\n"
         } else if upper.starts_with("HELO") || upper.starts_with("NOOP") {
             b"250 OK\r\n"
         } else if upper.starts_with("RSET") {
@@ -113,7 +177,9 @@ async fn session(
                 }
                 mail.data.push_str(line.strip_prefix('.').unwrap_or(&line));
             }
+            let auth = mail.auth.clone();
             mails.lock().unwrap().push(std::mem::take(&mut mail));
+            mail.auth = auth;
             received.notify_waiters();
             b"250 queued\r\n"
         } else if upper == "QUIT" {
