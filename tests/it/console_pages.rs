@@ -5,6 +5,7 @@
 use crate::support::console::*;
 use crate::support::*;
 use pbx_remote::server::db::{Role, Scope};
+use pbx_remote::server::mail::SmtpOptions;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_admin_manages_users_groups_capacity_and_the_2fa_setting() {
@@ -249,21 +250,24 @@ async fn the_operation_log_filters_and_exports_csv_within_the_users_scope() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn send_to_email_mails_a_live_code_with_the_server_address_and_pin() {
-    let sink = crate::support::smtp::SmtpSink::start().await;
-    let url = sink.url();
-    let server = TestServer::start_with(move |o| {
-        o.smtp = Some(pbx_remote::server::mail::SmtpOptions {
-            url,
-            from: "Central Management <cm@example.com>".into(),
-            ca_file: None,
-        })
-    })
-    .await;
+/// A server that sends mail as `smtp` says, and an operator signed in to its console.
+async fn operator_with_mail(smtp: SmtpOptions) -> (TestServer, Cm) {
+    let server = TestServer::start_with(move |o| o.smtp = Some(smtp)).await;
     add_user(&server, "op@example.com", Role::Operator, &[]);
     let mut cm = Cm::new(&server);
     cm.sign_in("op@example.com", CM_PASSWORD).await;
+    (server, cm)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn send_to_email_mails_a_live_code_with_the_server_address_and_pin() {
+    let sink = crate::support::smtp::SmtpSink::start().await;
+    let (server, mut cm) = operator_with_mail(SmtpOptions {
+        url: sink.url(),
+        from: "Central Management <cm@example.com>".into(),
+        ca_file: None,
+    })
+    .await;
     let r = cm.post("/devices/add", &[("name", "Mailed PBX")]).await;
     let page = r.text().await.unwrap();
     assert!(
@@ -353,18 +357,12 @@ async fn send_to_email_over_smtps_logs_in_and_trusts_the_given_ca() {
     let mut url = sink.url();
     url.set_username("cm").unwrap();
     url.set_password(Some("s3cret/pw")).unwrap();
-    let ca = sink.ca.as_ref().map(|(_, p)| p.clone());
-    let server = TestServer::start_with(move |o| {
-        o.smtp = Some(pbx_remote::server::mail::SmtpOptions {
-            url,
-            from: "cm@example.com".into(),
-            ca_file: ca,
-        })
+    let (server, mut cm) = operator_with_mail(SmtpOptions {
+        url,
+        from: "cm@example.com".into(),
+        ca_file: sink.ca.as_ref().map(|(_, p)| p.clone()),
     })
     .await;
-    add_user(&server, "op@example.com", Role::Operator, &[]);
-    let mut cm = Cm::new(&server);
-    cm.sign_in("op@example.com", CM_PASSWORD).await;
     let page = cm
         .post("/devices/add", &[("name", "TLS PBX")])
         .await
