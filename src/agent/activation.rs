@@ -128,28 +128,19 @@ pub async fn activate(
             message: format!("{}: server trust: {e:#}", config.source.display()),
         }
     })?;
-    let client = reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .https_only(true)
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(20))
-        .build()
-        .map_err(|e| ActivationError::Retry {
-            reason: Reason::TlsError,
-            message: format!("http client: {e}"),
-        })?;
-    let url = format!("https://{server}{ACTIVATE_PATH}");
-    let resp = client
-        .post(&url)
-        .json(&request)
-        .send()
-        .await
-        .map_err(|e| transport_error(&server, e))?;
-    let http_status = resp.status();
-    let body = read_limited(resp)
-        .await
-        .map_err(|e| transport_error(&server, e))?;
+    let body = serde_json::to_vec(&request).map_err(|e| ActivationError::Retry {
+        reason: Reason::ProtocolMismatch,
+        message: format!("cannot encode the activation request: {e}"),
+    })?;
+    let (http_status, body) = tokio::time::timeout(
+        ACTIVATION_TIMEOUT,
+        post_json(&config.server.address, tls, ACTIVATE_PATH, body),
+    )
+    .await
+    .map_err(|_| ActivationError::Retry {
+        reason: Reason::ServerUnreachable,
+        message: format!("{server} did not answer activation within {ACTIVATION_TIMEOUT:?}"),
+    })??;
     if http_status.is_success() {
         let ok: ActivateResponse =
             serde_json::from_slice(&body).map_err(|_| ActivationError::Retry {
@@ -204,38 +195,85 @@ pub fn classify(reason: Reason, message: String) -> ActivationError {
     }
 }
 
-async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await? {
-        body.extend_from_slice(&chunk);
-        if body.len() > MAX_ACTIVATION_BODY {
-            break;
-        }
-    }
-    Ok(body)
-}
+/// Time to reach the server over TCP.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time for the whole activation exchange.
+const ACTIVATION_TIMEOUT: Duration = Duration::from_secs(20);
 
-fn transport_error(server: &str, e: reqwest::Error) -> ActivationError {
-    let chain = format!("{:#}", anyhow::Error::from_boxed(Box::new(e)));
-    // reqwest/hyper-util wrap the rustls error in ways a downcast walk does not always reach;
-    // rustls' own wording identifies it reliably.
-    let is_tls = [
-        "invalid peer certificate",
-        "peer is incompatible",
-        "received fatal alert",
-        "peer misbehaved",
-    ]
-    .iter()
-    .any(|m| chain.contains(m));
-    if is_tls {
-        ActivationError::Retry {
-            reason: Reason::TlsError,
-            message: format!("TLS with {server} failed: {chain}"),
+/// POSTs a JSON `body` to `path` on `server` over HTTPS (HTTP/1.1, no redirects followed) and
+/// returns the status and at most [`MAX_ACTIVATION_BODY`] bytes of the answer. A failure to
+/// connect reads `server_unreachable`; a failed TLS handshake `tls_error`.
+async fn post_json(
+    server: &crate::config::ServerAddr,
+    tls: rustls::ClientConfig,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(http::StatusCode, Vec<u8>), ActivationError> {
+    use http_body_util::BodyExt;
+    let authority = server.authority();
+    let unreachable = |what: String| ActivationError::Retry {
+        reason: Reason::ServerUnreachable,
+        message: format!("cannot reach {authority}: {what}"),
+    };
+    let tcp = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect((server.host.as_str(), server.port)),
+    )
+    .await
+    .map_err(|_| unreachable(format!("no TCP connection within {CONNECT_TIMEOUT:?}")))?
+    .map_err(|e| unreachable(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    let name = match server.host.parse::<std::net::IpAddr>() {
+        Ok(ip) => rustls::pki_types::ServerName::IpAddress(ip.into()),
+        Err(_) => rustls::pki_types::ServerName::try_from(server.host.clone()).map_err(|_| {
+            ActivationError::Rejected {
+                reason: Reason::TlsError,
+                message: format!("{:?} is not a TLS server name", server.host),
+            }
+        })?,
+    };
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| match e.kind() {
+            // rustls's own errors (a certificate, an alert) come as InvalidData.
+            std::io::ErrorKind::InvalidData => ActivationError::Retry {
+                reason: Reason::TlsError,
+                message: format!("TLS with {authority} failed: {e}"),
+            },
+            _ => unreachable(format!("the TLS handshake broke off: {e}")),
+        })?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+    let driver = tokio::spawn(conn);
+    let req = http::Request::post(path)
+        .header(http::header::HOST, &authority)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::ACCEPT, "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .map_err(|e| unreachable(e.to_string()))?;
+    let result = async {
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        let mut out = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| unreachable(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                out.extend_from_slice(&data);
+                if out.len() > MAX_ACTIVATION_BODY {
+                    break;
+                }
+            }
         }
-    } else {
-        ActivationError::Retry {
-            reason: Reason::ServerUnreachable,
-            message: format!("cannot reach {server}: {chain}"),
-        }
+        Ok((status, out))
     }
+    .await;
+    driver.abort();
+    result
 }
