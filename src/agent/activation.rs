@@ -134,7 +134,13 @@ pub async fn activate(
     })?;
     let (http_status, body) = tokio::time::timeout(
         ACTIVATION_TIMEOUT,
-        post_json(&config.server.address, tls, ACTIVATE_PATH, body),
+        post_json(
+            &config.server.address,
+            config.tunnel.proxy.as_ref(),
+            tls,
+            ACTIVATE_PATH,
+            body,
+        ),
     )
     .await
     .map_err(|_| ActivationError::Retry {
@@ -200,11 +206,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time for the whole activation exchange.
 const ACTIVATION_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// POSTs a JSON `body` to `path` on `server` over HTTPS (HTTP/1.1, no redirects followed) and
-/// returns the status and at most [`MAX_ACTIVATION_BODY`] bytes of the answer. A failure to
-/// connect reads `server_unreachable`; a failed TLS handshake `tls_error`.
+/// POSTs a JSON `body` to `path` on `server` over HTTPS (HTTP/1.1, no redirects followed),
+/// through the proxy that applies to it, and returns the status and at most
+/// [`MAX_ACTIVATION_BODY`] bytes of the answer. A failure to connect reads
+/// `server_unreachable`, a proxy's refusal `proxy_error`, a failed TLS handshake `tls_error`.
 async fn post_json(
     server: &crate::config::ServerAddr,
+    configured_proxy: Option<&crate::config::proxy::ProxyUrl>,
     tls: rustls::ClientConfig,
     path: &str,
     body: Vec<u8>,
@@ -215,14 +223,22 @@ async fn post_json(
         reason: Reason::ServerUnreachable,
         message: format!("cannot reach {authority}: {what}"),
     };
-    let tcp = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect((server.host.as_str(), server.port)),
-    )
-    .await
-    .map_err(|_| unreachable(format!("no TCP connection within {CONNECT_TIMEOUT:?}")))?
-    .map_err(|e| unreachable(e.to_string()))?;
-    let _ = tcp.set_nodelay(true);
+    let dial_error = |e: crate::agent::dial::DialError| match e.reason {
+        // A proxy refusing (or wanting other credentials) needs its settings fixed; a
+        // wrong password retried on a timer could lock the account on the proxy.
+        Reason::ProxyError => ActivationError::Rejected {
+            reason: e.reason,
+            message: e.message,
+        },
+        reason => ActivationError::Retry {
+            reason,
+            message: e.message,
+        },
+    };
+    let proxy = crate::agent::dial::proxy_of(server, configured_proxy).map_err(dial_error)?;
+    let tcp = crate::agent::dial::connect(server, proxy.as_ref().map(|(p, _)| p), CONNECT_TIMEOUT)
+        .await
+        .map_err(dial_error)?;
     let name = match server.host.parse::<std::net::IpAddr>() {
         Ok(ip) => rustls::pki_types::ServerName::IpAddress(ip.into()),
         Err(_) => rustls::pki_types::ServerName::try_from(server.host.clone()).map_err(|_| {

@@ -7,6 +7,7 @@ pub mod assertion;
 pub(crate) mod audit;
 /// Public so the binary and tests can hand the agent a clock (tests move it).
 pub mod clock;
+pub(crate) mod dial;
 pub(crate) mod gate;
 pub(crate) mod lockout;
 pub(crate) mod metrics;

@@ -2,6 +2,7 @@
 //! [`validate`] into an [`AgentConfig`] whose fields cannot be wrong. Every error names the file,
 //! the key and what is expected.
 
+pub mod proxy;
 mod raw;
 mod validate;
 
@@ -195,6 +196,9 @@ pub struct Tunnel {
     pub drain: Duration,
     /// Portal response-header timeout (→ 504).
     pub portal_timeout: Duration,
+    /// `[tunnel] proxy`: the HTTP CONNECT proxy for TCP connections (activation now); unset,
+    /// the environment's `HTTPS_PROXY` / `ALL_PROXY` / `NO_PROXY` decide.
+    pub proxy: Option<proxy::ProxyUrl>,
 }
 
 /// `[log] format`.

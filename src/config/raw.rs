@@ -130,6 +130,7 @@ pub(super) struct RawTunnel {
     pub(super) drain_secs: u64,
     #[serde(default = "default_portal_timeout")]
     pub(super) portal_timeout_secs: u64,
+    pub(super) proxy: Option<String>,
 }
 
 impl Default for RawTunnel {
@@ -138,6 +139,7 @@ impl Default for RawTunnel {
             heartbeat_secs: default_heartbeat(),
             drain_secs: default_drain(),
             portal_timeout_secs: default_portal_timeout(),
+            proxy: None,
         }
     }
 }

@@ -54,6 +54,11 @@ impl Validator<'_> {
             heartbeat: secs("tunnel.heartbeat_secs", t.heartbeat_secs, 1, 300)?,
             drain: secs("tunnel.drain_secs", t.drain_secs, 0, 300)?,
             portal_timeout: secs("tunnel.portal_timeout_secs", t.portal_timeout_secs, 1, 600)?,
+            proxy: t
+                .proxy
+                .as_deref()
+                .map(|p| super::proxy::ProxyUrl::parse(p).map_err(|e| self.err("tunnel.proxy", e)))
+                .transpose()?,
         };
         let metrics_listen = raw
             .metrics

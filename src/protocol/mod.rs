@@ -90,6 +90,9 @@ pub enum Reason {
     ClockUnsynced,
     /// Too many attempts; try later.
     RateLimited,
+    /// The HTTP proxy refused the CONNECT or its credentials (the message names the proxy and
+    /// its status line).
+    ProxyError,
 }
 
 impl Reason {
@@ -110,6 +113,7 @@ impl Reason {
             Reason::ProtocolMismatch => "protocol_mismatch",
             Reason::ClockUnsynced => "clock_unsynced",
             Reason::RateLimited => "rate_limited",
+            Reason::ProxyError => "proxy_error",
         }
     }
 
@@ -127,7 +131,7 @@ impl Reason {
     }
 }
 
-const ALL_REASONS: [Reason; 14] = [
+const ALL_REASONS: [Reason; 15] = [
     Reason::InvalidCode,
     Reason::CodeExpired,
     Reason::CodeUsed,
@@ -142,6 +146,7 @@ const ALL_REASONS: [Reason; 14] = [
     Reason::ProtocolMismatch,
     Reason::ClockUnsynced,
     Reason::RateLimited,
+    Reason::ProxyError,
 ];
 
 impl fmt::Display for Reason {

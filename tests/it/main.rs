@@ -18,6 +18,7 @@ mod gate;
 mod memory;
 mod operations;
 mod process;
+mod proxy;
 mod secrets;
 mod soak;
 mod systemd;

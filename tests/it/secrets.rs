@@ -39,22 +39,39 @@ async fn no_secret_reaches_logs_status_audit_or_cmdline_at_trace_level() {
     let dir = tmp.path().join("agent");
     let stdout = std::fs::File::create(tmp.path().join("stdout")).unwrap();
     let stderr = std::fs::File::create(tmp.path().join("stderr")).unwrap();
-    let mut agent = AgentProcess::spawn(
-        &dir,
-        &server
-            .agent_toml(&dir)
-            .code(&code)
-            .portal(&portal.url())
-            .build(),
-        |c| {
-            c.env("RUST_LOG", "trace").stdout(stdout).stderr(stderr);
-        },
-    );
+    // Activation goes through a CONNECT proxy whose Basic credentials are planted too.
+    let proxy_pw = "Pr0xy-canary-pw";
+    let proxy = crate::support::proxy::ConnectProxy::start(Some(&format!("pbx:{proxy_pw}"))).await;
+    let toml = server
+        .agent_toml(&dir)
+        .code(&code)
+        .portal(&portal.url())
+        .build()
+        .replacen(
+            "[tunnel]\n",
+            &format!(
+                "[tunnel]\nproxy = \"{}\"\n",
+                proxy.url(Some(&format!("pbx:{proxy_pw}")))
+            ),
+            1,
+        );
+    let mut agent = AgentProcess::spawn(&dir, &toml, |c| {
+        c.env("RUST_LOG", "trace").stdout(stdout).stderr(stderr);
+    });
     let status_file = agent.status_file.clone();
 
     // Activation with the code.
     let first = agent.connected().await;
-    let mut secrets: Vec<(String, String)> = vec![("auth code".into(), code.clone())];
+    assert_eq!(proxy.tunnelled(), 1, "activated through the proxy");
+    let basic = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("pbx:{proxy_pw}"))
+    };
+    let mut secrets: Vec<(String, String)> = vec![
+        ("auth code".into(), code.clone()),
+        ("proxy password".into(), proxy_pw.into()),
+        ("proxy Basic credentials".into(), basic),
+    ];
 
     // A reconnect: the server drops the connection.
     server

@@ -4,6 +4,7 @@
 
 pub mod browser;
 pub mod console;
+pub mod proxy;
 pub mod relay;
 pub mod smtp;
 
