@@ -68,13 +68,8 @@ pub(super) async fn add_group(
         return r;
     }
     let name = f.name.trim();
-    match app.server.db.add_group(name) {
-        Ok(()) => {
-            app.log(&c, "group.add", Some(name), "ok");
-            Redirect::to("/groups").into_response()
-        }
-        Err(e) => not_saved("/groups", e),
-    }
+    let result = app.server.db.add_group(name);
+    app.saved(&c, ("group.add", name), result, "/groups", "/groups")
 }
 
 pub(super) async fn remove_group(
@@ -85,13 +80,8 @@ pub(super) async fn remove_group(
     if let Err(r) = admin_only(&c) {
         return r;
     }
-    match app.server.db.remove_group(&name) {
-        Ok(()) => {
-            app.log(&c, "group.remove", Some(&name), "ok");
-            Redirect::to("/groups").into_response()
-        }
-        Err(e) => not_saved("/groups", e),
-    }
+    let result = app.server.db.remove_group(&name);
+    app.saved(&c, ("group.remove", &name), result, "/groups", "/groups")
 }
 
 pub(super) async fn templates(State(app): State<AppState>, c: Caller) -> Response {
@@ -173,13 +163,14 @@ pub(super) async fn save_template(
         return r;
     }
     let name = f.name.trim();
-    match app.server.db.save_template(name, &f.body) {
-        Ok(()) => {
-            app.log(&c, "template.save", Some(name), "ok");
-            Redirect::to("/templates").into_response()
-        }
-        Err(e) => not_saved("/templates", e),
-    }
+    let result = app.server.db.save_template(name, &f.body);
+    app.saved(
+        &c,
+        ("template.save", name),
+        result,
+        "/templates",
+        "/templates",
+    )
 }
 
 pub(super) async fn remove_template(

@@ -139,6 +139,24 @@ impl Console {
             self.cookie_name()
         )
     }
+    /// The answer to a form that changed something: on success the operation is logged and
+    /// the browser goes to `to`; on failure a page says why and leads back to `back`.
+    fn saved(
+        &self,
+        c: &Caller,
+        (action, target): (&str, &str),
+        result: Result<()>,
+        to: &str,
+        back: &str,
+    ) -> Response {
+        match result {
+            Ok(()) => {
+                self.log(c, action, Some(target), "ok");
+                axum::response::Redirect::to(to).into_response()
+            }
+            Err(e) => layout::not_saved(back, e),
+        }
+    }
     /// Records an operation; a failure to record is logged, never turned into the
     /// operation's failure (it has happened).
     fn log(&self, who: &Caller, action: &str, target: Option<&str>, result: &str) {

@@ -257,13 +257,14 @@ pub(super) async fn reset_2fa(
     if let Err(r) = admin_only(&c) {
         return r;
     }
-    match app.server.db.reset_totp(&email) {
-        Ok(()) => {
-            app.log(&c, "user.reset_2fa", Some(&email), "ok");
-            Redirect::to(&format!("/users/{email}")).into_response()
-        }
-        Err(e) => not_saved("/users", e),
-    }
+    let result = app.server.db.reset_totp(&email);
+    app.saved(
+        &c,
+        ("user.reset_2fa", &email),
+        result,
+        &format!("/users/{email}"),
+        "/users",
+    )
 }
 
 pub(super) async fn remove(
@@ -274,11 +275,12 @@ pub(super) async fn remove(
     if let Err(r) = admin_only(&c) {
         return r;
     }
-    match app.server.db.remove_user(&email) {
-        Ok(()) => {
-            app.log(&c, "user.remove", Some(&email), "ok");
-            Redirect::to("/users").into_response()
-        }
-        Err(e) => not_saved(&format!("/users/{email}"), e),
-    }
+    let result = app.server.db.remove_user(&email);
+    app.saved(
+        &c,
+        ("user.remove", &email),
+        result,
+        "/users",
+        &format!("/users/{email}"),
+    )
 }

@@ -105,16 +105,8 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::db::{NewUser, Role, Scope};
-
-    fn new(email: &str, role: Role, scope: Scope) -> NewUser {
-        NewUser {
-            email: email.into(),
-            password_hash: "h".into(),
-            role,
-            scope,
-        }
-    }
+    use crate::server::db::users::tests::new;
+    use crate::server::db::{Role, Scope};
 
     #[test]
     fn tokens_are_stored_hashed_and_revocable() {

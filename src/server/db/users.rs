@@ -457,7 +457,7 @@ fn write_scope(tx: &rusqlite::Transaction<'_>, email: &str, scope: &Scope) -> Re
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn db() -> (tempfile::TempDir, Db) {
@@ -466,7 +466,8 @@ mod tests {
         (dir, db)
     }
 
-    fn new(email: &str, role: Role, scope: Scope) -> NewUser {
+    /// A user to add in tests (the store's other rooms' tests use it too).
+    pub(in crate::server::db) fn new(email: &str, role: Role, scope: Scope) -> NewUser {
         NewUser {
             email: email.into(),
             password_hash: "h".into(),
