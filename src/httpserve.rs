@@ -41,11 +41,12 @@ pub trait Handshake: Clone + Send + Sync + 'static {
     type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
     /// Whether the handshake is TLS (a plain connection over the bound gets a 503 text).
     fn is_tls(&self) -> bool;
-    /// Turns the accepted socket into the stream HTTP runs on.
+    /// Turns the accepted socket into the stream HTTP runs on; `None` when the handshake
+    /// handed the connection to something else (the API's port also takes TCP tunnels).
     fn handshake(
         &self,
         tcp: TcpStream,
-    ) -> impl std::future::Future<Output = std::io::Result<Self::Io>> + Send;
+    ) -> impl std::future::Future<Output = std::io::Result<Option<Self::Io>>> + Send;
 }
 
 /// Plain HTTP: the socket as it is.
@@ -60,8 +61,8 @@ impl Handshake for Plain {
     fn handshake(
         &self,
         tcp: TcpStream,
-    ) -> impl std::future::Future<Output = std::io::Result<TcpStream>> + Send {
-        std::future::ready(Ok(tcp))
+    ) -> impl std::future::Future<Output = std::io::Result<Option<TcpStream>>> + Send {
+        std::future::ready(Ok(Some(tcp)))
     }
 }
 
@@ -73,8 +74,9 @@ impl Handshake for tokio_rustls::TlsAcceptor {
     fn handshake(
         &self,
         tcp: TcpStream,
-    ) -> impl std::future::Future<Output = std::io::Result<Self::Io>> + Send {
-        self.accept(tcp)
+    ) -> impl std::future::Future<Output = std::io::Result<Option<Self::Io>>> + Send {
+        let accept = self.accept(tcp);
+        async move { accept.await.map(Some) }
     }
 }
 
@@ -86,15 +88,15 @@ impl<H: Handshake> Handshake for Option<H> {
     fn handshake(
         &self,
         tcp: TcpStream,
-    ) -> impl std::future::Future<Output = std::io::Result<Self::Io>> + Send {
+    ) -> impl std::future::Future<Output = std::io::Result<Option<Self::Io>>> + Send {
         let h = self.clone();
         async move {
             match h {
-                None => Ok(tokio_util::either::Either::Left(tcp)),
-                Some(h) => h
+                None => Ok(Some(tokio_util::either::Either::Left(tcp))),
+                Some(h) => Ok(h
                     .handshake(tcp)
-                    .await
-                    .map(tokio_util::either::Either::Right),
+                    .await?
+                    .map(tokio_util::either::Either::Right)),
             }
         }
     }
@@ -262,7 +264,9 @@ where
     let stream = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
         r = tokio::time::timeout(limits.tls_handshake, tls.handshake(tcp)) => match r {
-            Ok(Ok(s)) => s,
+            Ok(Ok(Some(s))) => s,
+            // Handed over: not ours to serve.
+            Ok(Ok(None)) => return Ok(()),
             Ok(Err(e)) => return Err(format!("{what}: {e}").into()),
             Err(_) => return Err(format!("{what} timed out").into()),
         },

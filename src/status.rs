@@ -100,6 +100,13 @@ pub struct Status {
     /// Round-trip time to the server, refreshed at heartbeat cadence.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rtt_ms: Option<u64>,
+    /// `quic` or `tcp`, while a tunnel is up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
+    /// Why that transport ("UDP to HOST:PORT gets no answer; using TCP", "via proxy …",
+    /// "forced by config"); none on QUIC by choice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport_note: Option<String>,
     /// Remote sessions now open.
     pub active_sessions: Vec<SessionInfo>,
     /// Hot Standby role.
@@ -183,6 +190,8 @@ impl StatusHandle {
             if state != State::Connected {
                 s.since = None;
                 s.rtt_ms = None;
+                s.transport = None;
+                s.transport_note = None;
             }
         });
     }
@@ -266,6 +275,20 @@ pub fn render(s: &Status) -> String {
     line("last conn.:", s.last_connected.clone());
     line("next retry:", s.next_retry_at.clone());
     line("rtt:", s.rtt_ms.map(|r| format!("{r} ms")));
+    line(
+        "transport:",
+        s.transport.as_deref().map(|t| {
+            let name = match t {
+                "quic" => "QUIC (UDP)",
+                "tcp" => "TCP (TLS, HTTP/2 framing)",
+                other => other,
+            };
+            match &s.transport_note {
+                Some(note) => format!("{name}: {note}"),
+                None => name.to_string(),
+            }
+        }),
+    );
     line(
         "ha:",
         s.ha_role.clone().map(|r| {

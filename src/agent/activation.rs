@@ -239,15 +239,12 @@ async fn post_json(
     let tcp = crate::agent::dial::connect(server, proxy.as_ref().map(|(p, _)| p), CONNECT_TIMEOUT)
         .await
         .map_err(dial_error)?;
-    let name = match server.host.parse::<std::net::IpAddr>() {
-        Ok(ip) => rustls::pki_types::ServerName::IpAddress(ip.into()),
-        Err(_) => rustls::pki_types::ServerName::try_from(server.host.clone()).map_err(|_| {
-            ActivationError::Rejected {
-                reason: Reason::TlsError,
-                message: format!("{:?} is not a TLS server name", server.host),
-            }
-        })?,
-    };
+    let name = crate::agent::dial::server_name(&server.host).map_err(|message| {
+        ActivationError::Rejected {
+            reason: Reason::TlsError,
+            message,
+        }
+    })?;
     let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
         .connect(name, tcp)
         .await

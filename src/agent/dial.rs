@@ -38,6 +38,15 @@ pub(crate) fn proxy_of(
     })
 }
 
+/// The TLS server name for `host` (an IP literal or a DNS name).
+pub(crate) fn server_name(host: &str) -> Result<rustls::pki_types::ServerName<'static>, String> {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => Ok(rustls::pki_types::ServerName::IpAddress(ip.into())),
+        Err(_) => rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|_| format!("{host:?} is not a TLS server name")),
+    }
+}
+
 /// Connects to `server`, through `proxy` when given, within `limit`.
 pub(crate) async fn connect(
     server: &ServerAddr,
@@ -91,11 +100,7 @@ async fn through(server: &ServerAddr, proxy: &ProxyUrl) -> Result<Box<dyn Io>, D
     let mut io: Box<dyn Io> = if proxy.tls {
         let config = crate::tls::client_config(&crate::tls::ServerTrust::System, &[], None)
             .map_err(|e| unreachable(format!("{e:#}")))?;
-        let name = match proxy.host.parse::<std::net::IpAddr>() {
-            Ok(ip) => rustls::pki_types::ServerName::IpAddress(ip.into()),
-            Err(_) => rustls::pki_types::ServerName::try_from(proxy.host.clone())
-                .map_err(|_| unreachable("not a TLS server name".into()))?,
-        };
+        let name = server_name(&proxy.host).map_err(unreachable)?;
         let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
             .connect(name, tcp)
             .await

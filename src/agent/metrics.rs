@@ -5,6 +5,7 @@
 
 use crate::httpserve::{self, Limits};
 use crate::status::{State, StatusHandle};
+use crate::tunnelio::Transport;
 use crate::web::{full, Body};
 use http::{Response, StatusCode};
 use std::collections::BTreeMap;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Default)]
 pub struct Metrics {
     connections: AtomicU64,
+    switches: AtomicU64,
     streams: AtomicU64,
     login_failures: AtomicU64,
     activation_attempts: AtomicU64,
@@ -31,26 +33,90 @@ pub struct Metrics {
 
 #[derive(Default)]
 struct Link {
-    current: Option<quinn::Connection>,
+    current: Option<LinkStats>,
     sent_before: u64,
     received_before: u64,
 }
 
+impl Link {
+    /// Moves the current connection's bytes to the totals.
+    fn retire(&mut self) {
+        if let Some(conn) = self.current.take() {
+            let (sent, received) = conn.bytes();
+            self.sent_before += sent;
+            self.received_before += received;
+        }
+    }
+}
+
+/// Where a tunnel connection's round trip and byte counts are read, whichever transport.
+#[derive(Clone)]
+pub(crate) enum LinkStats {
+    /// QUIC keeps its own.
+    Quic(quinn::Connection),
+    /// The TCP transport counts socket bytes and times its pings.
+    Tcp {
+        /// Bytes below TLS.
+        counters: Arc<crate::tunnelio::Counters>,
+        /// The last ping's round trip.
+        rtt_ms: Arc<AtomicU64>,
+    },
+}
+
+impl LinkStats {
+    /// Which transport.
+    pub fn transport(&self) -> Transport {
+        match self {
+            LinkStats::Quic(_) => Transport::Quic,
+            LinkStats::Tcp { .. } => Transport::Tcp,
+        }
+    }
+
+    /// Round-trip time to the server.
+    pub fn rtt(&self) -> std::time::Duration {
+        match self {
+            LinkStats::Quic(c) => c.rtt(),
+            LinkStats::Tcp { rtt_ms, .. } => {
+                std::time::Duration::from_millis(rtt_ms.load(Ordering::Relaxed))
+            }
+        }
+    }
+
+    /// Bytes sent and received.
+    pub fn bytes(&self) -> (u64, u64) {
+        match self {
+            LinkStats::Quic(c) => {
+                let stats = c.stats();
+                (stats.udp_tx.bytes, stats.udp_rx.bytes)
+            }
+            LinkStats::Tcp { counters, .. } => (
+                counters.sent.load(Ordering::Relaxed),
+                counters.received.load(Ordering::Relaxed),
+            ),
+        }
+    }
+}
+
 impl Metrics {
     /// A tunnel connection came up.
-    pub fn connected(&self, conn: &quinn::Connection) {
+    pub(crate) fn connected(&self, link: LinkStats) {
         self.connections.fetch_add(1, Ordering::Relaxed);
-        self.lock_link().current = Some(conn.clone());
+        let mut l = self.lock_link();
+        l.retire();
+        l.current = Some(link);
+    }
+
+    /// The tunnel moved to another connection (a QUIC re-probe succeeded): not a reconnect.
+    pub(crate) fn switched(&self, link: LinkStats) {
+        self.switches.fetch_add(1, Ordering::Relaxed);
+        let mut l = self.lock_link();
+        l.retire();
+        l.current = Some(link);
     }
 
     /// The tunnel connection ended; its bytes move to the totals.
     pub fn disconnected(&self) {
-        let mut link = self.lock_link();
-        if let Some(conn) = link.current.take() {
-            let stats = conn.stats();
-            link.sent_before += stats.udp_tx.bytes;
-            link.received_before += stats.udp_rx.bytes;
-        }
+        self.lock_link().retire();
     }
 
     /// An activation request is about to be sent.
@@ -125,34 +191,53 @@ impl Metrics {
             "Request streams the server opened (a visitor connection reuses its stream).",
             self.streams.load(Ordering::Relaxed),
         );
-        let (rtt, sent, received) = {
+        let (rtt, transport, sent, received) = {
             let link = self.lock_link();
             match &link.current {
                 Some(c) => {
-                    let stats = c.stats();
+                    let (sent, received) = c.bytes();
                     (
                         Some(c.rtt()),
-                        link.sent_before + stats.udp_tx.bytes,
-                        link.received_before + stats.udp_rx.bytes,
+                        Some(c.transport()),
+                        link.sent_before + sent,
+                        link.received_before + received,
                     )
                 }
-                None => (None, link.sent_before, link.received_before),
+                None => (None, None, link.sent_before, link.received_before),
             }
         };
-        if let Some(rtt) = rtt.filter(|_| s.state == State::Connected) {
+        let connected = s.state == State::Connected;
+        if let Some(rtt) = rtt.filter(|_| connected) {
             single(
                 &mut o,
                 "pbxra_rtt_seconds",
                 "gauge",
-                "Round-trip time to the server (QUIC estimate).",
+                "Round-trip time to the server (QUIC's estimate, or the TCP transport's last ping).",
                 rtt.as_secs_f64(),
             );
         }
         help(
             &mut o,
+            "pbxra_transport",
+            "gauge",
+            "The transport the tunnel uses (1 for the current one; 0 for both while not connected).",
+        );
+        for kind in [Transport::Quic, Transport::Tcp] {
+            let on = connected && transport == Some(kind);
+            let _ = writeln!(o, "pbxra_transport{{kind=\"{kind}\"}} {}", u8::from(on));
+        }
+        single(
+            &mut o,
+            "pbxra_transport_switches_total",
+            "counter",
+            "Times the tunnel moved from TCP back to QUIC without a reconnect.",
+            self.switches.load(Ordering::Relaxed),
+        );
+        help(
+            &mut o,
             "pbxra_tunnel_bytes_total",
             "counter",
-            "UDP payload bytes of the tunnel.",
+            "Bytes of the tunnel: UDP payload on QUIC, TCP payload on the TCP transport.",
         );
         let _ = writeln!(o, "pbxra_tunnel_bytes_total{{direction=\"sent\"}} {sent}");
         let _ = writeln!(

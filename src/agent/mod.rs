@@ -46,6 +46,10 @@ use reserved::*;
 pub use supervise::SWEEP_EVERY;
 use supervise::*;
 
+/// When QUIC is re-probed after it lost to TCP, and the longest wait between probes (public
+/// for tests, which move the agent's clock past them).
+pub use tunnel::race::{FIRST_PROBE, MAX_PROBE};
+
 /// First reconnect delay ceiling.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
 /// Largest reconnect delay. With full jitter and the 5 s connect timeout, a path that returns

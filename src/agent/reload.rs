@@ -24,13 +24,19 @@ pub(super) enum Reload {
 }
 
 /// Whether `new` differs from `old` only in what a running tunnel takes live: access rules,
-/// logging, metrics, tunnel timings and the portal's address and trust.
+/// logging, metrics, tunnel timings (not its proxy or transport) and the portal's address and
+/// trust.
 pub(super) fn keeps_connection(old: &AgentConfig, new: &AgentConfig) -> bool {
     let mut same = new.clone();
     same.remote_access = old.remote_access.clone();
     same.log_format = old.log_format;
     same.metrics_listen = old.metrics_listen;
-    same.tunnel = old.tunnel.clone();
+    // Timings apply live; a new proxy or transport takes a new connection.
+    same.tunnel = crate::config::Tunnel {
+        proxy: new.tunnel.proxy.clone(),
+        transport: new.tunnel.transport,
+        ..old.tunnel.clone()
+    };
     same.pbx.portal_url = old.pbx.portal_url.clone();
     same.pbx.portal_ca_file = old.pbx.portal_ca_file.clone();
     same.pbx.portal_source_addr = old.pbx.portal_source_addr;

@@ -199,6 +199,21 @@ pub struct Tunnel {
     /// `[tunnel] proxy`: the HTTP CONNECT proxy for TCP connections (activation now); unset,
     /// the environment's `HTTPS_PROXY` / `ALL_PROXY` / `NO_PROXY` decide.
     pub proxy: Option<proxy::ProxyUrl>,
+    /// `[tunnel] transport`: QUIC, else TCP (`auto`, the default), or one of them only.
+    pub transport: TransportMode,
+}
+
+/// `[tunnel] transport` (DESIGN §10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportMode {
+    /// QUIC first; TCP 300 ms later (1.5 × the last QUIC RTT when known) unless QUIC has
+    /// completed its handshake; QUIC re-probed in the background while on TCP.
+    #[default]
+    Auto,
+    /// QUIC only (TCP is never dialled).
+    Quic,
+    /// TCP only.
+    Tcp,
 }
 
 /// `[log] format`.

@@ -131,6 +131,7 @@ pub(super) struct RawTunnel {
     #[serde(default = "default_portal_timeout")]
     pub(super) portal_timeout_secs: u64,
     pub(super) proxy: Option<String>,
+    pub(super) transport: Option<String>,
 }
 
 impl Default for RawTunnel {
@@ -140,6 +141,7 @@ impl Default for RawTunnel {
             drain_secs: default_drain(),
             portal_timeout_secs: default_portal_timeout(),
             proxy: None,
+            transport: None,
         }
     }
 }

@@ -59,6 +59,17 @@ impl Validator<'_> {
                 .as_deref()
                 .map(|p| super::proxy::ProxyUrl::parse(p).map_err(|e| self.err("tunnel.proxy", e)))
                 .transpose()?,
+            transport: match t.transport.as_deref() {
+                None | Some("auto") => super::TransportMode::Auto,
+                Some("quic") => super::TransportMode::Quic,
+                Some("tcp") => super::TransportMode::Tcp,
+                Some(other) => {
+                    return Err(self.err(
+                        "tunnel.transport",
+                        format!("expected \"auto\", \"quic\" or \"tcp\", got {other:?}"),
+                    ))
+                }
+            },
         };
         let metrics_listen = raw
             .metrics

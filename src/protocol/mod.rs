@@ -22,6 +22,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// ALPN of the QUIC tunnel for [`PROTOCOL_VERSION`].
 pub const ALPN: &[u8] = b"pbxra/1";
 
+/// ALPN of the TCP transport (TLS 1.3 over TCP, HTTP/2 framing; DESIGN §10), offered on the
+/// activation API's address beside its `http/1.1`.
+pub const ALPN_TCP: &[u8] = b"pbxra-tcp/1";
+
 /// HTTP path of the activation API (HTTPS on the same address as the tunnel).
 pub const ACTIVATE_PATH: &str = "/api/v1/activate";
 
@@ -39,6 +43,9 @@ pub const KEEPALIVE: Duration = Duration::from_secs(4);
 
 /// QUIC idle timeout: a dead path is noticed within this.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a connection an agent handed over from may stay open to finish its requests.
+pub const HANDOVER_GRACE: Duration = Duration::from_secs(60);
 
 /// Time the agent waits for the stream header on a new stream.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -153,6 +160,16 @@ impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// Server → agent on the TCP transport's goodbye stream: why the server closes the connection
+/// (QUIC carries the same in its close frame: [`Reason::close_code`] and the message).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Goodbye {
+    /// The reason; `None` for a close with no fault (the server is stopping).
+    pub reason: Option<Reason>,
+    /// What happened, in words.
+    pub message: String,
 }
 
 /// QUIC application close code for a deliberate close with no fault (shutdown).
@@ -272,6 +289,11 @@ pub enum Control {
         /// The local switches at connect; `None` from agents that do not report them.
         #[serde(default)]
         switches: Option<LocalSwitches>,
+        /// This agent is moving its tunnel to this connection (a QUIC re-probe succeeded):
+        /// the older connection of the node is left to finish its requests and close itself
+        /// (within [`HANDOVER_GRACE`]) instead of being closed as `replaced`.
+        #[serde(default)]
+        handover: bool,
     },
     /// Server → agent, answer to hello.
     Welcome {

@@ -154,7 +154,7 @@ struct Limits {
 pub async fn serve(
     state: Arc<ServerState>,
     listener: TcpListener,
-    tls: tokio_rustls::TlsAcceptor,
+    tls: impl httpserve::Handshake,
     shutdown: CancellationToken,
 ) {
     let limiter = Arc::new(Limits::default());

@@ -1,17 +1,21 @@
-//! The tunnel hub: accepts QUIC connections, identifies the device by its key against the
+//! The tunnel hub: accepts QUIC connections (and TCP transport ones from the API's port,
+//! [`crate::server::transport`]), identifies the device by its key against the
 //! registry at every handshake, keeps the newest connection per device (the older one is closed
 //! with `replaced`), serves the control stream, and pushes registry changes within seconds.
 
 use crate::protocol::{
     read_frame, write_frame, Control, DeviceSettings, HaState, NodeRole, Reason, TaskState, ALPN,
-    CONNECT_TIMEOUT, MAX_REQUEST_STREAMS, PROTOCOL_VERSION,
+    CONNECT_TIMEOUT, HANDOVER_GRACE, MAX_REQUEST_STREAMS, PROTOCOL_VERSION,
 };
-use crate::server::db::{DeviceFlags, NodeKey, PendingTask};
+use crate::server::db::{DeviceFlags, NodeHello, NodeKey, PendingTask};
 use crate::server::keys::ServerKeys;
+use crate::server::transport::{self, Conn};
 use crate::server::ServerState;
+use crate::tunnelio::{RecvHalf, SendHalf};
 use anyhow::{Context, Result};
 use rustls::pki_types::CertificateDer;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,8 +32,8 @@ pub struct Link {
     pub device_id: String,
     /// Which node of the device.
     pub role: NodeRole,
-    /// The QUIC connection.
-    pub conn: quinn::Connection,
+    /// The tunnel connection (QUIC or TCP).
+    pub conn: Conn,
     /// Which registration this is.
     pub generation: u64,
     /// Request streams in use (try_acquire fails → 503).
@@ -168,12 +172,36 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
         .await
         .context("handshake timeout")??;
     let key_hash = peer_key_hash(&conn)?;
+    identify(state, Conn::Quic(conn), key_hash, peer).await
+}
+
+/// A TCP transport connection from the API's port, TLS done: h2 over it, then as QUIC.
+pub(crate) async fn handle_tcp(
+    state: Arc<ServerState>,
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let key_hash = transport::peer_key_hash_tls(tls.get_ref().1)?;
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, transport::start_tcp(tls, peer, shutdown))
+        .await
+        .context("HTTP/2 handshake timeout")??;
+    identify(state, conn, key_hash, peer).await
+}
+
+/// Looks the device key up and serves the tunnel, or refuses an unknown key.
+async fn identify(
+    state: Arc<ServerState>,
+    conn: Conn,
+    key_hash: [u8; 32],
+    peer: SocketAddr,
+) -> Result<()> {
     let Some(NodeKey { device, role }) = state.db.node_by_key(&key_hash)? else {
-        tracing::warn!(%peer, "unknown device key refused");
+        tracing::warn!(%peer, transport = %conn.transport(), "unknown device key refused");
         refuse(&conn, Reason::DeviceRemoved, "this device is not registered on the server (removed or re-enrolled); activate it again with a new code");
         return Ok(());
     };
-    let span = tracing::info_span!("tunnel", device = %device, role = %role);
+    let span = tracing::info_span!("tunnel", device = %device, role = %role, transport = %conn.transport());
     serve_tunnel(state, conn, key_hash, device, role)
         .instrument(span)
         .await
@@ -182,15 +210,16 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -
 /// One registered tunnel from hello to close, inside the tunnel's span.
 async fn serve_tunnel(
     state: Arc<ServerState>,
-    conn: quinn::Connection,
+    conn: Conn,
     key_hash: [u8; 32],
     device: String,
     role: NodeRole,
 ) -> Result<()> {
     let peer = conn.remote_address();
-    let (mut send, mut recv) = tokio::time::timeout(CONNECT_TIMEOUT, conn.accept_bi())
-        .await
-        .context("no control stream")??;
+    let (mut send, mut recv): (SendHalf, RecvHalf) =
+        tokio::time::timeout(CONNECT_TIMEOUT, conn.control_stream())
+            .await
+            .context("no control stream")??;
     let hello = tokio::time::timeout(CONNECT_TIMEOUT, read_frame::<_, Control>(&mut recv))
         .await
         .context("no hello")??;
@@ -200,6 +229,7 @@ async fn serve_tunnel(
         facts,
         ha_state,
         switches,
+        handover,
     }) = hello
     else {
         refuse(&conn, Reason::ProtocolMismatch, "expected hello");
@@ -226,9 +256,17 @@ async fn serve_tunnel(
         );
         return Ok(());
     };
-    state
-        .db
-        .node_connected(&device, role, &facts, &agent_version, ha_state, switches)?;
+    state.db.node_connected(
+        &device,
+        role,
+        &NodeHello {
+            facts: &facts,
+            agent_version: &agent_version,
+            ha_state,
+            switches,
+            transport: conn.transport(),
+        },
+    )?;
     let (settings_tx, mut settings_rx) = mpsc::unbounded_channel();
     let link = Arc::new(Link {
         device_id: device.clone(),
@@ -243,12 +281,28 @@ async fn serve_tunnel(
         settings_tx,
     });
     if let Some(old) = state.hub.register(link.clone()) {
-        tracing::warn!(old_peer = %old.conn.remote_address(), new_peer = %peer, "device credential connected again; the older connection is replaced");
-        refuse(
-            &old.conn,
-            Reason::Replaced,
-            "another machine connected with this device credential; this connection was replaced",
-        );
+        if handover {
+            tracing::info!(old_transport = %old.conn.transport(), "the agent moved its tunnel here; the older connection finishes its requests");
+            tokio::spawn(async move {
+                if tokio::time::timeout(HANDOVER_GRACE, old.conn.closed())
+                    .await
+                    .is_err()
+                {
+                    refuse(
+                        &old.conn,
+                        Reason::Replaced,
+                        "the tunnel moved to a newer connection",
+                    );
+                }
+            });
+        } else {
+            tracing::warn!(old_peer = %old.conn.remote_address(), new_peer = %peer, "device credential connected again; the older connection is replaced");
+            refuse(
+                &old.conn,
+                Reason::Replaced,
+                "another machine connected with this device credential; this connection was replaced",
+            );
+        }
     }
     tracing::info!(%peer, version = %agent_version, "device connected");
     write_frame(
@@ -379,8 +433,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn refuse(conn: &quinn::Connection, reason: Reason, message: &str) {
-    conn.close(reason.close_code().into(), message.as_bytes());
+fn refuse(conn: &Conn, reason: Reason, message: &str) {
+    conn.close(Some(reason), message);
 }
 
 fn peer_key_hash(conn: &quinn::Connection) -> Result<[u8; 32]> {

@@ -13,6 +13,7 @@ pub mod hub;
 pub mod keys;
 pub mod mail;
 pub(crate) mod refusal;
+pub mod transport;
 
 use anyhow::{Context, Result};
 use ipnet::IpNet;
@@ -187,10 +188,17 @@ pub async fn serve(
         shutdown.clone(),
     ));
     tasks.spawn(hub::watch_registry(state.clone(), shutdown.clone()));
+    // The API's port also takes the TCP transport (ALPN pbxra-tcp/1).
+    let api_or_tunnel = transport::ApiOrTunnel {
+        api: api_tls.config().clone(),
+        tunnel: transport::tcp_tls(&state.keys)?,
+        state: state.clone(),
+        shutdown: shutdown.clone(),
+    };
     tasks.spawn(api::serve(
         state.clone(),
         listeners.api,
-        api_tls,
+        api_or_tunnel,
         shutdown.clone(),
     ));
     tasks.spawn(front::serve(

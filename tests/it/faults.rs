@@ -8,57 +8,6 @@ use pbx_remote::status::State;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Server, portal, relay and an agent that dials the server through the relay.
-struct Net {
-    server: TestServer,
-    portal: PortalFixture,
-    relay: Relay,
-    agent: TestAgent,
-    device: String,
-    _tmp: tempfile::TempDir,
-}
-
-impl Net {
-    /// Everything started; `before` impairs the path before the agent's first packet.
-    async fn start(before: Impair, extra: &str) -> Net {
-        Net::start_edited(before, extra, |t| t).await
-    }
-
-    /// As [`Net::start`], with the agent's config text edited first.
-    async fn start_edited(before: Impair, extra: &str, edit: impl FnOnce(String) -> String) -> Net {
-        let server = TestServer::start().await;
-        let portal = PortalFixture::start().await;
-        let relay = Relay::start(server.tunnel).await;
-        relay.set_both(before);
-        let (device, code) = server.add_device(false);
-        let tmp = tempfile::tempdir().unwrap();
-        let toml = edit(
-            AgentToml::new(relay.addr, &server.pin, &tmp.path().join("agent"))
-                .code(&code)
-                .portal(&portal.url())
-                .extra(extra)
-                .build(),
-        );
-        let agent = TestAgent::start(&tmp.path().join("agent"), &toml);
-        Net {
-            server,
-            portal,
-            relay,
-            agent,
-            device,
-            _tmp: tmp,
-        }
-    }
-
-    async fn visitor(&self) -> Visitor {
-        let url = self.server.visit(&self.device, "alice", false);
-        let mut v = Visitor::new(self.server.public, &self.device);
-        v.open_visit(&url).await;
-        assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
-        v
-    }
-}
-
 /// Downloads `path`, returning (bytes, sha256 hex).
 async fn download(v: &mut Visitor, path: &str) -> (u64, String) {
     let resp = v.get(path).await;
@@ -369,8 +318,9 @@ async fn status_saying(agent: &TestAgent, words: &str) -> pbx_remote::status::St
 async fn blocked_udp_is_named_in_the_status_while_tcp_answers() {
     use std::sync::atomic::Ordering::Relaxed;
     // The relay passes TCP (activation) and drops every UDP datagram: a firewall that blocks
-    // UDP. The agent activates, then every QUIC attempt gets silence.
-    let net = Net::start(Impair::loss(100.0), "").await;
+    // UDP. The agent activates, then every QUIC attempt gets silence (QUIC only: `auto` would
+    // take TCP, `transport::` tests that).
+    let net = Net::start_edited(Impair::loss(100.0), "", transport("quic")).await;
     let t0 = Instant::now();
     let s = status_saying(&net.agent, "looks blocked").await;
     eprintln!("status after {:?}: {:?}", t0.elapsed(), s.message);
@@ -403,7 +353,7 @@ async fn blocked_udp_is_named_in_the_status_while_tcp_answers() {
 /// blocked. When the path mends, the agent connects.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_handshake_cut_after_the_servers_first_packet_is_named_as_such() {
-    let net = Net::start(Impair::default(), "").await;
+    let net = Net::start_edited(Impair::default(), "", transport("quic")).await;
     net.relay.pass_down(Some(1));
     let s = status_saying(&net.agent, "began but did not finish").await;
     assert_eq!(

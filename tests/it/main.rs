@@ -22,5 +22,6 @@ mod proxy;
 mod secrets;
 mod soak;
 mod systemd;
+mod transport;
 mod trust;
 mod tunnel;

@@ -257,7 +257,12 @@ async fn a_failed_agent_recovers_when_the_config_is_fixed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_drains_in_flight_requests_then_stops() {
-    let w = World::start(false, "").await;
+    shutdown_drains_in_flight_requests(World::start(false, "").await).await;
+}
+
+/// A stop lets the request in flight finish, ends within the drain, and the server sees the
+/// node offline at once (`transport::` runs it over TCP).
+pub async fn shutdown_drains_in_flight_requests(w: World) {
     let v = w.visitor("alice", false).await;
     let in_flight = v.request(reqwest::Method::GET, "/delay/1200");
     let req = tokio::spawn(async move { in_flight.send().await.unwrap().text().await });

@@ -59,6 +59,17 @@ fn spawn_server(data: &std::path::Path, listen: &str, public: &str) -> ServerPro
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_server_comes_back_and_agents_reconnect_within_10s() {
+    killed_server_comes_back(transport("quic")).await;
+}
+
+/// The same over the TCP transport: a killed server's TCP connections die with it (the kernel
+/// answers the agent's next segment with a reset, or the keep-alive ping goes unanswered).
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_server_comes_back_and_tcp_agents_reconnect_within_10s() {
+    killed_server_comes_back(transport("tcp")).await;
+}
+
+async fn killed_server_comes_back(edit: impl FnOnce(String) -> String) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let mut server = spawn_server(&data, "127.0.0.1:0", "127.0.0.1:0");
@@ -80,10 +91,12 @@ async fn killed_server_comes_back_and_agents_reconnect_within_10s() {
     // A process of its own, so its descriptors and memory are not the other tests'.
     let agent = AgentProcess::spawn(
         &tmp.path().join("agent"),
-        &AgentToml::new(tunnel, &pin, &tmp.path().join("agent"))
-            .code(&code)
-            .portal(&portal.url())
-            .build(),
+        &edit(
+            AgentToml::new(tunnel, &pin, &tmp.path().join("agent"))
+                .code(&code)
+                .portal(&portal.url())
+                .build(),
+        ),
         |_| {},
     );
     let mut before = agent.connected().await.since;

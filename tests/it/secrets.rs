@@ -39,22 +39,25 @@ async fn no_secret_reaches_logs_status_audit_or_cmdline_at_trace_level() {
     let dir = tmp.path().join("agent");
     let stdout = std::fs::File::create(tmp.path().join("stdout")).unwrap();
     let stderr = std::fs::File::create(tmp.path().join("stderr")).unwrap();
-    // Activation goes through a CONNECT proxy whose Basic credentials are planted too.
+    // Activation and the tunnel (the TCP transport) go through a CONNECT proxy whose Basic
+    // credentials are planted too.
     let proxy_pw = "Pr0xy-canary-pw";
     let proxy = crate::support::proxy::ConnectProxy::start(Some(&format!("pbx:{proxy_pw}"))).await;
-    let toml = server
-        .agent_toml(&dir)
-        .code(&code)
-        .portal(&portal.url())
-        .build()
-        .replacen(
-            "[tunnel]\n",
-            &format!(
-                "[tunnel]\nproxy = \"{}\"\n",
-                proxy.url(Some(&format!("pbx:{proxy_pw}")))
-            ),
-            1,
-        );
+    let toml = transport("tcp")(
+        server
+            .agent_toml(&dir)
+            .code(&code)
+            .portal(&portal.url())
+            .build(),
+    )
+    .replacen(
+        "[tunnel]\n",
+        &format!(
+            "[tunnel]\nproxy = \"{}\"\n",
+            proxy.url(Some(&format!("pbx:{proxy_pw}")))
+        ),
+        1,
+    );
     let mut agent = AgentProcess::spawn(&dir, &toml, |c| {
         c.env("RUST_LOG", "trace").stdout(stdout).stderr(stderr);
     });
@@ -62,7 +65,12 @@ async fn no_secret_reaches_logs_status_audit_or_cmdline_at_trace_level() {
 
     // Activation with the code.
     let first = agent.connected().await;
-    assert_eq!(proxy.tunnelled(), 1, "activated through the proxy");
+    assert_eq!(
+        proxy.tunnelled(),
+        2,
+        "activation and the tunnel went through the proxy"
+    );
+    assert_eq!(first.transport.as_deref(), Some("tcp"));
     let basic = {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD.encode(format!("pbx:{proxy_pw}"))
@@ -80,7 +88,7 @@ async fn no_secret_reaches_logs_status_audit_or_cmdline_at_trace_level() {
         .get(&device)
         .expect("agent connected")
         .conn
-        .close(0u32.into(), b"canary reconnect");
+        .close(None, "canary reconnect");
     agent
         .wait_status("reconnected", |s| {
             s.state.as_str() == "connected" && s.since != first.since

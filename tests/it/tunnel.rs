@@ -121,7 +121,11 @@ async fn portal_sees_its_own_origin_and_no_forged_identity() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn download_64_mib_upload_and_websocket_are_byte_exact() {
-    let w = World::start(false, "").await;
+    download_upload_and_websocket(World::start(false, "").await).await;
+}
+
+/// 64 MiB down, 16 MiB up and a WebSocket echo, byte-exact (`transport::` runs it over TCP).
+pub async fn download_upload_and_websocket(w: World) {
     let mut v = w.visitor("alice", false).await;
     let n: u64 = 64 * 1024 * 1024;
     let resp = v.get(&format!("/bytes/{n}")).await;
@@ -336,7 +340,11 @@ async fn spent_expired_and_invalid_codes_fail_without_retry_storm() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn device_removal_reaches_the_agent_within_5s() {
-    let w = World::start(false, "").await;
+    device_removal_reaches_the_agent(World::start(false, "").await).await;
+}
+
+/// `device remove` ends the tunnel with `device_removed` within 5 s.
+pub async fn device_removal_reaches_the_agent(w: World) {
     let t0 = std::time::Instant::now();
     pbx_remote::server::admin::device_remove(&w.server.data_dir(), &w.device).unwrap();
     let s = w

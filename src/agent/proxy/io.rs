@@ -1,5 +1,6 @@
-//! Writing to a tunnel stream: an `AsyncWrite` over quinn's send stream whose shutdown waits for
-//! the peer's acknowledgement, so a finished response is never cut by the stream's end.
+//! Writing to a tunnel stream: an `AsyncWrite` over the stream's sending half whose shutdown,
+//! on QUIC, waits for the peer's acknowledgement, so a finished response is never cut by the
+//! stream's end (on TCP the bytes are in order on the one connection, which closes after them).
 
 use super::*;
 
@@ -7,7 +8,7 @@ use super::*;
 /// once the front has read everything, so a connection closed right after (graceful stop) loses
 /// no response bytes still in flight.
 pub(super) struct AckedSend {
-    pub(super) inner: quinn::SendStream,
+    pub(super) inner: SendHalf,
     pub(super) acked: Option<Acked>,
 }
 
@@ -75,7 +76,10 @@ impl AsyncWrite for AckedSend {
                 std::pin::Pin::new(&mut self.inner),
                 cx
             ))?;
-            let acked = self.inner.stopped();
+            let SendHalf::Quic(quic) = &self.inner else {
+                return std::task::Poll::Ready(Ok(()));
+            };
+            let acked = quic.stopped();
             self.acked = Some(Box::pin(acked));
         }
         match self.acked.as_mut() {

@@ -6,6 +6,7 @@ use crate::agent::gate::{Gate, Session, Verdict};
 use crate::agent::portal::{Portal, PortalError};
 use crate::agent::wsframe::FrameWatch;
 use crate::protocol::{read_frame, StreamHeader, HEADER_TIMEOUT};
+use crate::tunnelio::{RecvHalf, SendHalf};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -88,8 +89,8 @@ impl ProxyCtx {
 /// Serves one request stream until the request (or WebSocket) ends.
 pub(crate) async fn serve_stream(
     ctx: Arc<ProxyCtx>,
-    send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    send: SendHalf,
+    mut recv: RecvHalf,
     stopping: CancellationToken,
 ) {
     let header: StreamHeader =
@@ -110,9 +111,21 @@ pub(crate) async fn serve_stream(
         forwarded: forwarded_headers(&header),
         header,
     });
-    // Resolves with a code when the front stops reading this stream: the visitor went away, and
-    // with them any use for the answer.
-    let abandoned = send.stopped();
+    // Resolves when the front stops reading this stream: the visitor went away, and with them
+    // any use for the answer.
+    let abandoned = match &send {
+        SendHalf::Quic(s) => {
+            let stopped = s.stopped();
+            tokio_util::either::Either::Left(async move {
+                // A stream finished and acknowledged (`Ok(None)`) or a lost connection is no
+                // abandonment.
+                if !matches!(stopped.await, Ok(Some(_))) {
+                    std::future::pending::<()>().await;
+                }
+            })
+        }
+        SendHalf::Tcp(w) => tokio_util::either::Either::Right(w.abandoned()),
+    };
     let send = AckedSend {
         inner: send,
         acked: None,
@@ -144,7 +157,7 @@ pub(crate) async fn serve_stream(
         // Dropping the connection cancels the portal request it waits on (hyper closes that
         // portal connection), instead of holding it and a tunnel stream until the portal answers
         // or times out: abandoned long requests must not pile up at the portal.
-        Ok(Some(_)) = abandoned => {
+        () = abandoned => {
             tracing::debug!("the front stopped reading; request abandoned");
             return;
         }

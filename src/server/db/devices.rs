@@ -6,6 +6,7 @@ use super::{now, Db, Task, CODE_TTL, ONLINE_WINDOW};
 use crate::protocol::{DeviceFacts, HaState, LocalSwitches, NodeRole, Reason};
 use crate::server::health::{health, Health};
 use crate::server::refusal::Refusal;
+use crate::tunnelio::Transport;
 use anyhow::Result;
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
@@ -75,6 +76,24 @@ pub struct Node {
     /// The PBX side's own switches as its agent last reported them (None: an agent that does
     /// not report them, or never connected).
     pub switches: Option<LocalSwitches>,
+    /// `quic` or `tcp` while the node is online (None when offline, or from an agent that
+    /// connected before the server recorded it).
+    pub transport: Option<String>,
+}
+
+/// What a node says when it connects, and over which transport.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeHello<'a> {
+    /// Reported facts.
+    pub facts: &'a DeviceFacts,
+    /// Agent version.
+    pub agent_version: &'a str,
+    /// Hot Standby state.
+    pub ha_state: Option<HaState>,
+    /// The PBX side's switches.
+    pub switches: Option<LocalSwitches>,
+    /// QUIC or TCP.
+    pub transport: Transport,
 }
 
 /// Per-device settings the hub watches.
@@ -285,20 +304,24 @@ impl Db {
         &self,
         device: &str,
         role: NodeRole,
-        facts: &DeviceFacts,
-        agent_version: &str,
-        ha_state: Option<HaState>,
-        switches: Option<LocalSwitches>,
+        hello: &NodeHello<'_>,
     ) -> Result<()> {
+        let NodeHello {
+            facts,
+            agent_version,
+            ha_state,
+            switches,
+            transport,
+        } = *hello;
         let (account_login, passwordless) =
             switches.map(|s| (s.account_login, s.passwordless)).unzip();
         self.with(|c| {
             c.execute(
                 "UPDATE nodes SET online = 1, connected_at = ?3, last_seen = ?3, agent_version = ?4,
                    serial = ?5, mac = ?6, firmware = ?7, model = ?8, edition = ?9, ha_state = ?10,
-                   account_login = ?11, passwordless = ?12
+                   account_login = ?11, passwordless = ?12, transport = ?13
                  WHERE device_id = ?1 AND role = ?2",
-                params![device, role, now(), agent_version, facts.serial, facts.mac, facts.firmware, facts.model, facts.edition, ha_state, account_login, passwordless],
+                params![device, role, now(), agent_version, facts.serial, facts.mac, facts.firmware, facts.model, facts.edition, ha_state, account_login, passwordless, transport.as_str()],
             )?;
             Ok(())
         })
@@ -414,7 +437,7 @@ fn load_devices(c: &rusqlite::Connection, only: Option<&str>) -> Result<Vec<Devi
     let fresh = now() - ONLINE_WINDOW.as_secs() as i64;
     let mut stmt = c.prepare_cached(
         "SELECT device_id, role, serial, mac, firmware, model, agent_version, online, last_seen, ha_state, telemetry,
-           account_login, passwordless
+           account_login, passwordless, transport
          FROM nodes WHERE ?1 IS NULL OR device_id = ?1 ORDER BY device_id, role",
     )?;
     let mut rows = stmt.query([only])?;
@@ -450,6 +473,7 @@ fn load_devices(c: &rusqlite::Connection, only: Option<&str>) -> Result<Vec<Devi
                 }),
                 _ => None,
             },
+            transport: if online { r.get(13)? } else { None },
         });
     }
     let mut stmt = c.prepare_cached(

@@ -29,6 +29,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "provisioning templates as rows; each node's local switches (account login, passwordless) as its agent reports them",
         apply: v3_templates_and_switches,
     },
+    Migration {
+        name: "each node's tunnel transport (quic or tcp) while it is connected",
+        apply: v4_node_transport,
+    },
 ];
 
 /// The schema version this build writes.
@@ -223,6 +227,11 @@ fn v3_templates_and_switches(tx: &Transaction<'_>) -> rusqlite::Result<()> {
          ALTER TABLE nodes ADD COLUMN account_login INTEGER;
          ALTER TABLE nodes ADD COLUMN passwordless INTEGER;",
     )
+}
+
+/// Which transport a node's tunnel uses (NULL until an agent connects after this version).
+fn v4_node_transport(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch("ALTER TABLE nodes ADD COLUMN transport TEXT;")
 }
 
 fn has_column(c: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {

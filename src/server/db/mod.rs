@@ -19,7 +19,8 @@ pub use console::{
     ConsoleSession, Failures, Stage, LOGIN_LOCK, MAX_LOGIN_FAILURES, SESSION_ABSOLUTE, SESSION_IDLE,
 };
 pub use devices::{
-    identity_mismatch, AddedDevice, Device, DeviceChanges, DeviceFlags, NewDevice, Node, NodeKey,
+    identity_mismatch, AddedDevice, Device, DeviceChanges, DeviceFlags, NewDevice, Node, NodeHello,
+    NodeKey,
 };
 pub use oplog::{Op, OpEntry, OpFilter, Source};
 pub use tasks::{PendingTask, Task};

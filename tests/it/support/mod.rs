@@ -433,9 +433,11 @@ impl TestServer {
         pbx_remote::protocol::write_frame(&mut send, header)
             .await
             .unwrap();
-        send.write_all(raw).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut send, raw)
+            .await
+            .unwrap();
         // Streams are kept alive for the next request: finishing ours ends it after the answer.
-        let _ = send.finish();
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
         let mut out = Vec::new();
         let _ = tokio::time::timeout(
             Duration::from_secs(15),
@@ -1088,4 +1090,65 @@ pub async fn metric(port: u16, name: &str) -> Option<f64> {
 pub fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// An agent TOML edit that sets `[tunnel] transport` (`"auto"`, `"quic"` or `"tcp"`).
+pub fn transport(kind: &str) -> impl FnOnce(String) -> String {
+    let line = format!("[tunnel]\ntransport = \"{kind}\"\n");
+    move |t: String| t.replacen("[tunnel]\n", &line, 1)
+}
+
+/// Server, portal, relay and an agent that dials the server through the relay.
+pub struct Net {
+    pub server: TestServer,
+    pub portal: PortalFixture,
+    pub relay: relay::Relay,
+    pub agent: TestAgent,
+    pub device: String,
+    pub _tmp: tempfile::TempDir,
+}
+
+impl Net {
+    /// Everything started; `before` impairs the path before the agent's first packet.
+    pub async fn start(before: relay::Impair, extra: &str) -> Net {
+        Net::start_edited(before, extra, |t| t).await
+    }
+
+    /// As [`Net::start`], with the agent's config text edited first.
+    pub async fn start_edited(
+        before: relay::Impair,
+        extra: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> Net {
+        let server = TestServer::start().await;
+        let portal = PortalFixture::start().await;
+        let relay = relay::Relay::start(server.tunnel).await;
+        relay.set_both(before);
+        let (device, code) = server.add_device(false);
+        let tmp = tempfile::tempdir().unwrap();
+        let toml = edit(
+            AgentToml::new(relay.addr, &server.pin, &tmp.path().join("agent"))
+                .code(&code)
+                .portal(&portal.url())
+                .extra(extra)
+                .build(),
+        );
+        let agent = TestAgent::start(&tmp.path().join("agent"), &toml);
+        Net {
+            server,
+            portal,
+            relay,
+            agent,
+            device,
+            _tmp: tmp,
+        }
+    }
+
+    pub async fn visitor(&self) -> Visitor {
+        let url = self.server.visit(&self.device, "alice", false);
+        let mut v = Visitor::new(self.server.public, &self.device);
+        v.open_visit(&url).await;
+        assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
+        v
+    }
 }

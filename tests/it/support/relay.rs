@@ -58,6 +58,8 @@ pub struct RelayStats {
     pub nat_expiries: AtomicU64,
     /// Server packets dropped because the mapping had timed out.
     pub nat_dropped: AtomicU64,
+    /// TCP connections that carried bytes from the agent.
+    pub tcp_with_data: AtomicU64,
 }
 
 struct Control {
@@ -127,7 +129,7 @@ impl Relay {
             last_up: tokio::time::Instant::now(),
             down_budget: None,
         }));
-        tokio::spawn(forward_tcp(tcp, server_tunnel, stop.clone()));
+        tokio::spawn(forward_tcp(tcp, server_tunnel, stop.clone(), stats.clone()));
         let (rebind, rebinds) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(forward_udp(
             front,
@@ -190,14 +192,25 @@ impl Relay {
     }
 }
 
-async fn forward_tcp(listener: TcpListener, server: SocketAddr, stop: CancellationToken) {
+async fn forward_tcp(
+    listener: TcpListener,
+    server: SocketAddr,
+    stop: CancellationToken,
+    stats: Arc<RelayStats>,
+) {
     loop {
         let (mut inbound, _) = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
         };
-        let stop = stop.clone();
+        let (stop, stats) = (stop.clone(), stats.clone());
         tokio::spawn(async move {
+            // A connection that carries bytes (activation, the TCP transport), not a bare
+            // connect (the agent's check whether TCP answers when UDP does not).
+            let mut first = [0u8; 1];
+            if matches!(inbound.peek(&mut first).await, Ok(n) if n > 0) {
+                stats.tcp_with_data.fetch_add(1, Ordering::Relaxed);
+            }
             if let Ok(mut outbound) = TcpStream::connect(server).await {
                 tokio::select! {
                     _ = stop.cancelled() => {}
