@@ -46,6 +46,9 @@ use reserved::*;
 pub use supervise::SWEEP_EVERY;
 use supervise::*;
 
+/// The HTTP CONNECT proxy answer reader (public for the fuzz target).
+pub use dial::read_proxy_answer;
+
 /// When QUIC is re-probed after it lost to TCP, and the longest wait between probes (public
 /// for tests, which move the agent's clock past them).
 pub use tunnel::race::{FIRST_PROBE, MAX_PROBE};

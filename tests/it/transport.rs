@@ -2,11 +2,13 @@
 //! config says so, the `auto` race, the QUIC re-probe on the agent's clock, and HTTP CONNECT
 //! proxies on the way.
 
+use crate::support::console::{add_user, Cm, CM_PASSWORD};
 use crate::support::proxy::ConnectProxy;
 use crate::support::relay::Impair;
 use crate::support::*;
 use pbx_remote::agent::FIRST_PROBE;
 use pbx_remote::protocol::Reason;
+use pbx_remote::server::db::Role;
 use pbx_remote::status::State;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -25,6 +27,17 @@ async fn a_tcp_tunnel_serves_account_and_passwordless_visits() {
     assert!(s.rtt_ms.is_some());
     let device = w.server.db().device(&w.device).unwrap().unwrap();
     assert_eq!(device.nodes[0].transport.as_deref(), Some("tcp"));
+    // The CM says so: `device show` and the console's device page and list.
+    let shown =
+        pbx_remote::server::admin::device_show(&w.server.data_dir(), &w.device, false).unwrap();
+    assert!(shown.contains("online over tcp"), "{shown}");
+    add_user(&w.server, "ann@example.com", Role::Admin, &[]);
+    let mut cm = Cm::new(&w.server);
+    cm.sign_in("ann@example.com", CM_PASSWORD).await;
+    let (_, _, page) = cm.get(&format!("/devices/{}", w.device)).await;
+    assert!(page.contains("<td>TCP</td>"), "{page}");
+    let (_, _, list) = cm.get("/devices").await;
+    assert!(list.contains("over TCP"), "{list}");
 
     let mut v = w.visitor("alice", false).await;
     let r = v.get("/").await;

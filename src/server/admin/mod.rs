@@ -129,10 +129,14 @@ fn show_text(d: &Device) -> String {
     }
     for n in &d.nodes {
         out.push_str(&format!(
-            "node {}{}: {} serial {} mac {} firmware {} agent {} last seen {}\n",
+            "node {}{}: {}{} serial {} mac {} firmware {} agent {} last seen {}\n",
             n.role,
             n.ha_state.map(|s| format!(" ({s})")).unwrap_or_default(),
             if n.online { "online" } else { "offline" },
+            n.transport
+                .as_deref()
+                .map(|t| format!(" over {t}"))
+                .unwrap_or_default(),
             n.serial.as_deref().unwrap_or("-"),
             n.mac.as_deref().unwrap_or("-"),
             n.firmware.as_deref().unwrap_or("-"),

@@ -62,7 +62,7 @@ pub(super) async fn show(
                 thead { tr {
                     th scope="col" { "Node" } th scope="col" { "Hot Standby" } th scope="col" { "Status" }
                     th scope="col" { "Serial Number" } th scope="col" { "MAC" } th scope="col" { "Firmware" }
-                    th scope="col" { "Model" } th scope="col" { "Agent" } th scope="col" { "Last Seen" }
+                    th scope="col" { "Model" } th scope="col" { "Agent" } th scope="col" { "Tunnel" } th scope="col" { "Last Seen" }
                     th scope="col" { "CPU / Memory / Disk" } th scope="col" { "Uptime" } th scope="col" { "Health" }
                 } }
                 tbody { @for n in &d.nodes { tr {
@@ -74,6 +74,7 @@ pub(super) async fn show(
                     td { (n.firmware.as_deref().unwrap_or("")) }
                     td { (n.model.as_deref().unwrap_or("")) }
                     td { (n.agent_version.as_deref().unwrap_or("")) }
+                    td { (transport_word(n.transport.as_deref())) }
                     td { (layout::time(n.last_seen)) }
                     td { @if let Some(t) = &n.telemetry {
                         (format!("{:.0}% / {:.0}% / {:.0}%", t.cpu_percent, t.memory_percent(), t.disk_percent()))
@@ -249,4 +250,13 @@ pub(crate) fn remove_device(app: &AppState, c: &Caller, id: &str) -> anyhow::Res
         app.log(c, "device.remove", Some(&d.id), "ok");
     }
     Ok(removed)
+}
+
+/// A node's tunnel transport as the console says it.
+fn transport_word(t: Option<&str>) -> &'static str {
+    match t {
+        Some("quic") => "QUIC",
+        Some("tcp") => "TCP",
+        _ => "—",
+    }
 }

@@ -195,7 +195,12 @@ pub(super) fn status_cell(d: &Device) -> Markup {
             small.node {
                 (n.role) ": " (ha_word(n).unwrap_or("Unknown")) ", "
                 (if n.online { "Online" } else { "Offline" })
+                @if n.transport.as_deref() == Some("tcp") { " (TCP)" }
             }
+        }
+        // A PBX whose network blocks UDP: worth a glance, not an alarm.
+        @if d.nodes.len() == 1 && d.nodes[0].transport.as_deref() == Some("tcp") {
+            small.why title="UDP is blocked or slow on this PBX's network; the tunnel runs over TCP" { "over TCP" }
         }
     }
 }
