@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Loopback benchmark: the PBX portal (nginx) reached directly, through the whole system
-# (front → QUIC tunnel → session gate with a logged-in cookie → agent → nginx), through two
+# (front → QUIC tunnel → session gate with a logged-in cookie → agent → nginx), the same over
+# the TCP transport ("tunnel-tcp": a second agent with [tunnel] transport = "tcp"), through two
 # stock nginx proxies linked by TLS ("nginx2", the yardstick for throughput), and through
 # rathole with its TLS transport (what users would pick instead), interleaved round by round so
 # all see the same noise. Ends with each target and whether it was met.
@@ -95,6 +96,8 @@ portal_url = "http://127.0.0.1:$NGINX_PORT"
 enabled = true
 username = "bench"
 password_hash = "$HASH"
+[tunnel]
+transport = "quic"
 [paths]
 state_dir = "$T/agent-state"
 status_file = "$T/status.json"
@@ -107,30 +110,48 @@ env $UNIT_ENV ${BENCH_AGENT_ENV:-} ${BENCH_AGENT_WRAP:-} "$A" run -c "$T/agent.t
 state() { "$A" status --json -c "$T/agent.toml" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])'; }
 for _ in $(seq 100); do [ "$(state)" = connected ] && break; sleep 0.1; done
 [ "$(state)" = connected ] || { echo "agent did not connect"; cat "$T/agent.err"; exit 1; }
+# The same agent forced onto the TCP transport, as a second device of the same server.
+DEV2_JSON=$("$S" device add --name BenchTcp --data-dir "$T/data" --json)
+DEVICE_TCP=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["device_id"])' "$DEV2_JSON")
+CODE2=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["auth_code"])' "$DEV2_JSON")
+sed -e "s|$T/agent-state|$T/agent-tcp-state|; s|$T/status.json|$T/status-tcp.json|; s|$T/assertion.pub|$T/assertion-tcp.pub|" \
+  -e "s|auth_code = \"$CODE\"|auth_code = \"$CODE2\"|; s|BENCH1|BENCH2|; s|02:00:00:00:00:09|02:00:00:00:00:0a|" \
+  -e 's|transport = "quic"|transport = "tcp"|' "$T/agent.toml" > "$T/agent-tcp.toml"
+env $UNIT_ENV ${BENCH_AGENT_ENV:-} "$A" run -c "$T/agent-tcp.toml" 2> "$T/agent-tcp.err" & AGENT_TCP_PID=$!; PIDS+=($AGENT_TCP_PID)
+state_tcp() { "$A" status --json -c "$T/agent-tcp.toml" 2>/dev/null | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["state"], s.get("transport"))'; }
+for _ in $(seq 100); do [ "$(state_tcp)" = "connected tcp" ] && break; sleep 0.1; done
+[ "$(state_tcp)" = "connected tcp" ] || { echo "the TCP agent did not connect: $(state_tcp)"; cat "$T/agent-tcp.err"; exit 1; }
 
 HOST="$DEVICE.localhost"
+HOST_TCP="$DEVICE_TCP.localhost"
 # Through the whole door: confirm a visit (grant cookie), then log in (session cookie).
-login_cookie() { # JAR → "cm_visit=…; pbxra_sid=…"
-  local jar=$1 visit
-  visit=$("$S" visit "$DEVICE" --as bench --data-dir "$T/data" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["url"])')
-  curl -s -o /dev/null --resolve "$HOST:$PUBLIC_PORT:127.0.0.1" -c "$jar" -X POST "${visit%%\?*}"
-  curl -s -o /dev/null --resolve "$HOST:$PUBLIC_PORT:127.0.0.1" -b "$jar" -c "$jar" \
-    -H "Origin: http://$HOST:$PUBLIC_PORT" --data "username=bench&password=$BENCH_PW&next=%2F" \
-    "http://$HOST:$PUBLIC_PORT/__remote/login"
+login_cookie() { # JAR [DEVICE] → "cm_visit=…; pbxra_sid=…"
+  local jar=$1 dev=${2:-$DEVICE} visit host
+  host="$dev.localhost"
+  visit=$("$S" visit "$dev" --as bench --data-dir "$T/data" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["url"])')
+  curl -s -o /dev/null --resolve "$host:$PUBLIC_PORT:127.0.0.1" -c "$jar" -X POST "${visit%%\?*}"
+  curl -s -o /dev/null --resolve "$host:$PUBLIC_PORT:127.0.0.1" -b "$jar" -c "$jar" \
+    -H "Origin: http://$host:$PUBLIC_PORT" --data "username=bench&password=$BENCH_PW&next=%2F" \
+    "http://$host:$PUBLIC_PORT/__remote/login"
   awk '$6 ~ /cm_visit|pbxra_sid/ {printf "%s%s=%s", (n++ ? "; " : ""), $6, $7}' "$jar"
 }
 COOKIE=$(login_cookie "$T/jar")
+COOKIE_TCP=$(login_cookie "$T/jar-tcp" "$DEVICE_TCP")
 # The burst comes from 8 visits (wrk threads), as from 8 browsers: one visit may hold at most
 # 60 streams, and 256 connections of one visit would mostly measure its 429 answers.
 BURST_THREADS=8
-{
-  echo "local cookies = {"
-  for i in $(seq "$BURST_THREADS"); do printf '  "%s",\n' "$(login_cookie "$T/jar$i")"; done
-  echo "}"
-  echo 'local n = 0'
-  echo 'function setup(thread) n = n + 1; thread:set("cookie", cookies[n]) end'
-  echo 'function init(args) wrk.headers["Cookie"] = cookie end'
-} > "$T/burst.lua"
+burst_script() { # DEVICE SUFFIX → $T/burst$SUFFIX.lua
+  {
+    echo "local cookies = {"
+    for i in $(seq "$BURST_THREADS"); do printf '  "%s",\n' "$(login_cookie "$T/jar$2$i" "$1")"; done
+    echo "}"
+    echo 'local n = 0'
+    echo 'function setup(thread) n = n + 1; thread:set("cookie", cookies[n]) end'
+    echo 'function init(args) wrk.headers["Cookie"] = cookie end'
+  } > "$T/burst$2.lua"
+}
+burst_script "$DEVICE" ""
+burst_script "$DEVICE_TCP" "-tcp"
 case "$COOKIE" in *pbxra_sid*) ;; *) echo "login failed: $COOKIE"; exit 1;; esac
 code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$NGINX_PORT/small.html")
 [ "$code" = 200 ] || { echo "nginx answered $code directly"; exit 1; }
@@ -256,10 +277,20 @@ DIRECT="http://127.0.0.1:$NGINX_PORT"
 TUN="http://127.0.0.1:$PUBLIC_PORT"
 TH=(-H "Host: $HOST:$PUBLIC_PORT" -H "Cookie: $COOKIE")
 TC_ARGS=(--resolve "$HOST:$PUBLIC_PORT:127.0.0.1" -H "Cookie: $COOKIE" -H "Host: $HOST:$PUBLIC_PORT")
+TH_TCP=(-H "Host: $HOST_TCP:$PUBLIC_PORT" -H "Cookie: $COOKIE_TCP")
+TC_TCP=(--resolve "$HOST_TCP:$PUBLIC_PORT:127.0.0.1" -H "Cookie: $COOKIE_TCP" -H "Host: $HOST_TCP:$PUBLIC_PORT")
 RH="http://127.0.0.1:${RH_PORT:-0}"
-TARGETS=(direct tunnel nginx2); [ -n "$RATHOLE" ] && TARGETS+=(rathole)
+TARGETS=(direct tunnel tunnel-tcp nginx2); [ -n "$RATHOLE" ] && TARGETS+=(rathole)
 [ -n "${BENCH_TARGETS:-}" ] && read -r -a TARGETS <<<"$BENCH_TARGETS"   # e.g. "tunnel" alone
-url_of() { case $1 in direct) echo "$DIRECT";; tunnel) echo "$TUN";; rathole) echo "$RH";; nginx2) echo "http://127.0.0.1:$NG_FRONT";; esac; }
+url_of() { case $1 in direct) echo "$DIRECT";; tunnel|tunnel-tcp) echo "$TUN";; rathole) echo "$RH";; nginx2) echo "http://127.0.0.1:$NG_FRONT";; esac; }
+# The headers (wrk) and curl arguments that take a request through the door to each agent.
+door() { # TARGET → sets extra, curl_extra, burst
+  extra=(); curl_extra=(); burst=()
+  case $1 in
+    tunnel) extra=("${TH[@]}"); curl_extra=("${TC_ARGS[@]}"); burst=(-H "Host: $HOST:$PUBLIC_PORT" -s "$T/burst.lua");;
+    tunnel-tcp) extra=("${TH_TCP[@]}"); curl_extra=("${TC_TCP[@]}"); burst=(-H "Host: $HOST_TCP:$PUBLIC_PORT" -s "$T/burst-tcp.lua");;
+  esac
+}
 RSS_LOAD=$RSS_IDLE
 udp_out() { awk '/^Udp:/ { n++; if (n == 2) print $5 }' /proc/net/snmp; }   # OutDatagrams (a GSO batch counts once)
 cpu_ticks() { # PID... → summed utime+stime clock ticks
@@ -278,10 +309,10 @@ if [ "${BENCH_PERF:-}" = cpu ]; then
   workers() { pgrep -P "$1" | tr '\n' ' '; }
   NGINX_PIDS=$(workers "$NGINX_MASTER")
   HZ=$(getconf CLK_TCK)
-  for t in direct tunnel nginx2; do
-    u=$(url_of "$t"); extra=(); curl_extra=()
-    [ "$t" = tunnel ] && { extra=("${TH[@]}"); curl_extra=("${TC_ARGS[@]}"); }
+  for t in direct tunnel tunnel-tcp nginx2; do
+    u=$(url_of "$t"); door "$t"
     AP=$AGENT_PID; SP=$SERVER_PID
+    [ "$t" = tunnel-tcp ] && AP=$AGENT_TCP_PID
     [ "$t" = nginx2 ] && { AP=$(workers "$NG_MASTER_agent"); SP=$(workers "$NG_MASTER_front"); }
     for work in bulk small; do
       a0=$(cpu_ticks $AP); s0=$(cpu_ticks $SP); as0=$(switches $AP); ss0=$(switches $SP); n0=$(cpu_ticks $NGINX_PIDS); d0=$(udp_out); w0=$(date +%s.%N)
@@ -383,14 +414,12 @@ watch_rss() { # samples the agent's RSS while a load runs; prints the peak
 skip() { case " ${BENCH_SKIP:-} " in *" $1 "*) return 0;; esac; return 1; }   # BENCH_SKIP="bulk burst"
 for r in $(seq "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do
-    u=$(url_of "$t"); extra=(); curl_extra=()
-    [ "$t" = tunnel ] && { extra=("${TH[@]}"); curl_extra=("${TC_ARGS[@]}"); }
+    u=$(url_of "$t"); door "$t"
     touch "$T/loading"; watch_rss > "$T/peak" & W=$!
     skip bulk || for _ in 1 2 3; do add "$t.bulk" "$(bulk "$u/big.bin" "${curl_extra[@]}")"; done
     read -r rps p50 p99 <<<"$(wrk_run 32 "$u/small.html" "${extra[@]}")"
     add "$t.rps" "$rps"; add "$t.p99" "$p99"
     read -r _ p50 _ <<<"$(wrk_run 1 "$u/small.html" "${extra[@]}")"; add "$t.c1" "$p50"
-    burst=(); [ "$t" = tunnel ] && burst=(-H "Host: $HOST:$PUBLIC_PORT" -s "$T/burst.lua")
     if ! skip burst; then
       read -r brps _ p99 <<<"$(wrk_run 256 "$u/small.html" "${burst[@]}")"; add "$t.burst" "$p99"; add "$t.brps" "$brps"
     fi
@@ -411,7 +440,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f×", a/b; else
 
 echo
 echo "pbx-remote bench: $ROUNDS interleaved rounds, wrk ${SECS}s, ${BIG_MB} MiB bulk, loopback, release build"
-OTHERS=(); for t in nginx2 rathole; do [[ " ${TARGETS[*]} " = *" $t "* ]] && OTHERS+=("$t"); done
+OTHERS=(); for t in tunnel-tcp nginx2 rathole; do [[ " ${TARGETS[*]} " = *" $t "* ]] && OTHERS+=("$t"); done
 printf '%-24s %10s %10s %8s' "metric" "direct" "tunnel" "ratio"
 for t in "${OTHERS[@]}"; do printf ' %10s %8s' "$t" "ratio"; done
 echo
@@ -425,9 +454,9 @@ done
 # The tunnel against two TLS-linked nginx proxies in the same topology, paired sample by
 # sample within each round, then the median: what the door, QUIC and the session gate cost
 # beyond two encrypted proxy hops on the same machine at the same moment.
-vs_nginx2() { # KEY → median ratio tunnel/nginx2 (empty without both)
+vs_nginx2() { # KEY [TARGET] → median ratio TARGET (tunnel)/nginx2 (empty without both)
   local rs=() tv nv i
-  read -r -a tv <<<"${R[tunnel.$1]:-}"; read -r -a nv <<<"${R[nginx2.$1]:-}"
+  read -r -a tv <<<"${R[${2:-tunnel}.$1]:-}"; read -r -a nv <<<"${R[nginx2.$1]:-}"
   for i in "${!tv[@]}"; do [ -n "${nv[$i]:-}" ] && rs+=("$(awk -v a="${tv[$i]}" -v b="${nv[$i]}" 'BEGIN { if (b > 0) printf "%.3f", a/b }')"); done
   [ ${#rs[@]} -gt 0 ] && echo "$(median "${rs[@]}") ${rs[*]}"
 }
@@ -453,4 +482,13 @@ peak=$RSS_LOAD; skip burst && peak=""   # without the burst there is no burst pe
 verdict "peak RSS KiB (burst)" "$peak" "≤" 24576
 verdict "stripped agent bytes" "$STRIPPED" "≤" 6291456
 echo "  (per-sample ratios to nginx2: bulk ${bulk_rounds:-none}; small ${rps_rounds:-none})"
+# The TCP transport against the same targets as the QUIC tunnel.
+read -r tbulk_vs tbulk_rounds <<<"$(vs_nginx2 bulk tunnel-tcp)" || true
+read -r trps_vs trps_rounds <<<"$(vs_nginx2 rps tunnel-tcp)" || true
+echo "targets, TCP transport:"
+verdict "bulk, tunnel-tcp / nginx2" "${tbulk_vs:-}" "≥" 1.0
+verdict "small req/s, tunnel-tcp / nginx2" "${trps_vs:-}" "≥" 0.8
+verdict "p99 ms c=32 (tcp)" "$(median ${R[tunnel-tcp.p99]:-})" "≤" 4
+verdict "burst p99 ms c=256 (tcp)" "$(median ${R[tunnel-tcp.burst]:-})" "≤" 50
+echo "  (per-sample ratios to nginx2: bulk ${tbulk_rounds:-none}; small ${trps_rounds:-none})"
 echo "the first targets, kept for comparison: bulk ≥ 0.30× direct (here $(ratio "$(median ${R[tunnel.bulk]:-})" "$(median ${R[direct.bulk]:-})"), nginx2 $(ratio "$(median ${R[nginx2.bulk]:-})" "$(median ${R[direct.bulk]:-})")), small ≥ 0.55× direct (here $(ratio "$(median ${R[tunnel.rps]:-})" "$(median ${R[direct.rps]:-})"), nginx2 $(ratio "$(median ${R[nginx2.rps]:-})" "$(median ${R[direct.rps]:-})"))"

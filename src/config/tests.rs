@@ -214,3 +214,24 @@ fn secrets_do_not_leak_through_debug() {
     let c = parse(GOOD).unwrap();
     assert!(!format!("{c:?}").contains("ABCD-EFGH"));
 }
+
+#[test]
+fn transport_is_auto_unless_set_and_names_its_key() {
+    assert_eq!(parse(GOOD).unwrap().tunnel.transport, TransportMode::Auto);
+    for (word, mode) in [
+        ("auto", TransportMode::Auto),
+        ("quic", TransportMode::Quic),
+        ("tcp", TransportMode::Tcp),
+    ] {
+        let c = parse(&format!("{GOOD}\n[tunnel]\ntransport = \"{word}\"\n")).unwrap();
+        assert_eq!(c.tunnel.transport, mode);
+    }
+    expect_err(
+        &format!("{GOOD}\n[tunnel]\ntransport = \"udp\"\n"),
+        &[
+            "tunnel.transport",
+            "\"auto\", \"quic\" or \"tcp\"",
+            "\"udp\"",
+        ],
+    );
+}

@@ -65,6 +65,12 @@ async fn over_tcp_device_removal_reaches_the_agent_within_5s() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn over_tcp_a_copied_credential_replaces_the_older_connection() {
+    let w = World::start_with_toml(false, transport("tcp")).await;
+    crate::tunnel::a_copied_credential_replaces(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn over_tcp_a_stop_drains_the_request_in_flight() {
     let w = World::start_with_toml(false, transport("tcp")).await;
     crate::operations::shutdown_drains_in_flight_requests(w).await;

@@ -357,7 +357,11 @@ pub async fn device_removal_reaches_the_agent(w: World) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_copied_credential_replaces_the_older_connection() {
-    let w = World::start(false, "").await;
+    a_copied_credential_replaces(World::start(false, "").await).await;
+}
+
+/// A second machine with the same credential takes the node; the first reads `replaced`.
+pub async fn a_copied_credential_replaces(w: World) {
     let clone_dir = w.tmp.path().join("clone");
     std::fs::create_dir_all(clone_dir.join("state")).unwrap();
     for f in ["credential.json", "device.key"] {
