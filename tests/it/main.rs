@@ -15,6 +15,7 @@ mod console_pages;
 mod enrolment;
 mod faults;
 mod gate;
+mod isolation;
 mod memory;
 mod operations;
 mod process;

@@ -139,6 +139,14 @@ pub(super) fn expires_ms(grant: &Grant) -> u64 {
 }
 
 pub(super) fn tunnel_failed(device: &str, e: &hyper::Error) -> Response<Body> {
+    // The visitor's own body broke off or lied about its framing (a chunk size past 2^64,
+    // say): their request is at fault, not the tunnel.
+    let visitor_body = e.is_user()
+        && std::error::Error::source(e).is_some_and(|c| c.downcast_ref::<hyper::Error>().is_some());
+    if visitor_body {
+        tracing::info!(device, error = %e, "malformed request body refused");
+        return bad_framing("The request's body does not match its framing.");
+    }
     tracing::info!(device, error = %e, "request through the tunnel failed");
     web::page(
         StatusCode::BAD_GATEWAY,

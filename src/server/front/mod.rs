@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 mod forward;
 mod reuse;
 mod route;
+mod strict;
 #[cfg(test)]
 mod tests;
 mod visit;
@@ -35,6 +36,7 @@ use forward::*;
 use reuse::*;
 pub use route::visit_url;
 use route::*;
+use strict::*;
 use visit::*;
 
 /// Time to open a stream to the agent.
@@ -75,7 +77,7 @@ pub async fn serve(
     limits.max_buf_size = Some(MAX_REQUEST_HEAD);
     limits.nodelay = true;
     let public = Arc::new(PublicUrl::of(&state));
-    httpserve::serve(listener, tls, limits, shutdown, move |peer| {
+    httpserve::serve(listener, Strict(tls), limits, shutdown, move |peer| {
         let (state, public) = (state.clone(), public.clone());
         // One keeper per visitor connection: it holds that connection's tunnel stream.
         let keeper = Keeper::default();

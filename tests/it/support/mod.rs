@@ -69,6 +69,8 @@ pub struct PortalLog {
     pub open: AtomicUsize,
     /// `/slow` requests being held now (a cancelled one stops counting).
     pub held: AtomicUsize,
+    /// The address each connection came from, in order.
+    pub peers: Mutex<Vec<std::net::IpAddr>>,
 }
 
 /// Counts one in `n` while alive.
@@ -88,7 +90,8 @@ impl Drop for Gauge<'_> {
 }
 
 /// The portal fixture: `/` page, `/bytes/N`, `/upload`, `/headers`, `/ws` echo, `/redirect`,
-/// `/slow` (never answers).
+/// `/slow` (never answers), `/loopback-admin` (200 to 127.0.0.1 only, as a portal that trusts
+/// loopback callers).
 pub struct PortalFixture {
     pub addr: SocketAddr,
     pub log: Arc<PortalLog>,
@@ -108,17 +111,18 @@ impl PortalFixture {
         let (l, s) = (log.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
-                let tcp = tokio::select! {
+                let (tcp, peer) = tokio::select! {
                     _ = s.cancelled() => return,
-                    r = listener.accept() => r.unwrap().0,
+                    r = listener.accept() => r.unwrap(),
                 };
+                l.peers.lock().unwrap().push(peer.ip());
                 let (l, s) = (l.clone(), s.clone());
                 tokio::spawn(async move {
                     let _open = Gauge::up(&l.open);
                     let l = l.clone();
                     let svc = hyper::service::service_fn(move |req| {
                         let l = l.clone();
-                        async move { Ok::<_, Infallible>(portal_route(addr, &l, req).await) }
+                        async move { Ok::<_, Infallible>(portal_route(addr, peer, &l, req).await) }
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tcp), svc)
@@ -166,6 +170,7 @@ fn full(b: impl Into<Bytes>) -> Body {
 
 async fn portal_route(
     addr: SocketAddr,
+    peer: SocketAddr,
     log: &PortalLog,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
@@ -186,6 +191,18 @@ async fn portal_route(
             )
             .body(full("<html><body>PBX portal home</body></html>"))
             .unwrap();
+    }
+    // What a portal that trusts loopback callers hands out (catalogue C3): a diagnostics page
+    // without a login for 127.0.0.1 only.
+    if path == "/loopback-admin" {
+        return if peer.ip() == std::net::IpAddr::from([127, 0, 0, 1]) {
+            Response::new(full("loopback admin: no login needed"))
+        } else {
+            Response::builder()
+                .status(StatusCode::FORBIDDEN)
+                .body(full("log in first"))
+                .unwrap()
+        };
     }
     if path == "/form" {
         // A portal page under the strictest referrer policy: browsers then send `Origin: null`
@@ -284,12 +301,10 @@ async fn portal_route(
                 Some(unlimited_ws()),
             )
             .await;
+            // Echoes data frames; tungstenite answers pings and echoes a close itself, and
+            // the stream ends once the closing handshake is done.
             while let Some(Ok(msg)) = ws.next().await {
-                if msg.is_text() || msg.is_binary() {
-                    if ws.send(msg).await.is_err() {
-                        break;
-                    }
-                } else if msg.is_close() {
+                if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
                     break;
                 }
             }
