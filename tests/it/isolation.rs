@@ -326,3 +326,28 @@ async fn c7_cross_site_websockets_stop_at_the_agent_and_control_frames_pass() {
         other => panic!("expected the close echoed, got {other:?}"),
     }
 }
+
+/// C8: a portal redirect to its own host on another port (or any loopback name) comes back on
+/// the visitor's origin; one to any other host is refused and never reaches the browser;
+/// authenticated pages are not cached.
+#[tokio::test(flavor = "multi_thread")]
+async fn c8_redirects_never_leave_the_pbx_and_pages_are_not_cached() {
+    let w = World::start(false, "").await;
+    let mut v = w.visitor("alice", false).await;
+    let r = v.get("/redirect-to/http://127.0.0.1:1/admin").await;
+    assert_eq!(r.status(), 302);
+    assert_eq!(r.headers()["location"], format!("{}/admin", v.origin));
+    for away in [
+        "https://evil.example/phish",
+        "//evil.example/phish",
+        "http://192.168.1.10:8088/",
+    ] {
+        let r = v.get(&format!("/redirect-to/{away}")).await;
+        assert_eq!(r.status(), 502, "{away}");
+        assert!(r.headers().get("location").is_none(), "{away}");
+        let page = r.text().await.unwrap();
+        assert!(page.contains("Redirect to another site refused"), "{page}");
+    }
+    let r = v.get("/").await;
+    assert_eq!(r.headers()["cache-control"], "no-store");
+}

@@ -107,40 +107,124 @@ pub(super) fn replace_origin_prefix(url: &str, from: &str, to: &str) -> Option<S
     }
 }
 
-/// Response side: hop-by-hop headers go (except on a 101), `Location` to the portal's origin
-/// becomes the visitor's, portal cookies lose `Domain=` and reserved cookie names are dropped.
-pub fn rewrite_outbound(h: &mut HeaderMap, portal: &str, visitor: &str, switching: bool) {
+/// What became of a response's `Location`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Redirect {
+    /// None, relative, or turned toward the visitor's origin.
+    Kept,
+    /// To a host that is neither the portal nor this machine: never followed (the host named).
+    ThirdParty(String),
+}
+
+/// Response side: hop-by-hop headers go (except on a 101); `Location` to the portal's own host
+/// (any port or scheme) or to a loopback name becomes the visitor's origin with the same path,
+/// and one to any other host is refused ([`Redirect::ThirdParty`]); portal cookies lose
+/// `Domain=`, gain `Secure` when the visitor is on https, and reserved cookie names are dropped.
+pub fn rewrite_outbound(
+    h: &mut HeaderMap,
+    portal: &str,
+    visitor: &str,
+    switching: bool,
+) -> Redirect {
     if !switching {
         crate::web::strip_hop_by_hop(h);
     }
+    let mut verdict = Redirect::Kept;
     if let Some(loc) = h.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
-        let portal_authority = portal.split_once("://").map(|(_, a)| a).unwrap_or(portal);
-        let rewritten = replace_origin_prefix(loc, portal, visitor).or_else(|| {
-            loc.strip_prefix("//")
-                .and_then(|_| {
-                    replace_origin_prefix(
-                        &loc[2..],
-                        portal_authority,
-                        visitor.split_once("://").map(|(_, a)| a).unwrap_or(visitor),
-                    )
-                })
-                .map(|r| format!("//{r}"))
-        });
-        if let Some(v) = rewritten.and_then(|r| HeaderValue::from_str(&r).ok()) {
-            h.insert(header::LOCATION, v);
+        match redirect_target(loc, portal, visitor) {
+            Ok(Some(r)) => {
+                if let Ok(v) = HeaderValue::from_str(&r) {
+                    h.insert(header::LOCATION, v);
+                }
+            }
+            Ok(None) => {}
+            Err(host) => {
+                h.remove(header::LOCATION);
+                verdict = Redirect::ThirdParty(host);
+            }
         }
     }
+    let secure = visitor.starts_with("https://");
     let cookies: Vec<HeaderValue> = h
         .get_all(header::SET_COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .filter(|c| !RESERVED_COOKIES.contains(&crate::web::cookie_pair_name(c)))
-        .filter_map(|c| HeaderValue::from_str(&strip_cookie_domain(c)).ok())
+        .filter_map(|c| {
+            let mut c = strip_cookie_domain(c);
+            if secure && !has_cookie_attr(&c, "secure") {
+                c.push_str("; Secure");
+            }
+            HeaderValue::from_str(&c).ok()
+        })
         .collect();
     h.remove(header::SET_COOKIE);
     for c in cookies {
         h.append(header::SET_COOKIE, c);
     }
+    verdict
+}
+
+/// Where a `Location` should point: `Ok(None)` to leave it (relative), `Ok(Some(url))` for the
+/// visitor's origin with the same path (the portal's host, the visitor's, or a loopback name),
+/// `Err(host)` for any other host.
+fn redirect_target(loc: &str, portal: &str, visitor: &str) -> Result<Option<String>, String> {
+    let rest = if let Some(r) = loc.strip_prefix("//") {
+        r
+    } else if let Some((scheme, r)) = loc.split_once("://") {
+        if scheme.is_empty()
+            || !scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        {
+            return Ok(None);
+        }
+        r
+    } else {
+        // A path (or a relative reference): it stays on the visitor's origin by itself.
+        return Ok(None);
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = authority.rsplit('@').next().unwrap_or(authority);
+    let host = host_of(authority);
+    let portal_host = host_of(portal.split_once("://").map_or(portal, |(_, a)| a));
+    let visitor_host = host_of(visitor.split_once("://").map_or(visitor, |(_, a)| a));
+    if host.eq_ignore_ascii_case(portal_host)
+        || host.eq_ignore_ascii_case(visitor_host)
+        || is_loopback_name(host)
+    {
+        let tail = if tail.is_empty() { "/" } else { tail };
+        return Ok(Some(format!("{visitor}{tail}")));
+    }
+    Err(host.to_string())
+}
+
+/// The host of `host[:port]` or `[v6]:port`.
+fn host_of(authority: &str) -> &str {
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or(v6);
+    }
+    authority.split(':').next().unwrap_or(authority)
+}
+
+fn is_loopback_name(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.to_ascii_lowercase().ends_with(".localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
+}
+
+fn has_cookie_attr(cookie: &str, name: &str) -> bool {
+    cookie.split(';').skip(1).any(|a| {
+        a.trim()
+            .split('=')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case(name)
+    })
 }
 
 pub(super) fn strip_cookie_domain(c: &str) -> String {

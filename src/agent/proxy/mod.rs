@@ -28,7 +28,7 @@ mod tests;
 mod websocket;
 
 use headers::*;
-pub use headers::{rewrite_inbound_origin, rewrite_outbound, strip_inbound};
+pub use headers::{rewrite_inbound_origin, rewrite_outbound, strip_inbound, Redirect};
 use io::*;
 pub use websocket::is_websocket;
 use websocket::*;
@@ -290,11 +290,22 @@ async fn handle(ctx: &ProxyCtx, visit: &Visit, mut req: Request<Incoming>) -> Re
             .in_current_span(),
         );
         let (mut parts, _) = resp.into_parts();
-        rewrite_outbound(&mut parts.headers, portal.origin(), &h.origin, true);
+        let _ = rewrite_outbound(&mut parts.headers, portal.origin(), &h.origin, true);
         return Response::from_parts(parts, crate::web::full(Bytes::new()));
     }
     let (mut parts, body) = resp.into_parts();
-    rewrite_outbound(&mut parts.headers, portal.origin(), &h.origin, false);
+    if let Redirect::ThirdParty(host) =
+        rewrite_outbound(&mut parts.headers, portal.origin(), &h.origin, false)
+    {
+        tracing::warn!(%host, "the portal redirected to another host; not followed");
+        return page(
+            StatusCode::BAD_GATEWAY,
+            "Redirect to another site refused",
+            &format!(
+                "The PBX web portal sent this page on to {host}, which is outside the PBX; a remote session only follows redirects within the PBX portal."
+            ),
+        );
+    }
     // Authenticated pages never land in a shared or browser cache.
     parts
         .headers

@@ -92,14 +92,86 @@ fn outbound_rewrites_location_and_cookies() {
     );
     assert_eq!(h["location"], "https://dev1.cm.example/login?x=1");
     let cookies: Vec<_> = h.get_all("set-cookie").iter().collect();
-    assert_eq!(cookies, ["sid=1; Path=/; HttpOnly"]);
+    assert_eq!(cookies, ["sid=1; Path=/; HttpOnly; Secure"]);
     assert!(h.get("connection").is_none());
-    let mut h = map(&[("location", "https://other.example/")]);
-    rewrite_outbound(
-        &mut h,
-        "https://127.0.0.1:8088",
-        "https://dev1.cm.example",
-        false,
+}
+
+#[test]
+fn redirects_stay_on_the_visitors_origin_and_never_leave_the_pbx() {
+    let rewrite = |loc: &str| {
+        let mut h = map(&[("location", loc)]);
+        let verdict = rewrite_outbound(
+            &mut h,
+            "https://127.0.0.1:8088",
+            "https://dev1.cm.example",
+            false,
+        );
+        (
+            verdict,
+            h.get("location").map(|v| v.to_str().unwrap().to_string()),
+        )
+    };
+    let kept = |l: &str| (Redirect::Kept, Some(l.to_string()));
+    // The portal's own host on another port or scheme, loopback names, the visitor's origin:
+    // the visitor's origin, same path.
+    for loc in [
+        "http://127.0.0.1:8080/admin?x=1",
+        "https://127.0.0.1/admin?x=1",
+        "//127.0.0.1:9/admin?x=1",
+        "http://localhost:8080/admin?x=1",
+        "http://[::1]:8080/admin?x=1",
+        "http://user@127.0.0.2/admin?x=1",
+        "https://dev1.cm.example/admin?x=1",
+    ] {
+        assert_eq!(
+            rewrite(loc),
+            kept("https://dev1.cm.example/admin?x=1"),
+            "{loc}"
+        );
+    }
+    assert_eq!(
+        rewrite("http://127.0.0.1:8080"),
+        kept("https://dev1.cm.example/")
     );
-    assert_eq!(h["location"], "https://other.example/");
+    // Relative references stay as they are.
+    for loc in ["/login", "login?next=/", "?page=2", "#top"] {
+        assert_eq!(rewrite(loc), kept(loc), "{loc}");
+    }
+    // Anywhere else: refused, and the header goes.
+    for (loc, host) in [
+        ("https://other.example/", "other.example"),
+        ("//evil.example/x", "evil.example"),
+        ("http://127.0.0.1.evil.example/", "127.0.0.1.evil.example"),
+        ("http://192.168.1.10:8088/", "192.168.1.10"),
+        ("https://dev1.cm.example.evil/", "dev1.cm.example.evil"),
+    ] {
+        assert_eq!(
+            rewrite(loc),
+            (Redirect::ThirdParty(host.into()), None),
+            "{loc}"
+        );
+    }
+}
+
+#[test]
+fn portal_cookies_get_secure_on_https_only() {
+    let cookies = |visitor: &str| {
+        let mut h = map(&[
+            ("set-cookie", "sid=1; Path=/; HttpOnly"),
+            ("set-cookie", "pref=2; secure"),
+        ]);
+        rewrite_outbound(&mut h, "http://127.0.0.1:8088", visitor, false);
+        h.get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        cookies("https://dev1.cm.example"),
+        ["sid=1; Path=/; HttpOnly; Secure", "pref=2; secure"]
+    );
+    assert_eq!(
+        cookies("http://dev1.localhost:8080"),
+        ["sid=1; Path=/; HttpOnly", "pref=2; secure"]
+    );
 }

@@ -261,6 +261,14 @@ async fn portal_route(
         }
         return Response::new(full(serde_json::Value::Object(map).to_string()));
     }
+    // `/redirect-to/URL`: a redirect to URL, wherever it points (catalogue C8).
+    if let Some(to) = path.strip_prefix("/redirect-to/") {
+        return Response::builder()
+            .status(StatusCode::FOUND)
+            .header("location", to)
+            .body(full(""))
+            .unwrap();
+    }
     if path == "/redirect" {
         return Response::builder()
             .status(StatusCode::FOUND)
