@@ -179,15 +179,15 @@ pub(super) async fn sweep_sessions(
 
 /// What every failed attempt of a run (clock, activation, tunnel) goes through: one backoff, and
 /// a log that hears of failures when they are news, not at every backoff step.
-struct Retry {
-    backoff: Backoff,
+pub(super) struct Retry {
+    pub(super) backoff: Backoff,
     log: RetryLog,
     /// Backoff steps are slept on the agent's clock, which tests move.
     clock: clock::Clock,
 }
 
 impl Retry {
-    fn new(clock: clock::Clock) -> Retry {
+    pub(super) fn new(clock: clock::Clock) -> Retry {
         Retry {
             backoff: Backoff::new(BACKOFF_BASE, BACKOFF_CAP),
             log: RetryLog::default(),

@@ -857,8 +857,7 @@ fn the_apply_script_backs_up_applies_and_writes_a_result_once() {
 #[test]
 fn the_apply_script_hands_its_files_to_the_templates_owner() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    if !nix_is_root() {
-        eprintln!("skipped: needs root to run the apply script as the root unit does");
+    if !root_or_skip("running the apply script as the root unit does") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -884,13 +883,4 @@ fn the_apply_script_hands_its_files_to_the_templates_owner() {
         std::fs::read_to_string(drop.join("t.status")).unwrap(),
         "failed\n"
     );
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
 }

@@ -181,5 +181,28 @@ async fn soak() {
     }
     assert!(errors.is_empty(), "{} errors", errors.len());
     assert!(last.2 <= first.2 + 8, "fd count grew");
-    assert!(agent.pid() == pid);
+    // The same agent process all along: alive, never restarted.
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the agent process is gone"
+    );
+    assert!(
+        std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
+            .contains("pbx-remote-agent"),
+        "pid {pid} is still the agent"
+    );
+    // Memory drift after warm-up (the first minute): under 10 %.
+    let drift = last.1 as f64 / first.1.max(1) as f64 - 1.0;
+    assert!(
+        drift < 0.10,
+        "RSS drifted {:.1} % ({} → {} KiB)",
+        drift * 100.0,
+        first.1,
+        last.1
+    );
+    assert!(
+        restarts > 0 && recoveries.len() as u32 >= restarts,
+        "every restart recovered: {recoveries:?}"
+    );
 }

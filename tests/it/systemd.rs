@@ -292,10 +292,13 @@ async fn telemetry_is_complete_under_the_units_proc_sandbox() {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !can_mount {
-        eprintln!("SKIPPED: cannot mount a private /proc here (needs root and unshare)");
+    if !root_or_skip("mounting a private /proc with unshare") {
         return;
     }
+    assert!(
+        can_mount,
+        "as root, unshare mounts a private /proc with the unit's options"
+    );
     let world = Setup::new(|t| t).await;
     let (server, device, config) = (&world.server, &world.device, &world.config);
     // `unshare` execs the shell in a private mount namespace; the shell mounts /proc there and

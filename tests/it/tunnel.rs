@@ -212,10 +212,17 @@ async fn offline_unknown_and_busy_devices_get_clear_pages() {
     assert!(r.text().await.unwrap().contains("Unknown device"));
 
     w.portal.stop();
-    // Portal down: the agent answers 502 while the tunnel stays up.
-    // A request racing the stop may still be served by the old connection.
+    // Portal down (once its connections are gone, so no request races the stop): the agent
+    // answers 502 while the tunnel stays up.
+    eventually(
+        Duration::from_secs(5),
+        "the portal's connections closed",
+        || (w.portal.open() == 0).then_some(()),
+    )
+    .await;
     let r = v.get("/").await;
-    assert!(r.status() == 502 || r.status() == 200, "{}", r.status());
+    assert_eq!(r.status(), 502);
+    assert!(r.text().await.unwrap().contains("portal"));
     let since = w.agent.status.get().since;
     w.agent.stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), w.agent.task).await;

@@ -1175,3 +1175,28 @@ impl Net {
         v
     }
 }
+
+/// Whether this process runs as root (effective uid 0).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Whether a test that needs root may go on: as root, yes, and what it needs must then work
+/// (the caller asserts it). As another user it says SKIPPED and returns false, unless
+/// `PBXRA_REQUIRE_ROOT` is set, where running without root is a failure.
+pub fn root_or_skip(what: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("PBXRA_REQUIRE_ROOT").is_none(),
+        "PBXRA_REQUIRE_ROOT is set but this test runs without root: {what}"
+    );
+    eprintln!("SKIPPED (not root): {what}");
+    false
+}
