@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for SECONDS each (default 60) with cargo-fuzz on nightly, and prints
 # how long each ran, how many executions and whether it found anything. Not in CI.
-# Crashes land in fuzz/artifacts/TARGET/; turn each into a regression test in the normal suite.
+# Each target's corpus is fuzz/corpus/TARGET/ (committed; the seeds come from
+# tests/it/fuzz_corpus.rs's write_seeds). Crashes land in fuzz/artifacts/TARGET/: commit them,
+# and the normal `cargo test` replays them (and the corpora) through pbx_remote::fuzzing.
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=${1:-60}

@@ -32,6 +32,8 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub(crate) mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod h2io;
 pub(crate) mod httpserve;
 pub mod logging;

@@ -1,12 +1,7 @@
-//! The header the front writes at the start of every request stream.
+//! The per-request stream header from a hostile peer.
+//! The body is `pbx_remote::fuzzing::stream_header`, which `cargo test` also replays over
+//! `fuzz/corpus/stream_header/` and `fuzz/artifacts/stream_header/`.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use pbx_remote::protocol::{read_frame, StreamHeader};
 
-fuzz_target!(|data: &[u8]| {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    rt.block_on(async {
-        let mut input = data;
-        let _ = read_frame::<_, StreamHeader>(&mut input).await;
-    });
-});
+fuzz_target!(|data: &[u8]| pbx_remote::fuzzing::stream_header(data));

@@ -14,6 +14,7 @@ mod console_browser;
 mod console_pages;
 mod enrolment;
 mod faults;
+mod fuzz_corpus;
 mod gate;
 mod isolation;
 mod memory;

@@ -169,17 +169,20 @@ pub fn rewrite_outbound(
 /// visitor's origin with the same path (the portal's host, the visitor's, or a loopback name),
 /// `Err(host)` for any other host.
 fn redirect_target(loc: &str, portal: &str, visitor: &str) -> Result<Option<String>, String> {
-    let rest = if let Some(r) = loc.strip_prefix("//") {
+    // Read it as a browser will (WHATWG URL): surrounding spaces and controls dropped, tabs and
+    // newlines inside removed, `\\` taken as `/`, so `/\\evil.example` or `/\t/evil.example`
+    // cannot pass for a path.
+    let norm: String = loc
+        .trim_matches(|c: char| c <= ' ')
+        .chars()
+        .filter(|c| !matches!(c, '\t' | '\n' | '\r'))
+        .map(|c| if c == '\\' { '/' } else { c })
+        .collect();
+    let rest = if let Some(r) = norm.strip_prefix("//") {
         r
-    } else if let Some((scheme, r)) = loc.split_once("://") {
-        if scheme.is_empty()
-            || !scheme
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
-        {
-            return Ok(None);
-        }
-        r
+    } else if let Some(r) = after_scheme(&norm) {
+        // `https:evil.example` names a host as surely as `https://evil.example`.
+        r.trim_start_matches('/')
     } else {
         // A path (or a relative reference): it stays on the visitor's origin by itself.
         return Ok(None);
@@ -198,6 +201,16 @@ fn redirect_target(loc: &str, portal: &str, visitor: &str) -> Result<Option<Stri
         return Ok(Some(format!("{visitor}{tail}")));
     }
     Err(host.to_string())
+}
+
+/// What follows `scheme:` when `url` starts with a scheme (RFC 3986: a letter, then letters,
+/// digits, `+`, `-`, `.`).
+fn after_scheme(url: &str) -> Option<&str> {
+    let (scheme, rest) = url.split_once(':')?;
+    let mut chars = scheme.chars();
+    let first = chars.next()?;
+    (first.is_ascii_alphabetic() && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)))
+        .then_some(rest)
 }
 
 /// The host of `host[:port]` or `[v6]:port`.

@@ -133,6 +133,10 @@ fn redirects_stay_on_the_visitors_origin_and_never_leave_the_pbx() {
         rewrite("http://127.0.0.1:8080"),
         kept("https://dev1.cm.example/")
     );
+    assert_eq!(
+        rewrite("http:127.0.0.1:9/x"),
+        kept("https://dev1.cm.example/x")
+    );
     // Relative references stay as they are.
     for loc in ["/login", "login?next=/", "?page=2", "#top"] {
         assert_eq!(rewrite(loc), kept(loc), "{loc}");
@@ -144,6 +148,13 @@ fn redirects_stay_on_the_visitors_origin_and_never_leave_the_pbx() {
         ("http://127.0.0.1.evil.example/", "127.0.0.1.evil.example"),
         ("http://192.168.1.10:8088/", "192.168.1.10"),
         ("https://dev1.cm.example.evil/", "dev1.cm.example.evil"),
+        // What browsers read as another host although it looks like a path.
+        ("/\\evil.example/x", "evil.example"),
+        ("\\\\evil.example", "evil.example"),
+        ("/\t/evil.example", "evil.example"),
+        (" //evil.example", "evil.example"),
+        ("https:evil.example", "evil.example"),
+        ("HTTPS://Evil.Example/", "Evil.Example"),
     ] {
         assert_eq!(
             rewrite(loc),
