@@ -8,7 +8,7 @@ use pbx_remote::status::State;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
-fn audit_lines(w: &World) -> Vec<serde_json::Value> {
+pub fn audit_lines(w: &World) -> Vec<serde_json::Value> {
     let path = w.agent.dir.join("state/audit.log");
     std::fs::read_to_string(path)
         .unwrap_or_default()

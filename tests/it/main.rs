@@ -22,6 +22,7 @@ mod operations;
 mod process;
 mod proxy;
 mod secrets;
+mod sessions;
 mod soak;
 mod systemd;
 mod transport;

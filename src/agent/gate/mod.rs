@@ -320,6 +320,30 @@ impl Gate {
                     "This remote session was opened by another visit. Open a visit link of your own.",
                 ))
             }
+            Some(s) if !same_network(&s.client_addr, &h.client_addr) => {
+                // The visit and session cookies came from another network than the one that
+                // logged in: a copied pair. The session is ended; its owner logs in again.
+                let opened = format!("session opened from {}; ended", s.client_addr);
+                self.audit.record(Event {
+                    event: "session_address_mismatch",
+                    cm_user: &h.cm_user,
+                    client_addr: &h.client_addr,
+                    user: Some(&s.user),
+                    role: Some(s.role.as_str()),
+                    session: Some(&s.id_hash),
+                    reason: Some(&opened),
+                });
+                self.end(
+                    &s,
+                    "logout",
+                    Some("its cookie was used from another network"),
+                );
+                Verdict::Respond(web::page(
+                    StatusCode::FORBIDDEN,
+                    "Remote session ended",
+                    "This remote session was opened from another network, so it has been ended. Open a visit link from the management platform again.",
+                ))
+            }
             Some(s) => {
                 self.touch(&s);
                 Verdict::Forward(s)
@@ -418,5 +442,25 @@ impl Gate {
         resp.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         resp
+    }
+}
+
+/// Whether two visitor addresses (as the front reports them) are on the same network: the same
+/// IPv4 /24 or IPv6 /64 (an IPv4-mapped address counts as IPv4). A session stays with the
+/// network it was opened from, which tolerates a NAT pool or a privacy address but not a copy of
+/// its cookies used elsewhere.
+pub(crate) fn same_network(a: &str, b: &str) -> bool {
+    use std::net::IpAddr;
+    let parse = |s: &str| {
+        s.parse::<IpAddr>().ok().map(|ip| match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        })
+    };
+    match (parse(a), parse(b)) {
+        (Some(IpAddr::V4(x)), Some(IpAddr::V4(y))) => x.octets()[..3] == y.octets()[..3],
+        (Some(IpAddr::V6(x)), Some(IpAddr::V6(y))) => x.segments()[..4] == y.segments()[..4],
+        (Some(_), Some(_)) => false,
+        _ => a == b,
     }
 }

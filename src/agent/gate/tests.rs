@@ -169,3 +169,20 @@ fn html_navigations_are_redirected_others_get_401() {
         .unwrap();
     assert_eq!(login_required(&post).status(), StatusCode::UNAUTHORIZED);
 }
+
+#[test]
+fn a_session_stays_with_the_network_it_was_opened_from() {
+    for (a, b, same) in [
+        ("127.0.0.1", "127.0.0.1", true),
+        ("203.0.113.7", "203.0.113.200", true),
+        ("203.0.113.7", "203.0.114.7", false),
+        ("::ffff:203.0.113.7", "203.0.113.9", true),
+        ("2001:db8:1:2::1", "2001:db8:1:2:ffff::9", true),
+        ("2001:db8:1:2::1", "2001:db8:1:3::1", false),
+        ("203.0.113.7", "2001:db8::1", false),
+        ("", "", true),
+        ("not an address", "203.0.113.7", false),
+    ] {
+        assert_eq!(same_network(a, b), same, "{a} / {b}");
+    }
+}

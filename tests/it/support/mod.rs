@@ -18,7 +18,7 @@ use pbx_remote::config::AgentConfig;
 use pbx_remote::server::{self, db::Db, db::NewDevice, keys, Listeners, ServerOptions};
 use pbx_remote::status::{State, Status, StatusHandle};
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -831,9 +831,16 @@ pub struct Visitor {
 
 impl Visitor {
     pub fn new(public: SocketAddr, device: &str) -> Visitor {
+        Self::from_address(public, device, None)
+    }
+
+    /// A visitor whose connections leave from `local` (another loopback address is another
+    /// network to the front: 127.1.0.1 is not in 127.0.0.1's /24).
+    pub fn from_address(public: SocketAddr, device: &str, local: Option<IpAddr>) -> Visitor {
         pbx_remote::tls::install_default_provider();
         let host = format!("{device}.localhost");
         let client = reqwest::Client::builder()
+            .local_address(local)
             .resolve(&host, public)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
