@@ -108,12 +108,32 @@ pub async fn activate(
         reason: Reason::DeviceMismatch,
         message: format!("{e:#}"),
     })?;
-    let key = KeyIdentity::generate(&[state::device_cert_name()]).map_err(|e| {
-        ActivationError::Retry {
-            reason: Reason::TlsError,
-            message: format!("cannot generate the device key: {e:#}"),
+    // The key goes to disk before its public half leaves: a retry after a crash or a lost
+    // answer sends the same key, which the server takes as the same activation.
+    let fingerprint = state::activation_fingerprint(config);
+    let cannot_keep = |e: anyhow::Error| ActivationError::Retry {
+        reason: Reason::ServerUnreachable,
+        message: format!("cannot keep the device key in the state directory: {e:#}"),
+    };
+    let key = match state_dir.pending_key(&fingerprint).map_err(cannot_keep)? {
+        Some(key) => {
+            tracing::info!("sending the unfinished activation again, with its key");
+            key
         }
-    })?;
+        None => {
+            let key = KeyIdentity::generate(&[state::device_cert_name()]).map_err(|e| {
+                ActivationError::Retry {
+                    reason: Reason::TlsError,
+                    message: format!("cannot generate the device key: {e:#}"),
+                }
+            })?;
+            state_dir
+                .save_pending(&fingerprint, &key)
+                .map_err(cannot_keep)?;
+            key
+        }
+    };
+    crate::agent::crash_point("activation_key_saved");
     let request = ActivateRequest {
         protocol_version: PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -155,10 +175,11 @@ pub async fn activate(
                     "{server} answered activation with something this agent does not understand"
                 ),
             })?;
+        crate::agent::crash_point("activation_accepted");
         let cred = Credential {
             device_id: ok.device_id,
             signing_key: ok.signing_key,
-            fingerprint: state::activation_fingerprint(config),
+            fingerprint,
             activated_at: crate::status::rfc3339(SystemTime::now()),
         };
         state_dir

@@ -49,6 +49,15 @@ use supervise::*;
 /// The HTTP CONNECT proxy answer reader (public for the fuzz target).
 pub use dial::read_proxy_answer;
 
+/// A test hook for the crash tests (catalogue A5): the process aborts, as under `kill -9`, at
+/// the named step when `PBXRA_CRASH_AT` names it. Steps: `activation_key_saved`,
+/// `activation_accepted`, `credential_half_written`.
+pub(crate) fn crash_point(step: &str) {
+    if std::env::var_os("PBXRA_CRASH_AT").is_some_and(|v| v == step) {
+        std::process::abort();
+    }
+}
+
 /// When QUIC is re-probed after it lost to TCP, and the longest wait between probes (public
 /// for tests, which move the agent's clock past them).
 pub use tunnel::race::{FIRST_PROBE, MAX_PROBE};

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 const KEY_FILE: &str = "device.key";
 const CREDENTIAL_FILE: &str = "credential.json";
 const REMOVED_FILE: &str = "removed.json";
+/// The key of an activation that was sent but not finished (see [`StateDir::pending_key`]).
+const PENDING_FILE: &str = "activation-pending.json";
 
 /// What activation left behind.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -70,14 +72,55 @@ impl StateDir {
         Ok(Some((cred, key)))
     }
 
-    /// Stores key and credential (key first; the credential's presence means "activated").
+    /// Stores key and credential (key first; the credential's presence means "activated"),
+    /// then lets go of the pending activation.
     pub fn store(&self, cred: &Credential, key: &KeyIdentity) -> Result<()> {
         fsutil::write_private(&self.path(KEY_FILE), key.key.serialize_pem().as_bytes())?;
+        crate::agent::crash_point("credential_half_written");
         fsutil::write_private(
             &self.path(CREDENTIAL_FILE),
             &serde_json::to_vec_pretty(cred)?,
         )?;
-        Ok(())
+        self.clear_pending()
+    }
+
+    /// The key of an activation for these settings that was sent and never finished (a crash,
+    /// a lost answer): sent again with it, the server recognises the same activation and
+    /// answers as the first time, instead of refusing the spent code. Another fingerprint's
+    /// pending key is dropped.
+    pub fn pending_key(&self, fingerprint: &str) -> Result<Option<KeyIdentity>> {
+        let Some(raw) = fsutil::read_private(&self.path(PENDING_FILE))? else {
+            return Ok(None);
+        };
+        let v: serde_json::Value = serde_json::from_slice(&raw).unwrap_or_default();
+        let pem = v["key_pem"]
+            .as_str()
+            .filter(|_| v["fingerprint"] == fingerprint);
+        match pem.map(|p| KeyIdentity::from_pem(p, &[device_cert_name()])) {
+            Some(Ok(key)) => Ok(Some(key)),
+            _ => {
+                self.clear_pending()?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Keeps `key` as the pending activation's (0600) before its public half is sent.
+    pub fn save_pending(&self, fingerprint: &str, key: &KeyIdentity) -> Result<()> {
+        let v = serde_json::json!({
+            "fingerprint": fingerprint,
+            "key_pem": key.key.serialize_pem(),
+        });
+        fsutil::write_private(&self.path(PENDING_FILE), v.to_string().as_bytes())
+    }
+
+    /// Drops the pending activation (finished, or refused for good).
+    pub fn clear_pending(&self) -> Result<()> {
+        match std::fs::remove_file(self.path(PENDING_FILE)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).context("removing the pending activation"),
+        }
     }
 
     /// Records that the CM removed this device, so a restart with the same (spent) settings

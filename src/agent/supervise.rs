@@ -61,6 +61,10 @@ pub(super) async fn run_inner(
             }
             Err(ActivationError::Rejected { reason, message }) => {
                 tracing::error!(%reason, %message, "activation refused; waiting for a config change");
+                // Refused for good: its key will never be sent again.
+                if let Err(e) = state_dir.clear_pending() {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot drop the pending activation");
+                }
                 status.set(State::Failed, Some(reason), Some(message));
                 shutdown.cancelled().await;
                 return Ok(());

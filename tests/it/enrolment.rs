@@ -884,3 +884,89 @@ fn the_apply_script_hands_its_files_to_the_templates_owner() {
         "failed\n"
     );
 }
+
+/// Waits (at most 20 s) for the agent process to end and returns how it ended.
+async fn ended(agent: &mut AgentProcess) -> std::process::ExitStatus {
+    for _ in 0..400 {
+        if let Some(status) = agent.child.0.try_wait().unwrap() {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the agent did not crash at its step");
+}
+
+/// A5: the agent killed at each step of activation (key kept, server accepted, credential
+/// half written) comes back fully activated on the next start, as the same device: the spent
+/// code is not refused as used, no second device appears, and the stored key is the enrolled one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_at_any_step_of_activation_leaves_one_activated_device() {
+    use std::os::unix::process::ExitStatusExt;
+    let server = TestServer::start().await;
+    let portal = PortalFixture::start().await;
+    crate::support::console::add_user(
+        &server,
+        "it@example.com",
+        pbx_remote::server::db::Role::Operator,
+        &[],
+    );
+    let steps = [
+        ("activation_key_saved", false),
+        ("activation_accepted", false),
+        ("credential_half_written", false),
+        ("activation_accepted", true),
+    ];
+    for (n, (step, by_email)) in steps.into_iter().enumerate() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("agent");
+        let mut toml = server.agent_toml(&dir).portal(&portal.url());
+        let mut expected = None;
+        if !by_email {
+            let (device, code) = server.add_device(false);
+            toml = toml.code(&code);
+            expected = Some(device);
+        }
+        let before = server.db().list_devices().unwrap().len();
+        let mut text = toml.build().replace("SN0001", &format!("SN-CRASH-{n}"));
+        if by_email {
+            text = text.replace(
+                "method = \"auth_code\"\nauth_code = \"UNUSED\"",
+                &format!(
+                    "method = \"email\"\nemail = \"it@example.com\"\npassword = \"{}\"",
+                    crate::support::console::CM_PASSWORD
+                ),
+            );
+        }
+        let mut crashed = AgentProcess::spawn(&dir, &text, |c| {
+            c.env("PBXRA_CRASH_AT", step);
+        });
+        let how = ended(&mut crashed).await;
+        assert_eq!(
+            how.signal(),
+            Some(6),
+            "{step}: aborted at the step ({how:?})"
+        );
+        drop(crashed);
+
+        let agent = AgentProcess::spawn(&dir, &text, |_| {});
+        let s = agent
+            .wait_status(&format!("{step}: connected after the crash"), |s| {
+                s.state == State::Connected || s.state == State::Failed
+            })
+            .await;
+        assert_eq!(s.state, State::Connected, "{step}: {:?}", s.message);
+        let device = s.device_id.clone().unwrap();
+        if let Some(want) = &expected {
+            assert_eq!(&device, want, "{step}");
+        }
+        let devices = server.db().list_devices().unwrap();
+        let added = if by_email { 1 } else { 0 };
+        assert_eq!(devices.len(), before + added, "{step}: no second device");
+        let nodes = &devices.iter().find(|d| d.id == device).unwrap().nodes;
+        assert_eq!(nodes.len(), 1, "{step}: one node");
+        assert!(
+            !dir.join("state/activation-pending.json").exists(),
+            "{step}: the pending activation is let go"
+        );
+    }
+}

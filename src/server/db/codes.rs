@@ -70,6 +70,18 @@ impl Db {
             let Some((device, expires, used, used_role)) = row else {
                 return Err(Refusal::new(Reason::InvalidCode, "the authentication code is not valid; check it or ask the provider for a new one").into());
             };
+            // The same activation sent again (its answer was lost, or the agent crashed
+            // before keeping it): the key it enrolled is this one. Answered as the first time.
+            let retried: Option<String> = tx
+                .query_row(
+                    "SELECT device_id FROM nodes WHERE key_hash = ?1 AND device_id = ?2",
+                    params![&key_hash[..], device],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if used.is_some() && retried.is_some() {
+                return Ok(device);
+            }
             // One code enrols one machine, or both nodes of a Hot Standby pair (one each).
             let pair_partner = matches!((used_role.and_then(NodeRole::ha), role.ha()), (Some(used), Some(this)) if used.partner() == this);
             if used.is_some() && !pair_partner {
@@ -99,13 +111,24 @@ impl Db {
         let role = facts.node_role();
         self.with(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let existing: Option<(String, Option<String>)> = tx
+            // This key enrolled already (a retried activation): the same device, not a second.
+            let retried: Option<(String, Option<String>)> = tx
                 .query_row(
-                    "SELECT id, group_name FROM devices WHERE serial = ?1 ORDER BY created_at LIMIT 1",
-                    [&facts.serial],
+                    "SELECT d.id, d.group_name FROM nodes n JOIN devices d ON d.id = n.device_id WHERE n.key_hash = ?1",
+                    [&key_hash[..]],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
+            let existing: Option<(String, Option<String>)> = match retried {
+                Some(r) => Some(r),
+                None => tx
+                    .query_row(
+                        "SELECT id, group_name FROM devices WHERE serial = ?1 ORDER BY created_at LIMIT 1",
+                        [&facts.serial],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?,
+            };
             let device = match existing {
                 Some((d, group)) if user.scope.covers(group.as_deref()) => d,
                 Some(_) => {
@@ -294,6 +317,10 @@ mod tests {
         assert_eq!(first, added.id);
         let again = db.redeem_code(&added.code, &[2; 32], &facts());
         assert_eq!(reason(again), Reason::CodeUsed);
+        // The same activation sent again (same key): answered as the first time.
+        let retried = db.redeem_code(&added.code, &[1; 32], &facts()).unwrap();
+        assert_eq!(retried, added.id);
+        assert_eq!(db.list_devices().unwrap().len(), 1);
         let bogus = db.redeem_code("AAAA-AAAA-AAAA-AAAA", &[3; 32], &facts());
         assert_eq!(reason(bogus), Reason::InvalidCode);
         assert_eq!(db.node_by_key(&[1; 32]).unwrap().unwrap().device, added.id);
