@@ -295,6 +295,29 @@ async fn account_failures_lock_per_email_and_source_only() {
             .contains("try again in 15 minutes"),
         "{b}"
     );
+    // An agent on the locked source with the right password shows the server's lockout
+    // message and time, and does not try again behind the owner's back (catalogue A2).
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("locked");
+    let agent = TestAgent::start(
+        &dir,
+        &email_toml(&server, "http://127.0.0.1:9", &dir, PROVIDER, PROVIDER_PW),
+    );
+    let s = agent
+        .wait(Duration::from_secs(10), |s| s.state == State::Failed)
+        .await;
+    assert_eq!(s.reason, Some(Reason::RateLimited));
+    let message = s.message.unwrap();
+    assert!(message.contains("try again in 15 minutes"), "{message}");
+    let status_text = std::fs::read_to_string(dir.join("status.json")).unwrap();
+    assert!(!status_text.contains(PROVIDER_PW), "not in the status");
+    // Refused for good: no pending activation (its key) is kept, and nothing else either.
+    let kept: Vec<_> = std::fs::read_dir(dir.join("state"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(kept.is_empty(), "{kept:?}");
+    agent.shutdown().await;
     // The provider's own PBX elsewhere is not locked out by someone knowing the email.
     let (status, b) = attempt(client_from("127.0.0.2"), PROVIDER_PW).await;
     assert_eq!(status, 200, "{b}");

@@ -238,3 +238,129 @@ async fn another_protocol_version_reads_protocol_mismatch() {
         "not a generic TLS error"
     );
 }
+
+/// A CA and, signed by it (or by itself when `self_signed`), a server certificate for `names`,
+/// expired when `expired`. Returns the CA, certificate and key paths.
+fn write_server_pki(
+    dir: &std::path::Path,
+    names: &[&str],
+    expired: bool,
+    self_signed: bool,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256,
+    };
+    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    if expired {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }
+    let leaf = if self_signed {
+        params.self_signed(&leaf_key).unwrap()
+    } else {
+        params.signed_by(&leaf_key, &ca, &ca_key).unwrap()
+    };
+    std::fs::create_dir_all(dir).unwrap();
+    let (ca_path, crt, key) = (
+        dir.join("ca.pem"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    std::fs::write(&crt, leaf.pem()).unwrap();
+    std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
+    (ca_path, crt, key)
+}
+
+/// B1: an expired certificate, one for another name, and a self-signed one all fail the
+/// handshake against the agent's CA file with `tls_error` naming the problem, the agent keeps
+/// retrying on its backoff, and nothing is activated; no setting turns verification off.
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_wrong_name_and_self_signed_certificates_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let portal = PortalFixture::start().await;
+    let cases = [
+        (
+            "expired",
+            &["127.0.0.1", "localhost"][..],
+            true,
+            false,
+            "expired",
+        ),
+        (
+            "wrong name",
+            &["cm.example.net"][..],
+            false,
+            false,
+            "not valid for",
+        ),
+        (
+            "self-signed",
+            &["127.0.0.1", "localhost"][..],
+            false,
+            true,
+            "UnknownIssuer",
+        ),
+    ];
+    for (what, names, expired, self_signed, says) in cases {
+        let dir = tmp.path().join(what.replace(' ', "-"));
+        let (ca, crt, key) = write_server_pki(&dir.join("pki"), names, expired, self_signed);
+        let server = TestServer::start_with(|o| o.tls.files = Some((crt, key))).await;
+        let (device, code) = server.add_device(false);
+        let agent_dir = dir.join("agent");
+        let agent = TestAgent::start(
+            &agent_dir,
+            &ca_toml(&server, &ca, &code, &portal.url(), &agent_dir),
+        );
+        let s = agent
+            .wait(Duration::from_secs(10), |s| {
+                s.reason == Some(Reason::TlsError)
+            })
+            .await;
+        assert_eq!(
+            s.state,
+            State::Reconnecting,
+            "{what}: retried, not given up"
+        );
+        let message = s.message.unwrap();
+        assert!(message.contains(says), "{what}: {message}");
+        let d = server.db().device(&device).unwrap().unwrap();
+        assert!(d.activated_at.is_none(), "{what}: nothing activated");
+        agent.shutdown().await;
+    }
+    // No key of the config turns verification off (unknown keys are refused)...
+    for key in [
+        "insecure = true",
+        "skip_verify = true",
+        "verify = false",
+        "tls_verify = false",
+    ] {
+        let text = format!(
+            "[server]\nenabled = true\naddress = \"cm.example.com:443\"\n{key}\n\
+             [activation]\nmethod = \"auth_code\"\nauth_code = \"ABCD-EFGH-JKMN-PQRS\"\n\
+             [pbx]\nedition = \"software\"\nfirmware = \"83.19.0.110\"\nmodel = \"m\"\n\
+             serial = \"s\"\nmac = \"02:00:00:00:00:01\"\nportal_url = \"http://127.0.0.1:8088\"\n"
+        );
+        let e = pbx_remote::config::AgentConfig::parse(std::path::Path::new("/x.toml"), &text)
+            .unwrap_err();
+        assert!(e.0.contains("unknown field"), "{key}: {}", e.0);
+    }
+    // ...and no command-line option does.
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_pbx-remote-agent"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).to_lowercase();
+    for word in ["insecure", "verify", "skip"] {
+        assert!(!help.contains(word), "`run --help` mentions {word}: {help}");
+    }
+}

@@ -259,21 +259,51 @@ async fn portal_down_gives_502_and_the_tunnel_stays() {
     assert!(r.text().await.unwrap().contains("portal is unreachable"));
     assert_eq!(agent.status.get().since, since, "same connection");
     assert_eq!(agent.status.get().state, State::Connected);
+
+    // The portal comes back on its address: served again, without an agent restart or a
+    // reconnect (catalogue B8).
+    let listener = tokio::net::TcpListener::bind(dead_url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let portal = PortalFixture::start_on(listener).await;
+    let r = v.get("/").await;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("PBX portal home"));
+    assert_eq!(portal.hits(), 1);
+    assert_eq!(agent.status.get().since, since, "same connection");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restarted_agent_reuses_its_credential() {
+    // An upgrade in place (catalogue B10): the agent stops with a remote session open and a new
+    // one starts on the same state directory.
     let w = World::start(false, "").await;
+    let mut v = w.visitor("alice", false).await;
+    assert_eq!(v.get("/").await.status(), 200);
+    let devices = w.server.db().list_devices().unwrap().len();
     let toml = std::fs::read_to_string(w.agent.dir.join("agent.toml")).unwrap();
     let dir = w.agent.dir.clone();
     w.agent.shutdown().await;
     let stopped = pbx_remote::status::read(&dir.join("status.json")).unwrap();
     assert_eq!(stopped.state, State::Stopped);
     // The code is spent: connecting again proves the stored credential was used.
+    let t0 = std::time::Instant::now();
     let again = TestAgent::start(&dir, &toml);
-    again.connected().await;
+    let s = again.connected().await;
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert_eq!(s.device_id.as_deref(), Some(w.device.as_str()));
     let d = w.server.db().device(&w.device).unwrap().unwrap();
     assert_eq!(d.nodes.len(), 1);
+    assert_eq!(
+        w.server.db().list_devices().unwrap().len(),
+        devices,
+        "no second device"
+    );
+    // Sessions live in the agent's memory: the visitor logs in again, same visit.
+    let r = v.get("/").await;
+    assert_ne!(r.status(), 200);
+    assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
+    assert_eq!(v.get("/").await.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]
