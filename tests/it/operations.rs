@@ -581,3 +581,64 @@ async fn eventually_async(port: u16, f: impl Fn(&str) -> bool) -> String {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The agent process's sockets from `/proc`: ports it listens on over TCP, and its UDP sockets.
+fn sockets_of(pid: u32) -> (Vec<u16>, usize) {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().to_string();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let rows = |table: &str| -> Vec<Vec<String>> {
+        std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().map(str::to_string).collect())
+            .filter(|f: &Vec<String>| f.len() > 9 && inodes.contains(&f[9]))
+            .collect()
+    };
+    let mut listening = vec![];
+    for table in ["tcp", "tcp6"] {
+        for f in rows(table) {
+            // State 0A is LISTEN; the local address ends in :PORT (hex).
+            if f[3] == "0A" {
+                let port = f[1].rsplit(':').next().unwrap();
+                listening.push(u16::from_str_radix(port, 16).unwrap());
+            }
+        }
+    }
+    let udp = rows("udp").len() + rows("udp6").len();
+    (listening, udp)
+}
+
+/// C9: the agent listens on nothing (its tunnel is outbound): no TCP listener without
+/// `[metrics]`, only its metrics port with it, and one UDP socket, the QUIC endpoint's.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_listens_on_nothing_but_the_metrics_port_it_is_given() {
+    let server = TestServer::start().await;
+    let portal = PortalFixture::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    for metrics in [false, true] {
+        let (_, code) = server.add_device(false);
+        let dir = tmp.path().join(format!("agent-{metrics}"));
+        let mut toml = server.agent_toml(&dir).code(&code).portal(&portal.url());
+        if metrics {
+            toml = toml.extra(METRICS_ON_ANY_PORT);
+        }
+        let agent = AgentProcess::spawn(&dir, &toml.build(), |_| {});
+        let s = agent.connected().await;
+        let (listening, udp) = sockets_of(agent.pid());
+        match s.metrics_listen {
+            Some(m) if metrics => {
+                let port: std::net::SocketAddr = m.parse().unwrap();
+                assert_eq!(listening, [port.port()], "only the metrics port");
+            }
+            _ => assert!(listening.is_empty(), "listening on {listening:?}"),
+        }
+        assert_eq!(udp, 1, "one UDP socket: the QUIC endpoint");
+    }
+}

@@ -83,7 +83,7 @@ pub struct Relay {
     pub seed: u64,
     pub stats: Arc<RelayStats>,
     ctl: Arc<Mutex<Control>>,
-    rebind: tokio::sync::mpsc::UnboundedSender<()>,
+    rebind: tokio::sync::mpsc::UnboundedSender<Option<std::net::IpAddr>>,
     stop: CancellationToken,
 }
 
@@ -130,7 +130,7 @@ impl Relay {
             down_budget: None,
         }));
         tokio::spawn(forward_tcp(tcp, server_tunnel, stop.clone(), stats.clone()));
-        let (rebind, rebinds) = tokio::sync::mpsc::unbounded_channel();
+        let (rebind, rebinds) = tokio::sync::mpsc::unbounded_channel::<Option<std::net::IpAddr>>();
         tokio::spawn(forward_udp(
             front,
             server_tunnel,
@@ -188,7 +188,13 @@ impl Relay {
 
     /// From the next packet on, the server sees the agent from a new source port.
     pub fn rebind(&self) {
-        let _ = self.rebind.send(());
+        let _ = self.rebind.send(None);
+    }
+
+    /// From the next packet on, the server sees the agent from `ip` (another address, as after
+    /// a change of uplink), on a new port.
+    pub fn rebind_to(&self, ip: std::net::IpAddr) {
+        let _ = self.rebind.send(Some(ip));
     }
 }
 
@@ -320,18 +326,25 @@ async fn forward_udp(
     server: SocketAddr,
     ctl: Arc<Mutex<Control>>,
     stats: Arc<RelayStats>,
-    mut rebinds: tokio::sync::mpsc::UnboundedReceiver<()>,
+    mut rebinds: tokio::sync::mpsc::UnboundedReceiver<Option<std::net::IpAddr>>,
     stop: CancellationToken,
 ) {
     let agent: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
     let mut upstream_stop = CancellationToken::new();
-    let mut upstream = new_upstream(&front, &agent, &ctl, &stats, upstream_stop.clone()).await;
+    let mut source: std::net::IpAddr = [127, 0, 0, 1].into();
+    let mut upstream =
+        new_upstream(&front, &agent, &ctl, &stats, upstream_stop.clone(), source).await;
     let mut up_line = delay_line(upstream.clone());
     let mut buf = vec![0u8; 65536];
     loop {
         let (n, from) = tokio::select! {
             _ = stop.cancelled() => break,
-            Some(()) = rebinds.recv() => (0, None),
+            Some(to) = rebinds.recv() => {
+                if let Some(ip) = to {
+                    source = ip;
+                }
+                (0, None)
+            }
             r = front.recv_from(&mut buf) => match r { Ok((n, from)) => (n, Some(from)), Err(_) => continue },
         };
         let expired = from.is_some() && {
@@ -348,7 +361,8 @@ async fn forward_udp(
             // real NAT.
             upstream_stop.cancel();
             upstream_stop = CancellationToken::new();
-            upstream = new_upstream(&front, &agent, &ctl, &stats, upstream_stop.clone()).await;
+            upstream =
+                new_upstream(&front, &agent, &ctl, &stats, upstream_stop.clone(), source).await;
             up_line = delay_line(upstream.clone());
         }
         let Some(from) = from else { continue };
@@ -375,8 +389,9 @@ async fn new_upstream(
     ctl: &Arc<Mutex<Control>>,
     stats: &Arc<RelayStats>,
     stop: CancellationToken,
+    source: std::net::IpAddr,
 ) -> Arc<UdpSocket> {
-    let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let sock = Arc::new(UdpSocket::bind((source, 0)).await.unwrap());
     let (s, front, agent, ctl, stats) = (
         sock.clone(),
         front.clone(),
