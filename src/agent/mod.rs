@@ -49,12 +49,16 @@ use supervise::*;
 /// The HTTP CONNECT proxy answer reader (public for the fuzz target).
 pub use dial::read_proxy_answer;
 
-/// A test hook for the crash tests (catalogue A5): the process aborts, as under `kill -9`, at
-/// the named step when `PBXRA_CRASH_AT` names it. Steps: `activation_key_saved`,
-/// `activation_accepted`, `credential_half_written`.
+/// A test hook for the crash tests (catalogue A4, A5): at the named step the process aborts, as
+/// under `kill -9`, when `PBXRA_CRASH_AT` names it, or panics when `PBXRA_PANIC_AT` does (its
+/// panic output is checked for secrets). Steps: `activation_key_saved`, `activation_accepted`,
+/// `credential_half_written`.
 pub(crate) fn crash_point(step: &str) {
     if std::env::var_os("PBXRA_CRASH_AT").is_some_and(|v| v == step) {
         std::process::abort();
+    }
+    if std::env::var_os("PBXRA_PANIC_AT").is_some_and(|v| v == step) {
+        panic!("test panic at {step} (PBXRA_PANIC_AT)");
     }
 }
 

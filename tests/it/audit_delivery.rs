@@ -118,3 +118,88 @@ async fn session_events_reach_the_server_once_after_an_outage_with_their_own_tim
     })
     .await;
 }
+
+/// D7: several events queued during one outage (two sessions idling out two seconds apart)
+/// arrive once each, in the order they happened, with their own times.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_queued_during_an_outage_arrive_once_in_order() {
+    let World {
+        server,
+        portal: _portal,
+        agent,
+        device,
+        tmp: _tmp,
+    } = World::start(false, "").await;
+    let session = |user: &'static str| {
+        let (server, device) = (&server, &device);
+        async move {
+            let url = server.visit(device, user, false);
+            let mut v = Visitor::new(server.public, device);
+            v.open_visit(&url).await;
+            assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
+            v
+        }
+    };
+    let _alice = session("alice").await;
+    // Bob's session is active 10 minutes later than Alice's.
+    agent.clock.advance(Duration::from_secs(10 * 60));
+    let mut bob = session("bob").await;
+    assert_eq!(bob.get("/").await.status(), 200);
+
+    server.stop.cancel();
+    agent
+        .wait(Duration::from_secs(30), |s| {
+            s.state != pbx_remote::status::State::Connected
+        })
+        .await;
+    let outbox = agent.dir.join("state/audit-outbox");
+    let queued = |n: usize| {
+        let outbox = outbox.clone();
+        move || {
+            std::fs::read_to_string(&outbox)
+                .ok()
+                .filter(|t| t.matches("idle_expiry").count() >= n)
+        }
+    };
+    // Alice idles out first (16 min without activity), Bob two seconds later.
+    agent.clock.advance(Duration::from_secs(6 * 60 + 30));
+    eventually(Duration::from_secs(5), "Alice's expiry queued", queued(1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // so the two times differ
+    agent.clock.advance(Duration::from_secs(10 * 60));
+    eventually(Duration::from_secs(5), "Bob's expiry queued", queued(2)).await;
+
+    let server = server.restart().await;
+    agent.move_past_backoff().await;
+    agent.connected().await;
+    let db = server.db();
+    let entries = eventually(Duration::from_secs(10), "both delivered", || {
+        let e = agent_entries(&db, &device);
+        (e.iter()
+            .filter(|o| o.action == "session.idle_expiry")
+            .count()
+            >= 2)
+            .then_some(e)
+    })
+    .await;
+    let mut expiries: Vec<&OpEntry> = entries
+        .iter()
+        .filter(|o| o.action == "session.idle_expiry")
+        .collect();
+    assert_eq!(expiries.len(), 2, "each once: {entries:?}");
+    // Recorded in the order they happened on the PBX, with the PBX's times.
+    expiries.sort_by_key(|o| o.id);
+    assert!(expiries[0].at < expiries[1].at, "{expiries:?}");
+    let who = |o: &OpEntry| o.actor.clone();
+    assert_eq!(
+        (who(expiries[0]), who(expiries[1])),
+        ("cli:alice".to_string(), "cli:bob".to_string())
+    );
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|o| o.action == "session.login_ok")
+            .count(),
+        2,
+        "the logins once each: {entries:?}"
+    );
+}

@@ -81,19 +81,23 @@ async fn no_secret_reaches_logs_status_audit_or_cmdline_at_trace_level() {
         ("proxy Basic credentials".into(), basic),
     ];
 
-    // A reconnect: the server drops the connection.
-    server
-        .state
-        .hub
-        .get(&device)
-        .expect("agent connected")
-        .conn
-        .close(None, "canary reconnect");
-    agent
-        .wait_status("reconnected", |s| {
-            s.state.as_str() == "connected" && s.since != first.since
-        })
-        .await;
+    // Three reconnects: the server drops the connection each time.
+    let mut since = first.since.clone();
+    for _ in 0..3 {
+        server
+            .state
+            .hub
+            .get(&device)
+            .expect("agent connected")
+            .conn
+            .close(None, "canary reconnect");
+        let s = agent
+            .wait_status("reconnected", |s| {
+                s.state.as_str() == "connected" && s.since != since
+            })
+            .await;
+        since = s.since;
+    }
 
     // An account login, after a failed one.
     let url = server.visit(&device, "alice", false);
@@ -104,6 +108,19 @@ async fn no_secret_reaches_logs_status_audit_or_cmdline_at_trace_level() {
     assert_eq!(v.login(USER, wrong).await.status(), 401);
     assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
     assert_eq!(v.get("/").await.status(), 200);
+    // Credentials a visitor sends the portal itself, as an Authorization header.
+    let portal_basic = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode("portal-user:P0rtal-Canary-Pw")
+    };
+    let r = v
+        .request(reqwest::Method::GET, "/headers")
+        .header("authorization", format!("Basic {portal_basic}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    secrets.push(("visitor's Authorization header".into(), portal_basic));
     secrets.push(("account password".into(), PASSWORD.into()));
     secrets.push(("wrong password".into(), wrong.into()));
     // The grant cookie of the front and the agent's session cookie (the fixture portal's own
@@ -177,7 +194,14 @@ async fn no_secret_reaches_logs_status_audit_or_cmdline_at_trace_level() {
     }
     assert!(secrets.iter().all(|(_, s)| s.len() >= 8), "{secrets:?}");
 
+    // And a logout.
+    v.logout().await;
+    agent
+        .wait_status("one session left", |s| s.active_sessions.len() == 1)
+        .await;
+
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", agent.pid())).unwrap();
+    let environ = std::fs::read(format!("/proc/{}/environ", agent.pid())).unwrap();
     let stopped = Instant::now();
     Command::new("kill")
         .args(["-TERM", &agent.pid().to_string()])
@@ -200,6 +224,7 @@ async fn no_secret_reaches_logs_status_audit_or_cmdline_at_trace_level() {
             std::fs::read(dir.join("state/audit.log")).unwrap(),
         ),
         ("/proc/PID/cmdline", cmdline),
+        ("/proc/PID/environ", environ),
     ];
     let stderr_text = String::from_utf8_lossy(&places[1].1).into_owned();
     assert!(
@@ -228,6 +253,58 @@ async fn no_secret_reaches_logs_status_audit_or_cmdline_at_trace_level() {
         }
     }
     assert!(leaks.is_empty(), "secrets leaked:\n{}", leaks.join("\n"));
+}
+
+/// A4: a panic while activating by email (at the step right after the server accepted, with
+/// the password in memory) prints its message and a backtrace, and nowhere the password.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panic_during_email_activation_prints_no_secret() {
+    use crate::support::console::{add_user, CM_PASSWORD};
+    let server = TestServer::start().await;
+    add_user(
+        &server,
+        "canary@example.com",
+        pbx_remote::server::db::Role::Operator,
+        &[],
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("agent");
+    let toml = server.agent_toml(&dir).build().replace(
+        "method = \"auth_code\"\nauth_code = \"UNUSED\"",
+        &format!(
+            "method = \"email\"\nemail = \"canary@example.com\"\npassword = \"{CM_PASSWORD}\""
+        ),
+    );
+    let stderr_path = tmp.path().join("stderr");
+    let stderr = std::fs::File::create(&stderr_path).unwrap();
+    let mut agent = AgentProcess::spawn(&dir, &toml, |c| {
+        c.env("RUST_LOG", "trace")
+            .env("RUST_BACKTRACE", "1")
+            .env("PBXRA_PANIC_AT", "activation_accepted")
+            .stderr(stderr);
+    });
+    let text = eventually(Duration::from_secs(20), "the panic printed", || {
+        std::fs::read_to_string(&stderr_path)
+            .ok()
+            .filter(|t| t.contains("test panic at activation_accepted"))
+    })
+    .await;
+    // The whole output once the process is gone (or stopped).
+    for _ in 0..100 {
+        if agent.child.0.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = agent.child.0.kill();
+    let text = std::fs::read_to_string(&stderr_path).unwrap_or(text);
+    assert!(text.contains("panicked"), "{text}");
+    assert!(
+        !text.contains(CM_PASSWORD),
+        "the email password in the panic output"
+    );
+    let environ = std::fs::read(format!("/proc/{}/environ", std::process::id())).unwrap();
+    assert!(!String::from_utf8_lossy(&environ).contains(CM_PASSWORD));
 }
 
 fn visit_token(url: &str) -> String {
