@@ -993,3 +993,95 @@ async fn a_crash_at_any_step_of_activation_leaves_one_activated_device() {
         );
     }
 }
+
+/// A3: under `umask 000`, into a state directory someone left 0755 with a 0644 key: a symlink
+/// where the credential goes is refused with a clear error naming it (its target untouched);
+/// without it, activation tightens the directory to 0700 and writes both files as fresh 0600
+/// regular files.
+#[tokio::test(flavor = "multi_thread")]
+async fn activation_under_umask_000_over_loose_files_and_a_symlink_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = TestServer::start().await;
+    let portal = PortalFixture::start().await;
+    let (_, code) = server.add_device(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("agent");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(state.join("device.key"), "not a key").unwrap();
+    std::fs::set_permissions(
+        state.join("device.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let elsewhere = tmp.path().join("elsewhere.json");
+    std::fs::write(&elsewhere, "untouched").unwrap();
+    std::os::unix::fs::symlink(&elsewhere, state.join("credential.json")).unwrap();
+    let toml = server
+        .agent_toml(&dir)
+        .code(&code)
+        .portal(&portal.url())
+        .build();
+    std::fs::write(dir.join("agent.toml"), &toml).unwrap();
+    // The agent under umask 000, as a careless init script would start it.
+    let start = || {
+        let child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "umask 000; exec '{}' run -c '{}'",
+                env!("CARGO_BIN_EXE_pbx-remote-agent"),
+                dir.join("agent.toml").display()
+            ))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        ChildGuard(child)
+    };
+    let status = |want: State| {
+        let file = dir.join("status.json");
+        move || {
+            pbx_remote::status::read(&file)
+                .ok()
+                .filter(|s| s.state == want)
+        }
+    };
+    let mode = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().permissions().mode();
+
+    let refused = start();
+    let s = eventually(
+        Duration::from_secs(20),
+        "stopped on the symlink",
+        status(State::Stopped),
+    )
+    .await;
+    let message = s.message.unwrap_or_default();
+    assert!(
+        message.contains("credential.json") && message.contains("symlinks are refused"),
+        "{message}"
+    );
+    assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "untouched");
+    assert_eq!(mode(&state) & 0o777, 0o700, "state directory tightened");
+    drop(refused);
+
+    std::fs::remove_file(state.join("credential.json")).unwrap();
+    let _agent = start();
+    eventually(
+        Duration::from_secs(20),
+        "connected",
+        status(State::Connected),
+    )
+    .await;
+    assert_eq!(mode(&state) & 0o777, 0o700);
+    for f in ["device.key", "credential.json"] {
+        let meta = std::fs::symlink_metadata(state.join(f)).unwrap();
+        assert!(meta.file_type().is_file(), "{f} is a regular file");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{f}");
+    }
+    assert!(std::fs::read_to_string(state.join("device.key"))
+        .unwrap()
+        .contains("PRIVATE KEY"));
+    assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "untouched");
+}
