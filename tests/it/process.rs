@@ -103,13 +103,53 @@ async fn killed_server_comes_back(edit: impl FnOnce(String) -> String) {
 
     let pid = agent.pid();
     let (fd_before, rss_before) = (fd_count(pid), proc_mem_kib(pid, "VmRSS"));
+
+    // A visitor mid-request (the portal holds it) and with a WebSocket open when the server dies:
+    // both end at once with an error, not a hang, and the agent lets go of the portal request.
+    let visitor = {
+        let out = pbx_remote::server::admin::visit(&data, &device, "alice", false, true).unwrap();
+        let url = serde_json::from_str::<serde_json::Value>(&out).unwrap()["url"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mut v = Visitor::new(public, &device);
+        v.open_visit(&url).await;
+        assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
+        v
+    };
+    let (mut ws, _) = visitor.websocket(&visitor.origin).await.unwrap();
+    let held = visitor.request(reqwest::Method::GET, "/slow");
+    let mut in_flight = Some(tokio::spawn(async move {
+        held.send().await.map(|r| r.status())
+    }));
+    eventually(
+        Duration::from_secs(5),
+        "the portal holds the request",
+        || (portal.held() == 1).then_some(()),
+    )
+    .await;
+
     let mut reconnects = vec![];
-    for round in 0..5 {
+    // Down for a growing moment, one of them 5 s: the agent's packets meanwhile go nowhere,
+    // and the restarted server resets the old connection at its first packet.
+    for (round, down_ms) in [0u64, 300, 1200, 5000, 600].into_iter().enumerate() {
         server.child.kill().unwrap();
         server.child.wait().unwrap();
-        // Down for a growing moment (0 to 1.2 s): the agent's packets meanwhile go nowhere, and
-        // the restarted server resets the old connection at its first packet.
-        tokio::time::sleep(Duration::from_millis(300 * round)).await;
+        if let Some(req) = in_flight.take() {
+            let ended = tokio::time::timeout(Duration::from_secs(2), req)
+                .await
+                .expect("the request in flight ends at once, no hang");
+            assert!(!matches!(ended, Ok(Ok(s)) if s.is_success()), "{ended:?}");
+            let next = tokio::time::timeout(
+                Duration::from_secs(2),
+                futures_util::StreamExt::next(&mut ws),
+            )
+            .await
+            .expect("the WebSocket ends at once, no hang");
+            let open = matches!(&next, Some(Ok(m)) if !m.is_close());
+            assert!(!open, "{next:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(down_ms)).await;
         let t0 = Instant::now();
         server = spawn_server(&data, &tunnel.to_string(), &public.to_string());
         let s = eventually(Duration::from_secs(10), "a new connection", || {
@@ -121,6 +161,12 @@ async fn killed_server_comes_back(edit: impl FnOnce(String) -> String) {
         reconnects.push(t0.elapsed());
         assert!(s.last_connected.is_some(), "round {round}");
         before = s.since;
+        if round == 0 {
+            eventually(Duration::from_secs(10), "the portal request let go", || {
+                (portal.held() == 0).then_some(())
+            })
+            .await;
+        }
     }
     let (fd_after, rss_after) = (fd_count(pid), proc_mem_kib(pid, "VmRSS"));
     let mut sorted = reconnects.clone();

@@ -111,15 +111,15 @@ pub(crate) async fn serve_stream(
         forwarded: forwarded_headers(&header),
         header,
     });
-    // Resolves when the front stops reading this stream: the visitor went away, and with them
-    // any use for the answer.
+    // Resolves when the front stops reading this stream, or the tunnel connection is lost: the
+    // visitor went away (or cannot be reached), and with them any use for the answer.
     let abandoned = match &send {
         SendHalf::Quic(s) => {
             let stopped = s.stopped();
             tokio_util::either::Either::Left(async move {
-                // A stream finished and acknowledged (`Ok(None)`) or a lost connection is no
-                // abandonment.
-                if !matches!(stopped.await, Ok(Some(_))) {
+                // Stopped by the front, or the connection is lost (the answer can go nowhere):
+                // abandoned. Finished and acknowledged (`Ok(None)`) is the normal end.
+                if matches!(stopped.await, Ok(None)) {
                     std::future::pending::<()>().await;
                 }
             })
