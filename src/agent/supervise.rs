@@ -218,7 +218,16 @@ impl Retry {
         message: String,
         shutdown: &CancellationToken,
     ) -> bool {
-        let delay = self.backoff.next_delay();
+        let delay = if reason == Reason::Replaced {
+            // Another machine holds this credential: take the node back no sooner than the
+            // whole backoff step (no jitter toward zero), so two clones trade it at most once
+            // per step each, at most every 4 s, never in a tight loop.
+            let whole = self.backoff.ceiling();
+            self.backoff.next_delay();
+            whole
+        } else {
+            self.backoff.next_delay()
+        };
         // Fixed before the status says when: a clock moved after that counts.
         let until = self.clock.now() + delay;
         let at = rfc3339(SystemTime::now() + delay);

@@ -297,6 +297,25 @@ async fn serve_tunnel(
             });
         } else {
             tracing::warn!(old_peer = %old.conn.remote_address(), new_peer = %peer, "device credential connected again; the older connection is replaced");
+            // On the device's page: a clone, or a PBX restored from a backup elsewhere.
+            let (old_peer, new_peer) = (old.conn.remote_address().to_string(), peer.to_string());
+            let detail = format!(
+                "{} from {old_peer} replaced by one from {new_peer}",
+                role.as_str()
+            );
+            let op = crate::server::db::Op {
+                actor: "hub",
+                source: crate::server::db::Source::Hub,
+                action: "tunnel.replaced",
+                target: Some(&device),
+                device: Some(&device),
+                client: Some(&new_peer),
+                result: "ok",
+                detail: Some(&detail),
+            };
+            if let Err(e) = state.db.log_op(&op) {
+                tracing::warn!(error = %format!("{e:#}"), "operation log write failed");
+            }
             refuse(
                 &old.conn,
                 Reason::Replaced,

@@ -491,13 +491,32 @@ async fn sessions_end_after_12_hours_however_active() {
 #[tokio::test(flavor = "multi_thread")]
 async fn three_failures_lock_the_key_for_ten_minutes_even_across_restarts() {
     let w = World::start(false, "").await;
+    // A wrong username and a wrong password read the same (another username is another key).
+    let mut probe = w.granted("carol", false).await;
+    let unknown = probe.login("no-such-user", "Wrong-passw0rd").await;
+    assert_eq!(unknown.status(), 401);
+    let unknown = unknown.text().await.unwrap();
     let mut v = w.granted("alice", false).await;
-    for _ in 0..3 {
-        assert_eq!(v.login(USER, "Wrong-passw0rd").await.status(), 401);
+    for i in 0..3 {
+        let r = v.login(USER, "Wrong-passw0rd").await;
+        assert_eq!(r.status(), 401);
+        if i == 0 {
+            assert_eq!(r.text().await.unwrap(), unknown, "one generic error");
+        }
     }
     let r = v.login(USER, PASSWORD).await;
     assert_eq!(r.status(), 429);
     assert!(r.text().await.unwrap().contains("Try again in 10 minutes"));
+    // Each failure and the lock are audit events.
+    // (The attempt while locked is recorded as a failure too.)
+    let failed = events(&w, "login_failed");
+    assert_eq!(
+        failed
+            .iter()
+            .filter(|e| e["cm_user"] == "cli:alice")
+            .count(),
+        4
+    );
     assert_eq!(events(&w, "lockout").len(), 1);
     // Another CM user is not locked out by alice's failures.
     let mut bob = w.granted("bob", false).await;

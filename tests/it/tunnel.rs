@@ -424,6 +424,43 @@ pub async fn a_copied_credential_replaces(w: World) {
         .await;
     assert_eq!(s.state, State::Reconnecting);
     assert!(s.message.unwrap().contains("replaced"));
+    // Both keep their credential, so they take the node in turn: newest wins each time, but
+    // no faster than the backoff (which a replaced connection does not reset) lets them.
+    let t0 = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let replaced = || {
+        use pbx_remote::server::db::{NewUser, OpFilter, Role, Scope, Source};
+        let db = w.server.db();
+        let reader = match db.user("log-reader@example.com").unwrap() {
+            Some(u) => u,
+            None => db
+                .add_user(&NewUser {
+                    email: "log-reader@example.com".into(),
+                    password_hash: "unused".into(),
+                    role: Role::Admin,
+                    scope: Scope::All,
+                })
+                .unwrap(),
+        };
+        let f = OpFilter {
+            source: Some(Source::Hub),
+            device: Some(w.device.clone()),
+            limit: 100,
+            ..Default::default()
+        };
+        db.oplog(&reader, &f)
+            .unwrap()
+            .into_iter()
+            .filter(|o| o.action == "tunnel.replaced")
+            .count()
+    };
+    let n = replaced();
+    eprintln!("{n} replacements in {:?}", t0.elapsed());
+    assert!(n >= 1, "the server records the replacement on the device");
+    // A replaced agent waits its whole backoff step (0.5, 1, 2, then 4 s): at most 4 turns
+    // each in 8 s, plus the first replacement.
+    assert!(n <= 9, "{n} replacements in 8 s: flapping");
+    clone.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

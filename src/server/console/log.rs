@@ -111,6 +111,7 @@ pub(super) async fn page(
         ("cli", "Command line"),
         ("front", "Visits opened"),
         ("agent", "PBX agent"),
+        ("hub", "Tunnel hub"),
     ];
     let body = html! {
         div.titlebar {

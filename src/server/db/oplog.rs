@@ -22,6 +22,8 @@ pub enum Source {
     Front,
     /// A device's agent (its remote-session audit).
     Agent,
+    /// The tunnel hub (a device's credential connecting from two machines).
+    Hub,
 }
 
 impl Source {
@@ -33,6 +35,7 @@ impl Source {
             Source::Cli => "cli",
             Source::Front => "front",
             Source::Agent => "agent",
+            Source::Hub => "hub",
         }
     }
     /// Reads [`Source::as_str`]'s spelling.
@@ -43,6 +46,7 @@ impl Source {
             Source::Cli,
             Source::Front,
             Source::Agent,
+            Source::Hub,
         ]
         .into_iter()
         .find(|x| x.as_str() == s)
