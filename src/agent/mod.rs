@@ -62,6 +62,36 @@ pub(crate) fn crash_point(step: &str) {
     }
 }
 
+/// A test hook for the watchdog test (catalogue B9): `PBXRA_FREEZE_AFTER_SECS=N` wedges the
+/// runtime N seconds after start (every worker thread blocked, as a deadlock would), so the
+/// watchdog stops being fed and systemd restarts the service.
+fn freeze_hook() {
+    let Some(secs) = std::env::var("PBXRA_FREEZE_AFTER_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::warn!(
+        secs,
+        "PBXRA_FREEZE_AFTER_SECS: the runtime will be wedged on purpose"
+    );
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        for _ in 1..workers {
+            tokio::spawn(async {
+                loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            });
+        }
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    });
+}
+
 /// When QUIC is re-probed after it lost to TCP, and the longest wait between probes (public
 /// for tests, which move the agent's clock past them).
 pub use tunnel::race::{FIRST_PROBE, MAX_PROBE};
@@ -108,6 +138,7 @@ pub async fn run_with(
     clock: clock::Clock,
     mut reloads: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) -> Result<()> {
+    freeze_hook();
     tracing::debug!(
         enabled = config.server.enabled,
         server = %config.server.address,

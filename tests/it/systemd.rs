@@ -46,10 +46,41 @@ impl Notify {
     }
 }
 
+impl Notify {
+    /// Everything received within `d`, with when it arrived.
+    async fn collect_for(&mut self, d: Duration) -> Vec<(Instant, String)> {
+        let deadline = Instant::now() + d;
+        let mut got = vec![];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut buf = [0u8; 4096];
+            match tokio::time::timeout(left, self.sock.recv(&mut buf)).await {
+                Ok(Ok(n)) => got.push((
+                    Instant::now(),
+                    String::from_utf8_lossy(&buf[..n]).into_owned(),
+                )),
+                Ok(Err(e)) => panic!("notify socket: {e}"),
+                Err(_) => return got,
+            }
+        }
+    }
+}
+
 /// The agent as systemd starts it: NOTIFY_SOCKET, and WATCHDOG_USEC with WATCHDOG_PID naming
 /// the agent itself (the shell execs the agent, so `$$` is its pid).
 fn spawn_agent(dir: &Path, config: &Path, watchdog_usec: u64) -> ChildGuard {
+    spawn_agent_with(dir, config, watchdog_usec, &[])
+}
+
+/// As [`spawn_agent`], with more environment.
+fn spawn_agent_with(
+    dir: &Path,
+    config: &Path,
+    watchdog_usec: u64,
+    env: &[(&str, &str)],
+) -> ChildGuard {
     let child = Command::new("sh")
+        .envs(env.iter().copied())
         .arg("-c")
         .arg("WATCHDOG_PID=$$ exec \"$0\" run -c \"$1\"")
         .arg(AGENT)
@@ -337,4 +368,42 @@ async fn telemetry_is_complete_under_the_units_proc_sandbox() {
         exit_code(&mut child, Duration::from_secs(15)).await,
         Some(0)
     );
+}
+
+/// B9: a wedged runtime (the `PBXRA_FREEZE_AFTER_SECS` hook blocks it two seconds in, as a
+/// deadlock would) stops feeding the watchdog although the process lives on, so systemd's
+/// `WatchdogSec=` restarts it; until then the pings come every half period.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wedged_runtime_stops_feeding_the_watchdog() {
+    let Setup {
+        server: _server,
+        portal: _portal,
+        device: _,
+        tmp,
+        config,
+        agent_dir: _,
+    } = Setup::new(|t| t).await;
+    let dir = tmp.path();
+    let mut notify = Notify::bind(dir);
+    let started = Instant::now();
+    let child = spawn_agent_with(dir, &config, 200_000, &[("PBXRA_FREEZE_AFTER_SECS", "2")]);
+    notify.until(0, "WATCHDOG=1", Duration::from_secs(5)).await;
+    let got = notify.collect_for(Duration::from_secs(5)).await;
+    let pings: Vec<Duration> = got
+        .iter()
+        .filter(|(_, m)| m.lines().any(|l| l == "WATCHDOG=1"))
+        .map(|(at, _)| at.duration_since(started))
+        .collect();
+    assert!(
+        pings.iter().any(|t| *t < Duration::from_millis(1800)),
+        "pings before the freeze: {pings:?}"
+    );
+    let last = pings.last().copied().unwrap_or_default();
+    assert!(
+        last < Duration::from_millis(2500),
+        "no ping after the runtime wedged (last at {last:?}): {pings:?}"
+    );
+    // Wedged, not dead: it is systemd's watchdog that ends it.
+    let pid = child.0.id();
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
 }
