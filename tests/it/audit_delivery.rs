@@ -130,20 +130,15 @@ async fn events_queued_during_an_outage_arrive_once_in_order() {
         device,
         tmp: _tmp,
     } = World::start(false, "").await;
-    let session = |user: &'static str| {
-        let (server, device) = (&server, &device);
-        async move {
-            let url = server.visit(device, user, false);
-            let mut v = Visitor::new(server.public, device);
-            v.open_visit(&url).await;
-            assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
-            v
-        }
-    };
-    let _alice = session("alice").await;
+    let _alice = logged_in(
+        server.public,
+        &server.visit(&device, "alice", false),
+        &device,
+    )
+    .await;
     // Bob's session is active 10 minutes later than Alice's.
     agent.clock.advance(Duration::from_secs(10 * 60));
-    let mut bob = session("bob").await;
+    let mut bob = logged_in(server.public, &server.visit(&device, "bob", false), &device).await;
     assert_eq!(bob.get("/").await.status(), 200);
 
     server.stop.cancel();

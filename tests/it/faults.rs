@@ -621,18 +621,13 @@ async fn hostile_heads_and_floods_get_limits_and_others_keep_working() {
         |_| {},
     );
     let since = agent.connected().await.since;
-    let visitor = |user: &'static str| {
-        let (server, device) = (&server, &device);
-        async move {
-            let url = server.visit(device, user, false);
-            let mut v = Visitor::new(server.public, device);
-            v.open_visit(&url).await;
-            assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
-            v
-        }
-    };
-    let mut other = visitor("bob").await;
-    let v = visitor("mallory").await;
+    let mut other = logged_in(server.public, &server.visit(&device, "bob", false), &device).await;
+    let v = logged_in(
+        server.public,
+        &server.visit(&device, "mallory", false),
+        &device,
+    )
+    .await;
     let base = format!(
         "GET / HTTP/1.1\r\nHost: {}\r\nCookie: {}\r\n",
         v.host,

@@ -112,10 +112,7 @@ async fn killed_server_comes_back(edit: impl FnOnce(String) -> String) {
             .as_str()
             .unwrap()
             .to_string();
-        let mut v = Visitor::new(public, &device);
-        v.open_visit(&url).await;
-        assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
-        v
+        logged_in(public, &url, &device).await
     };
     let (mut ws, _) = visitor.websocket(&visitor.origin).await.unwrap();
     let held = visitor.request(reqwest::Method::GET, "/slow");

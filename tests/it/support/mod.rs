@@ -1207,3 +1207,12 @@ pub fn root_or_skip(what: &str) -> bool {
     eprintln!("SKIPPED (not root): {what}");
     false
 }
+
+/// A visitor of `device` through the front at `public` who confirmed `visit_url` and logged in
+/// with the remote account.
+pub async fn logged_in(public: SocketAddr, visit_url: &str, device: &str) -> Visitor {
+    let mut v = Visitor::new(public, device);
+    v.open_visit(visit_url).await;
+    assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
+    v
+}
