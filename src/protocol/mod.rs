@@ -9,11 +9,13 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 mod facts;
+mod reason;
 
 pub use facts::{
     firmware_supported, normalize_mac, parse_version, DeviceFacts, Edition, HaRole, HaState,
     NodeRole, Telemetry,
 };
+pub use reason::Reason;
 
 /// Version of the tunnel protocol; carried in the ALPN so a mismatch fails the handshake with a
 /// `no_application_protocol` alert that the agent reports as `protocol_mismatch`.
@@ -64,103 +66,6 @@ pub const STREAM_WINDOW: u32 = 1024 * 1024;
 
 /// Connection-wide QUIC receive window (bytes).
 pub const CONN_WINDOW: u32 = 4 * 1024 * 1024;
-
-/// Status reasons shared by the agent's status file, activation errors and handshake closes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    /// The authentication code is unknown.
-    InvalidCode,
-    /// The authentication code is past its lifetime.
-    CodeExpired,
-    /// The authentication code was already used.
-    CodeUsed,
-    /// Email/password activation was refused.
-    BadCredentials,
-    /// Serial or MAC differ from what the CM has on record.
-    DeviceMismatch,
-    /// The CM has no free slot for another device.
-    CapacityExceeded,
-    /// The PBX firmware is below the edition minimum.
-    FirmwareUnsupported,
-    /// The CM removed this device.
-    DeviceRemoved,
-    /// Another machine connected with this credential.
-    Replaced,
-    /// The server could not be reached.
-    ServerUnreachable,
-    /// TLS failed (certificate, pin, handshake).
-    TlsError,
-    /// Agent and server speak different protocol versions.
-    ProtocolMismatch,
-    /// The local clock is not set (no NTP yet).
-    ClockUnsynced,
-    /// Too many attempts; try later.
-    RateLimited,
-    /// The HTTP proxy refused the CONNECT or its credentials (the message names the proxy and
-    /// its status line).
-    ProxyError,
-}
-
-impl Reason {
-    /// The snake_case name used in status and JSON.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::InvalidCode => "invalid_code",
-            Reason::CodeExpired => "code_expired",
-            Reason::CodeUsed => "code_used",
-            Reason::BadCredentials => "bad_credentials",
-            Reason::DeviceMismatch => "device_mismatch",
-            Reason::CapacityExceeded => "capacity_exceeded",
-            Reason::FirmwareUnsupported => "firmware_unsupported",
-            Reason::DeviceRemoved => "device_removed",
-            Reason::Replaced => "replaced",
-            Reason::ServerUnreachable => "server_unreachable",
-            Reason::TlsError => "tls_error",
-            Reason::ProtocolMismatch => "protocol_mismatch",
-            Reason::ClockUnsynced => "clock_unsynced",
-            Reason::RateLimited => "rate_limited",
-            Reason::ProxyError => "proxy_error",
-        }
-    }
-
-    /// QUIC application close code carrying this reason.
-    pub fn close_code(self) -> u32 {
-        0x100 + self as u32
-    }
-
-    /// The reason for a QUIC application close code, if it is one of ours.
-    pub fn from_close_code(code: u64) -> Option<Reason> {
-        ALL_REASONS
-            .iter()
-            .copied()
-            .find(|r| u64::from(r.close_code()) == code)
-    }
-}
-
-const ALL_REASONS: [Reason; 15] = [
-    Reason::InvalidCode,
-    Reason::CodeExpired,
-    Reason::CodeUsed,
-    Reason::BadCredentials,
-    Reason::DeviceMismatch,
-    Reason::CapacityExceeded,
-    Reason::FirmwareUnsupported,
-    Reason::DeviceRemoved,
-    Reason::Replaced,
-    Reason::ServerUnreachable,
-    Reason::TlsError,
-    Reason::ProtocolMismatch,
-    Reason::ClockUnsynced,
-    Reason::RateLimited,
-    Reason::ProxyError,
-];
-
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// Server → agent on the TCP transport's goodbye stream: why the server closes the connection
 /// (QUIC carries the same in its close frame: [`Reason::close_code`] and the message).
@@ -604,15 +509,5 @@ mod tests {
             .unwrap();
         let err = read_frame::<_, Control>(&mut b).await.unwrap_err();
         assert!(err.to_string().contains("exceeds"), "{err}");
-    }
-
-    #[test]
-    fn close_codes_map_back_to_reasons() {
-        for r in ALL_REASONS {
-            assert_eq!(Reason::from_close_code(r.close_code().into()), Some(r));
-            let json = serde_json::to_string(&r).unwrap();
-            assert_eq!(json, format!("\"{}\"", r.as_str()));
-        }
-        assert_eq!(Reason::from_close_code(0), None);
     }
 }
