@@ -461,8 +461,7 @@ fn peer_key_hash(conn: &quinn::Connection) -> Result<[u8; 32]> {
     let certs = identity
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| anyhow::anyhow!("unexpected peer identity"))?;
-    let first = certs.first().context("empty client certificate chain")?;
-    crate::tls::spki_sha256(first)
+    transport::key_hash_of(&certs)
 }
 
 /// Polls the registry for admin changes and applies them to connected devices: removal closes

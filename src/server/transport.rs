@@ -130,18 +130,17 @@ impl TcpConn {
         if self.inner.closing.swap(true, Ordering::SeqCst) || self.inner.ended.is_cancelled() {
             return;
         }
-        let body = serde_json::to_vec(&Goodbye {
+        let goodbye = Goodbye {
             reason,
             message: message.to_string(),
-        })
-        .unwrap_or_default();
-        let mut frame = Vec::with_capacity(4 + body.len());
-        frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        frame.extend_from_slice(&body);
+        };
         *lock(&self.inner.why) = Some(format!("closed by the server: {message}"));
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let say = async {
+                // The same framing as every control frame.
+                let mut frame = Vec::new();
+                crate::protocol::write_frame(&mut frame, &goodbye).await?;
                 let mut requests = inner.requests.clone().ready().await?;
                 let req = http::Request::post(format!("https://tunnel{GOODBYE_PATH}")).body(())?;
                 let (answer, mut send) = requests.send_request(req, false)?;
@@ -184,8 +183,12 @@ pub fn wants_tunnel(hello: &rustls::server::ClientHello<'_>) -> bool {
 
 /// The agent's key hash from a finished TLS handshake.
 pub fn peer_key_hash_tls(conn: &rustls::ServerConnection) -> Result<[u8; 32]> {
-    let certs: &[CertificateDer<'static>] =
-        conn.peer_certificates().context("no client certificate")?;
+    key_hash_of(conn.peer_certificates().context("no client certificate")?)
+}
+
+/// The hash of the key in the first certificate of a peer's chain (how the registry knows a
+/// node, over either transport).
+pub(crate) fn key_hash_of(certs: &[CertificateDer<'static>]) -> Result<[u8; 32]> {
     let first = certs.first().context("empty client certificate chain")?;
     crate::tls::spki_sha256(first)
 }

@@ -39,12 +39,7 @@ pub(super) async fn dial(
     if let Ok(mut p) = progress.lock() {
         p.addr = Some(addr);
     }
-    let bind: SocketAddr = if addr.is_ipv4() {
-        SocketAddr::from(([0, 0, 0, 0], 0))
-    } else {
-        SocketAddr::from(([0u16; 8], 0))
-    };
-    let endpoint = std::net::UdpSocket::bind(bind)
+    let endpoint = std::net::UdpSocket::bind(any_port_beside(addr))
         .and_then(|sock| {
             crate::quic::tune_udp(&sock);
             sock.set_nonblocking(true)?;
@@ -73,6 +68,15 @@ pub(super) async fn dial(
         ConnectFailure { reason, message }
     })?;
     Ok(Dialed { endpoint, conn })
+}
+
+/// The unspecified address of `peer`'s family, any port: where a socket toward it binds.
+pub(super) fn any_port_beside(peer: SocketAddr) -> SocketAddr {
+    if peer.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    }
 }
 
 /// `server`, with the address dialled beside a name (not beside itself).

@@ -95,12 +95,7 @@ impl Memory {
 /// The local address the kernel would use to reach `server` (a connected UDP socket sends
 /// nothing).
 pub fn local_address_toward(server: SocketAddr) -> Option<IpAddr> {
-    let bind: SocketAddr = if server.is_ipv4() {
-        SocketAddr::from(([0, 0, 0, 0], 0))
-    } else {
-        SocketAddr::from(([0u16; 8], 0))
-    };
-    let sock = std::net::UdpSocket::bind(bind).ok()?;
+    let sock = std::net::UdpSocket::bind(super::quic::any_port_beside(server)).ok()?;
     sock.connect(server).ok()?;
     sock.local_addr().ok().map(|a| a.ip())
 }
