@@ -77,10 +77,10 @@ impl Gate {
     pub fn touch(&self, s: &Session) {
         *lock(&s.last_activity) = self.clock.now();
     }
-    /// Ends a session: gone from the store, its WebSockets closed, audited.
+    /// Ends a session: gone from the store, audited, then its WebSockets closed (so whoever
+    /// sees a socket close finds the event already written).
     pub(super) fn end(&self, s: &Session, event: &str, reason: Option<&str>) {
         let removed = lock(&self.sessions).remove(&s.digest).is_some();
-        s.ended.cancel();
         if removed {
             self.audit.record(Event {
                 event,
@@ -93,6 +93,7 @@ impl Gate {
             });
             self.publish_sessions();
         }
+        s.ended.cancel();
     }
     /// Ends every session `which` selects.
     pub(super) fn end_where(&self, which: impl Fn(&Session) -> bool, event: &str, reason: &str) {
