@@ -38,13 +38,23 @@ grep -qx '/etc/pbx-remote-agent/agent.toml' "$scratch/DEBIAN/conffiles" || fail 
 for s in postinst prerm postrm; do [ -x "$scratch/DEBIAN/$s" ] || fail "no $s"; sh -n "$scratch/DEBIAN/$s" || fail "$s: syntax"; done
 grep -q 'install -d -m 0700 -o pbx-remote-agent' "$scratch/DEBIAN/postinst" || fail "postinst does not create the 0700 state dir"
 grep -q 'useradd --system' "$scratch/DEBIAN/postinst" || fail "postinst does not create the system user"
-grep -q 'systemctl stop pbx-remote-agent.service' "$scratch/DEBIAN/prerm" || fail "prerm does not stop the service"
+grep -q 'deb-systemd-invoke stop pbx-remote-agent.service' "$scratch/DEBIAN/prerm" || fail "prerm does not stop the service"
+grep -q 'pbx-remote-agent deactivate --force' "$scratch/DEBIAN/prerm" || fail "prerm does not deactivate the PBX on its CM"
 grep -q '0700 pbx-remote-agent' <(dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/lib/tmpfiles.d/pbx-remote-agent.conf) || fail "tmpfiles: state dir not 0700"
 grep -q 'pbxra_sysctl' "$scratch/DEBIAN/postinst" || fail "postinst does not raise the UDP buffer ceilings"
 for k in rmem_max wmem_max; do
   grep -qx "net.core.$k = 4194304" <(dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/lib/sysctl.d/30-pbx-remote-agent.conf) || fail "sysctl.d: no $k"
 done
 echo "conffile and scripts: ok"
+
+# Debian's own checker: no error, no warning (the overrides it honours are shipped, each with why).
+if command -v lintian >/dev/null 2>&1; then
+  tags=$(lintian --fail-on none "$deb" 2>/dev/null | grep -E '^[EW]: ' || true)
+  [ -z "$tags" ] || fail "lintian: $tags"
+  echo "lintian: no error, no warning ($(lintian --version))"
+elif [ "${PBXRA_REQUIRE_LINTIAN:-0}" = 1 ]; then
+  fail "lintian is not installed"
+fi
 
 dpkg-deb -x "$deb" "$scratch/root"
 bin="$scratch/root/usr/bin/pbx-remote-agent"
@@ -55,6 +65,18 @@ grep -q 'hash-password' "$scratch/root/usr/share/bash-completion/completions/pbx
 "$bin" check -c "$scratch/root/etc/pbx-remote-agent/agent.toml"
 echo "unpacked binary accepts the shipped config: ok"
 printf 'stripped agent: %s bytes\n' "$(stat -c %s "$bin")"
+
+# Nothing the package installs or creates is writable by others (a path an unprivileged user
+# could replace is a way to root: catalogue E3).
+world_writable() {
+  find /usr/bin/pbx-remote-agent /etc/pbx-remote-agent /var/lib/pbx-remote-agent /run/pbx-remote-agent \
+    /usr/libexec/pbx-remote-agent /usr/lib/systemd/system/pbx-remote-* /usr/lib/sysusers.d/pbx-remote-agent.conf \
+    /usr/lib/tmpfiles.d/pbx-remote-agent.conf /usr/lib/sysctl.d/30-pbx-remote-agent.conf \
+    -perm -o+w ! -type l 2>/dev/null || true
+  for d in /usr /usr/bin /etc /var/lib /usr/libexec /usr/lib/systemd/system; do
+    [ -d "$d" ] && find "$d" -maxdepth 0 -perm -o+w ! -perm -1000
+  done
+}
 
 # Optionally install it for real (CI does, on its throwaway machine): user, modes, an upgrade
 # that keeps config and credential, removal that keeps state, purge that deletes it.
@@ -69,6 +91,7 @@ if [ "${PBXRA_INSTALL_TEST:-0}" = 1 ]; then
     echo 212992 >"$rmem"; echo 8388608 >"$wmem"
   fi
   dpkg -i "$deb" >/dev/null
+  [ -z "$(world_writable)" ] || fail "world-writable after install: $(world_writable)"
   if $ceilings; then
     got="$(cat "$rmem") $(cat "$wmem")"
     restore_ceilings
@@ -85,10 +108,22 @@ if [ "${PBXRA_INSTALL_TEST:-0}" = 1 ]; then
   grep -q 'edited by the PBX page' /etc/pbx-remote-agent/agent.toml || fail "upgrade replaced the edited config"
   grep -q kept /var/lib/pbx-remote-agent/credential.json || fail "upgrade lost the credential"
   pbx-remote-agent check -c /etc/pbx-remote-agent/agent.toml >/dev/null || fail "installed binary rejects the config"
-  dpkg -r pbx-remote-agent >/dev/null
+  [ -z "$(world_writable)" ] || fail "world-writable after upgrade: $(world_writable)"
+  # Removal deactivates: the CM is told (here it cannot be: the shipped config names no reachable
+  # CM, and this credential is not one) and the credential is deleted all the same, saying so.
+  # tests/it/uninstall.rs runs the same command against a real CM.
+  echo '{"audit":"kept until purge"}' >/var/lib/pbx-remote-agent/audit.log
+  removal=$(dpkg -r pbx-remote-agent 2>&1)
   [ ! -e /usr/bin/pbx-remote-agent ] || fail "binary left after removal"
-  [ -f /var/lib/pbx-remote-agent/credential.json ] || fail "removal (not purge) deleted the credential"
-  dpkg -P pbx-remote-agent >/dev/null
+  grep -q 'deactivating this PBX on its CM' <<<"$removal" || fail "removal did not deactivate: $removal"
+  grep -q 'deleted anyway' <<<"$removal" || fail "removal did not say what became of the registration: $removal"
+  [ ! -e /var/lib/pbx-remote-agent/credential.json ] || fail "removal left the credential"
+  [ -f /var/lib/pbx-remote-agent/audit.log ] || fail "removal (not purge) deleted the audit log"
+  [ -f /etc/pbx-remote-agent/agent.toml ] || fail "removal (not purge) deleted the config"
+  purge=$(dpkg -P pbx-remote-agent 2>&1)
+  grep -q 'registration' <<<"$purge" || fail "purge did not say what became of the registration: $purge"
   [ ! -e /var/lib/pbx-remote-agent ] || fail "purge left the state dir"
-  echo "install (with UDP buffer ceilings), upgrade, remove, purge: ok"
+  [ ! -e /etc/pbx-remote-agent ] || fail "purge left the config"
+  [ ! -e /etc/systemd/system/multi-user.target.wants/pbx-remote-agent.service ] || fail "purge left the unit enabled"
+  echo "install (with UDP buffer ceilings), upgrade, remove (deactivates), purge: ok, nothing world-writable"
 fi

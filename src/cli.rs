@@ -45,4 +45,15 @@ pub enum Command {
     },
     /// Read a password on stdin and print its argon2id PHC string.
     HashPassword,
+    /// Tell the CM this node is being uninstalled (its key is revoked there), then delete the
+    /// credential here; exit 0 when the CM was told or had nothing to revoke. Package removal
+    /// runs it with --force.
+    Deactivate {
+        /// Config file.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Delete the credential even when the CM cannot be reached (exit 1 all the same).
+        #[arg(long)]
+        force: bool,
+    },
 }

@@ -9,6 +9,8 @@ use base64::Engine;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use std::path::Path;
 
+/// The signing key's file in the state directory.
+pub(crate) const KEY_FILE: &str = "assertion.key";
 /// Lifetime of one assertion.
 pub const ASSERTION_TTL_SECS: u64 = 60;
 /// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410); the 32 key bytes follow.
@@ -25,7 +27,7 @@ pub struct Assertions {
 impl Assertions {
     /// Loads (or creates) `state_dir/assertion.key` and publishes the public key at `pubkey`.
     pub fn load_or_create(state_dir: &Path, pubkey: &Path, device_id: &str) -> Result<Assertions> {
-        let key = crate::tls::load_or_create_ed25519(&state_dir.join("assertion.key"))?;
+        let key = crate::tls::load_or_create_ed25519(&state_dir.join(KEY_FILE))?;
         if let Some(dir) = pubkey.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;

@@ -19,6 +19,8 @@ pub mod proxy;
 pub(crate) mod state;
 pub(crate) mod telemetry;
 pub(crate) mod tunnel;
+/// `pbx-remote-agent deactivate` (public for the binary and its tests).
+pub mod uninstall;
 /// Public for the WebSocket-frame fuzz target (`fuzz/fuzz_targets/wsframe.rs`).
 pub mod wsframe;
 

@@ -49,21 +49,43 @@ impl StateDir {
 
     /// The credential and key, if activation happened with these settings.
     pub fn load(&self, fingerprint: &str) -> Result<Option<(Credential, KeyIdentity)>> {
+        let Some(cred) = self.credential()? else {
+            return Ok(None);
+        };
+        if cred.fingerprint != fingerprint {
+            tracing::info!("server or activation settings changed; activating again");
+            return Ok(None);
+        }
+        let found = self.with_key(cred)?;
+        if found.is_none() {
+            tracing::warn!("credential without device key; activating again");
+        }
+        Ok(found)
+    }
+
+    /// The credential and key whatever settings they were made with (for `deactivate`).
+    pub fn load_any(&self) -> Result<Option<(Credential, KeyIdentity)>> {
+        match self.credential()? {
+            Some(cred) => self.with_key(cred),
+            None => Ok(None),
+        }
+    }
+
+    fn credential(&self) -> Result<Option<Credential>> {
         let Some(raw) = fsutil::read_private(&self.path(CREDENTIAL_FILE))? else {
             return Ok(None);
         };
-        let cred: Credential = serde_json::from_slice(&raw).with_context(|| {
+        let cred = serde_json::from_slice(&raw).with_context(|| {
             format!(
                 "{}: corrupt credential",
                 self.path(CREDENTIAL_FILE).display()
             )
         })?;
-        if cred.fingerprint != fingerprint {
-            tracing::info!("server or activation settings changed; activating again");
-            return Ok(None);
-        }
+        Ok(Some(cred))
+    }
+
+    fn with_key(&self, cred: Credential) -> Result<Option<(Credential, KeyIdentity)>> {
         let Some(pem) = fsutil::read_private(&self.path(KEY_FILE))? else {
-            tracing::warn!("credential without device key; activating again");
             return Ok(None);
         };
         let pem = String::from_utf8(pem).context("device key is not PEM text")?;
@@ -150,7 +172,24 @@ impl StateDir {
 
     /// Deletes the credential and key.
     pub fn forget(&self) -> Result<()> {
-        for f in [CREDENTIAL_FILE, KEY_FILE] {
+        self.remove(&[CREDENTIAL_FILE, KEY_FILE])
+    }
+
+    /// Deletes every key and marker activation left (`deactivate`): the credential, the device
+    /// key, a pending activation, the removal marker and the assertion signing key. The audit
+    /// log and lockouts stay until purge.
+    pub fn forget_all(&self) -> Result<()> {
+        self.remove(&[
+            CREDENTIAL_FILE,
+            KEY_FILE,
+            PENDING_FILE,
+            REMOVED_FILE,
+            crate::agent::assertion::KEY_FILE,
+        ])
+    }
+
+    fn remove(&self, files: &[&str]) -> Result<()> {
+        for &f in files {
             match std::fs::remove_file(self.path(f)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

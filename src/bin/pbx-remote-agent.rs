@@ -35,6 +35,7 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config::resolve_path(config)),
         Command::Status { config, json } => show_status(&config::resolve_path(config), json),
         Command::HashPassword => hash_password(),
+        Command::Deactivate { config, force } => deactivate(&config::resolve_path(config), force),
     }
 }
 
@@ -78,6 +79,81 @@ fn run(path: &Path) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "agent failed");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn deactivate(path: &Path, force: bool) -> ExitCode {
+    use pbx_remote::agent::uninstall::Deactivated;
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let config = match AgentConfig::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    pbx_remote::logging::init(config.log_format == config::LogFormat::Json);
+    let server = config.server.address.authority();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let state = config.paths.state_dir.display();
+    match runtime.block_on(pbx_remote::agent::uninstall::deactivate(&config, force)) {
+        Ok(Deactivated::NotActivated) => {
+            out(&format!(
+                "not activated ({state} holds no credential): nothing to revoke\n"
+            ));
+            ExitCode::SUCCESS
+        }
+        Ok(Deactivated::Revoked {
+            device_id,
+            nodes_left,
+        }) => {
+            let peer = if nodes_left > 0 {
+                "; its Hot Standby peer stays registered"
+            } else {
+                ""
+            };
+            out(&format!(
+                "device {device_id}: this node's key is revoked on {server}{peer}; the credential in {state} is deleted\n"
+            ));
+            ExitCode::SUCCESS
+        }
+        Ok(Deactivated::Unknown { device_id, message }) => {
+            out(&format!(
+                "device {device_id}: {server} no longer knows this node ({message}); nothing to revoke there; the credential in {state} is deleted\n"
+            ));
+            ExitCode::SUCCESS
+        }
+        Ok(Deactivated::Unreadable { message }) => {
+            eprintln!("error: the credential cannot be read ({message}), so the CM cannot be told; it is deleted anyway (--force); remove the device in the CM's console");
+            ExitCode::FAILURE
+        }
+        Ok(Deactivated::NotTold {
+            device_id,
+            reason,
+            message,
+            forced,
+        }) => {
+            let kept = if forced {
+                format!("the credential in {state} is deleted anyway (--force); remove device {device_id} in the CM's console")
+            } else {
+                format!("the credential in {state} is kept; run this again, or with --force to delete it anyway")
+            };
+            eprintln!("error: cannot tell {server} that device {device_id} is leaving ({reason}: {message}); {kept}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }

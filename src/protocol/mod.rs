@@ -200,6 +200,20 @@ pub enum Control {
         #[serde(default)]
         handover: bool,
     },
+    /// Agent → server, first frame instead of hello: this node is being uninstalled
+    /// (`pbx-remote-agent deactivate`); the server revokes its key. The connection's client
+    /// certificate says which node.
+    Deactivate {
+        /// Agent version string.
+        agent_version: String,
+    },
+    /// Server → agent, answer to deactivate: the node's key is revoked.
+    Deactivated {
+        /// The device id as the server knows it.
+        device_id: String,
+        /// Nodes of the device still registered (a Hot Standby peer).
+        nodes_left: u32,
+    },
     /// Server → agent, answer to hello.
     Welcome {
         /// The device id as the server knows it.
@@ -269,6 +283,8 @@ impl Control {
     pub fn kind(&self) -> &'static str {
         match self {
             Control::Hello { .. } => "hello",
+            Control::Deactivate { .. } => "deactivate",
+            Control::Deactivated { .. } => "deactivated",
             Control::Welcome { .. } => "welcome",
             Control::Settings { .. } => "settings",
             Control::Heartbeat { .. } => "heartbeat",

@@ -223,6 +223,9 @@ async fn serve_tunnel(
     let hello = tokio::time::timeout(CONNECT_TIMEOUT, read_frame::<_, Control>(&mut recv))
         .await
         .context("no hello")??;
+    if let Some(Control::Deactivate { agent_version }) = &hello {
+        return deactivate(&state, &conn, send, &key_hash, agent_version).await;
+    }
     let Some(Control::Hello {
         protocol_version,
         agent_version,
@@ -452,6 +455,54 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A node's agent is being uninstalled: its key is revoked (the device stays for the provider),
+/// its live tunnel, if any, is closed as removed, and the agent is told.
+async fn deactivate(
+    state: &ServerState,
+    conn: &Conn,
+    mut send: SendHalf,
+    key_hash: &[u8; 32],
+    agent_version: &str,
+) -> Result<()> {
+    let peer = conn.remote_address().to_string();
+    let Some((NodeKey { device, role }, nodes_left)) = state.db.remove_node(key_hash)? else {
+        refuse(
+            conn,
+            Reason::DeviceRemoved,
+            "this device is not registered on the server",
+        );
+        return Ok(());
+    };
+    tracing::info!(%peer, nodes_left, "the node's agent is being uninstalled; its key is revoked");
+    let detail = format!(
+        "{} node uninstalled (agent {agent_version}); its key is revoked, a new code enrols it again",
+        role.as_str()
+    );
+    let op = crate::server::db::Op {
+        actor: "agent",
+        source: crate::server::db::Source::Agent,
+        action: "node.deactivated",
+        target: Some(&device),
+        device: Some(&device),
+        client: Some(&peer),
+        result: "ok",
+        detail: Some(&detail),
+    };
+    if let Err(e) = state.db.log_op(&op) {
+        tracing::warn!(error = %format!("{e:#}"), "operation log write failed");
+    }
+    state.hub.registry_changed();
+    let answer = Control::Deactivated {
+        device_id: device,
+        nodes_left,
+    };
+    write_frame(&mut send, &answer).await?;
+    // The agent hangs up once it has read the answer.
+    let _ = tokio::time::timeout(CONNECT_TIMEOUT, conn.closed()).await;
+    refuse(conn, Reason::DeviceRemoved, "this node was deactivated");
+    Ok(())
+}
+
 fn refuse(conn: &Conn, reason: Reason, message: &str) {
     conn.close(Some(reason), message);
 }
@@ -497,14 +548,20 @@ pub async fn watch_registry(state: Arc<ServerState>, shutdown: CancellationToken
 fn apply_registry(state: &ServerState, link: &Link) -> Result<()> {
     let still = state.db.node_by_key(&link.key_hash)?;
     let flags = state.db.flags(&link.device_id)?;
-    let (Some(flags), Some(_)) = (flags, still) else {
-        tracing::warn!(device = %link.device_id, "device removed; closing its tunnel");
-        refuse(
-            &link.conn,
-            Reason::DeviceRemoved,
-            "this device was removed from the CM",
-        );
-        return Ok(());
+    let flags = match (flags, still) {
+        (Some(flags), Some(_)) => flags,
+        (Some(_), None) => {
+            tracing::warn!(device = %link.device_id, "node key revoked; closing its tunnel");
+            let message = "this node's key was revoked on the CM (deactivated)";
+            refuse(&link.conn, Reason::DeviceRemoved, message);
+            return Ok(());
+        }
+        (None, _) => {
+            tracing::warn!(device = %link.device_id, "device removed; closing its tunnel");
+            let message = "this device was removed from the CM";
+            refuse(&link.conn, Reason::DeviceRemoved, message);
+            return Ok(());
+        }
     };
     let mut current = link.flags.lock().unwrap_or_else(|p| p.into_inner());
     if *current != flags {

@@ -28,3 +28,4 @@ mod systemd;
 mod transport;
 mod trust;
 mod tunnel;
+mod uninstall;

@@ -3,6 +3,7 @@
 //! the server, move back to QUIC when a re-probe succeeds, and say why the connection ended.
 
 mod control;
+mod leave;
 mod quic;
 pub mod race;
 mod tcp;
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+pub use leave::{deactivate, Deactivation};
 pub use quic::classify;
 
 /// How one connection ended.
@@ -187,13 +189,7 @@ impl Tunnel {
         proxy: Arc<ProxyCtx>,
         status: StatusHandle,
     ) -> Result<Tunnel> {
-        let tls = tls::client_config(trust, &[ALPN], Some(key))?;
-        let quic =
-            quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("QUIC TLS config")?;
-        let mut client = quinn::ClientConfig::new(Arc::new(quic));
-        // The server may open MAX_STREAMS request streams.
-        client.transport_config(Arc::new(crate::quic::transport_config(MAX_STREAMS)));
-        let tcp_tls = Arc::new(tls::client_config(trust, &[ALPN_TCP], Some(key))?);
+        let (client, tcp_tls) = client_configs(trust, key)?;
         Ok(Tunnel {
             live,
             credential,
@@ -484,6 +480,20 @@ impl Tunnel {
             }
         }
     }
+}
+
+/// The QUIC and TCP client configs: the device key as client certificate, the server trust.
+fn client_configs(
+    trust: &ServerTrust,
+    key: &KeyIdentity,
+) -> Result<(quinn::ClientConfig, Arc<rustls::ClientConfig>)> {
+    let tls = tls::client_config(trust, &[ALPN], Some(key))?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("QUIC TLS config")?;
+    let mut client = quinn::ClientConfig::new(Arc::new(quic));
+    // The server may open MAX_STREAMS request streams.
+    client.transport_config(Arc::new(crate::quic::transport_config(MAX_STREAMS)));
+    let tcp_tls = Arc::new(tls::client_config(trust, &[ALPN_TCP], Some(key))?);
+    Ok((client, tcp_tls))
 }
 
 /// The connection in use (or draining after a switch): its streams and control loop.

@@ -75,7 +75,7 @@ pub fn device_list(data_dir: &Path, group: Option<&str>, as_json: bool) -> Resul
         return Ok(serde_json::to_string_pretty(&devices)?);
     }
     let mut out = format!(
-        "{:<28} {:<24} {:<8} {:<22} {}\n",
+        "{:<28} {:<24} {:<11} {:<22} {}\n",
         "ID", "NAME", "STATUS", "LAST SEEN", "AGENT"
     );
     for d in &devices {
@@ -89,11 +89,13 @@ pub fn device_list(data_dir: &Path, group: Option<&str>, as_json: bool) -> Resul
             "online"
         } else if d.activated_at.is_none() {
             "pending"
+        } else if d.nodes.is_empty() {
+            "uninstalled"
         } else {
             "offline"
         };
         out.push_str(&format!(
-            "{:<28} {:<24} {:<8} {:<22} {}\n",
+            "{:<28} {:<24} {:<11} {:<22} {}\n",
             d.id,
             d.name,
             status,
@@ -119,7 +121,13 @@ fn show_text(d: &Device) -> String {
         d.name,
         d.group.as_deref().unwrap_or("-"),
         d.comment.as_deref().unwrap_or("-"),
-        if d.online { "online" } else { "offline" },
+        if d.online {
+            "online"
+        } else if d.nodes.is_empty() && d.activated_at.is_some() {
+            "uninstalled (the agent was deactivated and its key revoked; a new code enrols it again)"
+        } else {
+            "offline"
+        },
         if d.allow_passwordless { "on" } else { "off" },
         ts(Some(d.created_at)),
         ts(d.activated_at),

@@ -57,7 +57,9 @@ pub(super) async fn show(
             dt { "Activated" } dd { (layout::time(d.activated_at)) }
         }
         h2 { "Nodes" }
-        @if d.nodes.is_empty() { p { "Never connected." } } @else {
+        @if d.nodes.is_empty() && d.activated_at.is_some() {
+            p #uninstalled { "The agent was uninstalled from the PBX and its key revoked here. Get a new authentication code to connect it again." }
+        } @else if d.nodes.is_empty() { p { "Never connected." } } @else {
             table.nodes {
                 thead { tr {
                     th scope="col" { "Node" } th scope="col" { "Hot Standby" } th scope="col" { "Status" }

@@ -223,7 +223,7 @@ pub(super) async fn list(
             }
             label for="status" { "Status" }
             select #status name="status" {
-                @for (v, label) in [("", "All"), ("online", "Online"), ("offline", "Offline"), ("abnormal", "Abnormal"), ("never", "Never connected")] {
+                @for (v, label) in [("", "All"), ("online", "Online"), ("offline", "Offline"), ("abnormal", "Abnormal"), ("never", "Never connected"), ("uninstalled", "Uninstalled")] {
                     option value=(v) selected[q.status == v] { (label) }
                 }
             }

@@ -136,7 +136,10 @@ pub(super) fn time(t: Option<i64>) -> String {
 
 /// A device's status as the list shows it: its word and a CSS class.
 pub(super) fn status(d: &Device) -> (&'static str, &'static str) {
-    if d.nodes.is_empty() {
+    if d.nodes.is_empty() && d.activated_at.is_some() {
+        // Every node's agent was deactivated (uninstalled); a new code enrols the PBX again.
+        ("Uninstalled", "uninstalled")
+    } else if d.nodes.is_empty() {
         ("Never connected", "never")
     } else if !d.online {
         ("Offline", "offline")

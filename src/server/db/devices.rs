@@ -285,6 +285,36 @@ impl Db {
             .optional()?)
         })
     }
+    /// Revokes the node holding `key_hash` (its agent is being uninstalled): the node's row goes,
+    /// the device stays for the provider (a new code enrols the PBX again). Returns the device
+    /// and how many of its nodes are left, or `None` for an unknown key.
+    pub fn remove_node(&self, key_hash: &[u8; 32]) -> Result<Option<(NodeKey, u32)>> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let node = tx
+                .query_row(
+                    "DELETE FROM nodes WHERE key_hash = ?1 RETURNING device_id, role",
+                    [&key_hash[..]],
+                    |r| {
+                        Ok(NodeKey {
+                            device: r.get(0)?,
+                            role: r.get(1)?,
+                        })
+                    },
+                )
+                .optional()?;
+            let Some(node) = node else {
+                return Ok(None);
+            };
+            let left: u32 = tx.query_row(
+                "SELECT COUNT(*) FROM nodes WHERE device_id = ?1",
+                [&node.device],
+                |r| r.get(0),
+            )?;
+            tx.commit()?;
+            Ok(Some((node, left)))
+        })
+    }
     /// The device's flags, or `None` if it is gone.
     pub fn flags(&self, device: &str) -> Result<Option<DeviceFlags>> {
         self.with(|c| {
