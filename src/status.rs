@@ -68,6 +68,10 @@ pub struct SessionInfo {
     pub role: String,
     /// Login time, RFC 3339.
     pub since: String,
+    /// Whether the agent holds a portal session for it (`[portal_login]`); absent when the
+    /// agent does not log in to the portal for this kind of session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub portal_session: Option<bool>,
 }
 
 /// The status document.
@@ -301,8 +305,13 @@ pub fn render(s: &Status) -> String {
     line("config error:", s.config_error.clone());
     line("sessions:", Some(s.active_sessions.len().to_string()));
     for sess in &s.active_sessions {
+        let portal = match sess.portal_session {
+            Some(true) => ", portal session held",
+            Some(false) => ", no portal session",
+            None => "",
+        };
         out.push_str(&format!(
-            "  - {} ({}) since {}\n",
+            "  - {} ({}) since {}{portal}\n",
             sess.who, sess.role, sess.since
         ));
     }

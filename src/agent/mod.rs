@@ -5,6 +5,7 @@ pub(crate) mod activation;
 /// Public for portals that verify the identity assertion, and for the tests that do.
 pub mod assertion;
 pub(crate) mod audit;
+pub(crate) mod broker;
 /// Public so the binary and tests can hand the agent a clock (tests move it).
 pub mod clock;
 pub(crate) mod dial;

@@ -6,6 +6,7 @@ use crate::config::AgentConfig;
 use crate::crypto::ct_eq;
 use crate::tls::{self, spki_sha256};
 use anyhow::{Context, Result};
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
@@ -26,6 +27,49 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// more rate. 128 takes most of the gain and holds half the idle portal connections of 256
 /// (figures: `bench/README.md`). Idle ones live until the portal closes them.
 const POOL_SIZE: usize = 128;
+
+/// A request body toward the portal: the visitor's, streamed, or one the agent holds (its own
+/// login form, or a small body kept to send again after a new portal login). One type, so the
+/// portal client exists once in the binary.
+pub enum UpBody {
+    /// The visitor's body as it arrives.
+    Stream(Incoming),
+    /// Bytes in hand (taken when sent).
+    Full(Option<Bytes>),
+}
+
+impl hyper::body::Body for UpBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpBody::Stream(b) => std::pin::Pin::new(b).poll_frame(cx),
+            UpBody::Full(b) => {
+                std::task::Poll::Ready(b.take().map(|d| Ok(hyper::body::Frame::data(d))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Stream(b) => b.is_end_stream(),
+            UpBody::Full(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            UpBody::Stream(b) => b.size_hint(),
+            UpBody::Full(b) => {
+                hyper::body::SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
 
 /// Why a portal request failed; decides 502 or 504.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +93,7 @@ pub struct Portal {
     tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
     source: Option<IpAddr>,
     timeout: Duration,
-    pool: Mutex<Vec<SendRequest<Incoming>>>,
+    pool: Mutex<Vec<SendRequest<UpBody>>>,
 }
 
 impl Portal {
@@ -129,7 +173,7 @@ impl Portal {
     /// Sends a request (origin-form URI, headers already sanitised) and waits for the response
     /// headers up to the portal timeout. Upgrades always get a fresh connection; a request that
     /// a stale pooled connection did not take is retried once on a fresh one.
-    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, PortalError> {
+    pub async fn send(&self, req: Request<UpBody>) -> Result<Response<Incoming>, PortalError> {
         let upgrade = req.headers().contains_key(hyper::header::UPGRADE);
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut req = req;
@@ -172,7 +216,7 @@ impl Portal {
         Ok(started.elapsed())
     }
 
-    fn take_ready(&self) -> Option<SendRequest<Incoming>> {
+    fn take_ready(&self) -> Option<SendRequest<UpBody>> {
         // Invariant: the lock is never held across an await; poisoning would need a panic in
         // the few lines below, and the pool content stays valid even then.
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
@@ -181,14 +225,14 @@ impl Portal {
         Some(pool.swap_remove(idx))
     }
 
-    fn put_back(&self, sender: SendRequest<Incoming>) {
+    fn put_back(&self, sender: SendRequest<UpBody>) {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         if pool.len() < POOL_SIZE {
             pool.push(sender);
         }
     }
 
-    async fn connect(&self, upgrade: bool) -> Result<SendRequest<Incoming>, PortalError> {
+    async fn connect(&self, upgrade: bool) -> Result<SendRequest<UpBody>, PortalError> {
         let unreachable = |e: String| PortalError::Unreachable(e);
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, self.connect_tcp())
             .await

@@ -24,8 +24,8 @@ pub(super) enum Reload {
 }
 
 /// Whether `new` differs from `old` only in what a running tunnel takes live: access rules,
-/// logging, metrics, tunnel timings (not its proxy or transport) and the portal's address and
-/// trust.
+/// logging, metrics, tunnel timings (not its proxy or transport), the portal's address and
+/// trust, and the portal login (its password files are read again at every reload).
 pub(super) fn keeps_connection(old: &AgentConfig, new: &AgentConfig) -> bool {
     let mut same = new.clone();
     same.remote_access = old.remote_access.clone();
@@ -42,6 +42,7 @@ pub(super) fn keeps_connection(old: &AgentConfig, new: &AgentConfig) -> bool {
     same.pbx.portal_source_addr = old.pbx.portal_source_addr;
     same.pbx.super_admin = old.pbx.super_admin.clone();
     same.pbx.extension_emails_file = old.pbx.extension_emails_file.clone();
+    same.portal_login = old.portal_login.clone();
     same == *old
 }
 
@@ -84,6 +85,11 @@ pub(super) fn reload(current: &Arc<AgentConfig>, status: &StatusHandle, live: &L
                 ))
             }
         }
+    }
+    if new.portal_login != current.portal_login {
+        // Sessions logged in already keep their portal session; new logins use the new
+        // account or password, and a refused account is tried again.
+        run.proxy.set_broker(new.portal_login.clone());
     }
     status.update(|s| s.config_error = None);
     if new.log_format != current.log_format {

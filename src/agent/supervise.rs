@@ -90,6 +90,7 @@ pub(super) async fn run_inner(
         metrics.clone(),
     )?);
     let proxy = Arc::new(proxy::ProxyCtx::new(portal, gate.clone(), metrics));
+    proxy.set_broker(config.portal_login.clone());
     let (config_tx, config_rx) = watch::channel(config.clone());
     *live.lock().unwrap_or_else(|p| p.into_inner()) = Some(Running {
         gate: gate.clone(),

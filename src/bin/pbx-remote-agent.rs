@@ -194,6 +194,24 @@ fn summary(c: &AgentConfig) -> String {
         Some(a) => format!("on (user {}, role administrator)", a.username),
         None => "off".to_string(),
     };
+    let portal_login = match &c.portal_login {
+        None => "off (the portal reads the identity headers)".to_string(),
+        Some(p) => {
+            let method = match p.method {
+                config::LoginMethod::Form { .. } => "form",
+                config::LoginMethod::Basic => "basic",
+            };
+            let who = |a: &Option<config::PortalAccount>| {
+                a.as_ref().map_or("-".to_string(), |a| a.username.clone())
+            };
+            format!(
+                "{method} at {} (super_admin as {}, administrator as {})",
+                p.login_path,
+                who(&p.super_admin),
+                who(&p.administrator)
+            )
+        }
+    };
     format!(
         "config OK: {}\n\
          remote management: {}\n\
@@ -201,6 +219,7 @@ fn summary(c: &AgentConfig) -> String {
          activation:        {activation}\n\
          pbx:               {} {} firmware {} serial {}\n\
          portal:            {}\n\
+         portal login:      {portal_login}\n\
          account login:     {account}\n\
          passwordless:      {}\n\
          auto logout:       {} min\n\

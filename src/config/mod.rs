@@ -2,10 +2,12 @@
 //! [`validate`] into an [`AgentConfig`] whose fields cannot be wrong. Every error names the file,
 //! the key and what is expected.
 
+mod portal_login;
 pub mod proxy;
 mod raw;
 mod validate;
 
+pub use portal_login::{LoginMethod, PortalAccount, PortalLogin};
 pub use validate::{is_extension_email, parse_pin, parse_server_addr};
 
 pub use crate::protocol::{Edition, HaRole};
@@ -54,6 +56,9 @@ pub struct AgentConfig {
     pub ha: Option<Ha>,
     /// `[provisioning]`, when templates may be dropped.
     pub provisioning: Option<Provisioning>,
+    /// `[portal_login]`: the agent logs in to a portal that does not read the identity
+    /// headers (DESIGN §12).
+    pub portal_login: Option<PortalLogin>,
     /// `[tunnel]`.
     pub tunnel: Tunnel,
     /// `[metrics] listen`, off unless set.

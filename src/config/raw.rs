@@ -16,6 +16,7 @@ pub(super) struct RawConfig {
     pub(super) remote_access: RawRemoteAccess,
     pub(super) ha: Option<RawHa>,
     pub(super) provisioning: Option<RawProvisioning>,
+    pub(super) portal_login: Option<super::portal_login::RawPortalLogin>,
     #[serde(default)]
     pub(super) tunnel: RawTunnel,
     #[serde(default)]

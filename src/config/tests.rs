@@ -235,3 +235,87 @@ fn transport_is_auto_unless_set_and_names_its_key() {
         ],
     );
 }
+
+#[test]
+fn portal_login_is_checked_key_by_key_and_reads_its_password_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("admin.secret");
+    std::fs::write(&secret, "s3cret pass\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let section = |body: &str| format!("{GOOD}\n[portal_login]\n{body}");
+    let account = format!(
+        "\n[portal_login.super_admin]\nusername = \"admin\"\npassword_file = \"{}\"\n",
+        secret.display()
+    );
+    let form = section(&format!(
+        "method = \"form\"\nlogin_path = \"/login\"\nlogout_path = \"/logout\"\nextra_fields = {{ remember = \"1\" }}\n{account}"
+    ));
+    let c = parse(&form).unwrap().portal_login.unwrap();
+    assert_eq!(
+        c.method,
+        LoginMethod::Form {
+            username_field: "username".into(),
+            password_field: "password".into()
+        }
+    );
+    let admin = c.super_admin.unwrap();
+    assert_eq!(
+        admin.password.expose(),
+        "s3cret pass",
+        "one line, newline dropped"
+    );
+    assert!(c.administrator.is_none());
+    assert_eq!(
+        c.extra_fields,
+        vec![("remember".to_string(), "1".to_string())]
+    );
+    assert!(!format!("{:?}", parse(&form).unwrap()).contains("s3cret"));
+
+    expect_err(
+        &section(&format!(
+            "method = \"digest\"\nlogin_path = \"/login\"\n{account}"
+        )),
+        &["portal_login.method", "\"form\" or \"basic\""],
+    );
+    expect_err(
+        &section(&format!(
+            "method = \"form\"\nlogin_path = \"login\"\n{account}"
+        )),
+        &["portal_login.login_path", "a path on the portal"],
+    );
+    expect_err(
+        &section(&format!(
+            "method = \"basic\"\nlogin_path = \"/auth\"\nusername_field = \"u\"\n{account}"
+        )),
+        &["portal_login.username_field", "only for method = \"form\""],
+    );
+    expect_err(
+        &section("method = \"form\"\nlogin_path = \"/login\"\n"),
+        &[
+            "portal_login",
+            "[portal_login.super_admin] or [portal_login.administrator]",
+        ],
+    );
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    expect_err(
+        &form,
+        &[
+            "portal_login.super_admin.password_file",
+            "admin.secret",
+            "mode 0644",
+            "0600",
+        ],
+    );
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(&secret, "two\nlines\n").unwrap();
+    expect_err(
+        &form,
+        &["portal_login.super_admin.password_file", "one line"],
+    );
+    std::fs::remove_file(&secret).unwrap();
+    expect_err(
+        &form,
+        &["portal_login.super_admin.password_file", "cannot read it"],
+    );
+}

@@ -10,7 +10,7 @@ pub(super) struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn err(&self, key: &str, expected: impl fmt::Display) -> ConfigError {
+    pub(super) fn err(&self, key: &str, expected: impl fmt::Display) -> ConfigError {
         ConfigError(format!("{}: {key}: {expected}", self.file.display()))
     }
 
@@ -42,6 +42,7 @@ impl Validator<'_> {
                 })
             })
             .transpose()?;
+        let portal_login = raw.portal_login.map(|p| self.portal_login(p)).transpose()?;
         let t = raw.tunnel;
         let secs = |key: &str, v: u64, lo: u64, hi: u64| {
             if (lo..=hi).contains(&v) {
@@ -107,6 +108,7 @@ impl Validator<'_> {
             remote_access,
             ha,
             provisioning,
+            portal_login,
             tunnel,
             metrics_listen,
             log_format,
@@ -114,7 +116,7 @@ impl Validator<'_> {
         })
     }
 
-    fn absolute(&self, key: &str, p: PathBuf) -> Result<PathBuf, ConfigError> {
+    pub(super) fn absolute(&self, key: &str, p: PathBuf) -> Result<PathBuf, ConfigError> {
         if p.is_absolute() {
             Ok(p)
         } else {

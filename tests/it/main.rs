@@ -19,6 +19,7 @@ mod gate;
 mod isolation;
 mod memory;
 mod operations;
+mod portal_login;
 mod process;
 mod proxy;
 mod secrets;

@@ -70,7 +70,17 @@ async fn portal_sees_its_own_origin_and_no_forged_identity() {
         .request(reqwest::Method::GET, "/headers")
         .header("x-pbx-remote-user", "root")
         .header("x-forwarded-for", "6.6.6.6")
-        .header("connection", "x-drop-me")
+        .header("forwarded", "for=127.0.0.1")
+        .header("x-real-ip", "127.0.0.1")
+        .header("x-remote-user", "admin")
+        .header("remote-user", "admin")
+        .header("authorization", "Basic YWRtaW46YWRtaW4=")
+        .header("proxy-authorization", "Basic YWRtaW46YWRtaW4=")
+        // Naming the agent's own headers in Connection must not remove them.
+        .header(
+            "connection",
+            "x-drop-me, x-forwarded-for, x-pbx-remote-user, x-pbx-remote-role",
+        )
         .header("x-drop-me", "1")
         .send()
         .await
@@ -85,6 +95,17 @@ async fn portal_sees_its_own_origin_and_no_forged_identity() {
     );
     assert_eq!(h["x-forwarded-proto"][0], "http");
     assert!(h.get("x-drop-me").is_none());
+    for forged in [
+        "forwarded",
+        "x-real-ip",
+        "x-remote-user",
+        "remote-user",
+        "authorization",
+        "proxy-authorization",
+    ] {
+        assert!(h.get(forged).is_none(), "{forged} reached the portal: {h}");
+    }
+    assert_eq!(h["x-pbx-remote-role"], serde_json::json!(["administrator"]));
     assert_eq!(
         h["x-pbx-remote-user"],
         serde_json::json!([USER]),

@@ -159,8 +159,12 @@ impl Gate {
         web::html(StatusCode::OK, "Log out", &body)
     }
     pub(super) fn logout(&self, h: &StreamHeader, headers: &HeaderMap) -> Response<Body> {
-        if let Some(s) = self.lookup(h, headers) {
-            self.end(&s, "logout", None);
+        self.logged_out(h, self.lookup(h, headers).as_deref())
+    }
+    /// Ends `s` (when there is one) and answers with the "Logged out" page, clearing the cookie.
+    pub(crate) fn logged_out(&self, h: &StreamHeader, s: Option<&Session>) -> Response<Body> {
+        if let Some(s) = s {
+            self.end(s, "logout", None);
         }
         let mut r = web::html(
             StatusCode::OK,

@@ -58,7 +58,7 @@ pub const X_PBX_REMOTE_ASSERTION: http::HeaderName =
     http::HeaderName::from_static("x-pbx-remote-assertion");
 
 /// What a session may do on the portal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     /// Account Login.
     Administrator,
@@ -127,6 +127,8 @@ pub struct Session {
     pub ended: CancellationToken,
     /// The assertion last minted for this session, as a header value, and when.
     assertion: Mutex<Option<(HeaderValue, Instant)>>,
+    /// Its portal session when the agent logs in to the portal for it (`[portal_login]`).
+    pub(crate) portal: crate::agent::broker::PortalSession,
 }
 
 /// What the gate decided for a portal request.

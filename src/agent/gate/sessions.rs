@@ -33,6 +33,7 @@ impl Gate {
             last_activity: Mutex::new(now),
             ended: CancellationToken::new(),
             assertion: Mutex::new(None),
+            portal: Default::default(),
         });
         let evicted = {
             let mut sessions = lock(&self.sessions);
@@ -95,6 +96,18 @@ impl Gate {
         }
         s.ended.cancel();
     }
+    /// An audit event about `s` (the portal login broker's).
+    pub(crate) fn audit_session(&self, s: &Session, event: &str, reason: Option<&str>) {
+        self.audit.record(Event {
+            event,
+            cm_user: &s.cm_user,
+            client_addr: &s.client_addr,
+            user: Some(&s.user),
+            role: Some(s.role.as_str()),
+            session: Some(&s.id_hash),
+            reason,
+        });
+    }
     /// Ends every session `which` selects.
     pub(super) fn end_where(&self, which: impl Fn(&Session) -> bool, event: &str, reason: &str) {
         let victims: Vec<Arc<Session>> = lock(&self.sessions)
@@ -144,13 +157,16 @@ impl Gate {
         });
         redirect_with_cookie(location, &session_cookie(h, &id))
     }
-    pub(super) fn publish_sessions(&self) {
+    /// Writes the live sessions into the status (and whether each holds a portal session, when
+    /// the agent logs in to the portal for them).
+    pub(crate) fn publish_sessions(&self) {
         let mut list: Vec<SessionInfo> = lock(&self.sessions)
             .values()
             .map(|s| SessionInfo {
                 who: format!("{} (CM user {})", s.user, s.cm_user),
                 role: s.role.as_str().to_string(),
                 since: s.since.clone(),
+                portal_session: s.portal.held(),
             })
             .collect();
         list.sort_by(|a, b| a.since.cmp(&b.since));

@@ -30,7 +30,9 @@ pub(super) fn is_safe(m: &Method) -> bool {
 }
 
 /// Removes hop-by-hop headers (and those `Connection` names), identity and forwarding headers
-/// a visitor could forge, and the agent's and front's cookies. A validated WebSocket keeps its
+/// a visitor could forge (`Authorization` too: the remote session is the visitor's
+/// authentication, and the portal's identity comes from the agent), and the agent's and
+/// front's cookies. A validated WebSocket keeps its
 /// upgrade headers.
 pub fn strip_inbound(h: &mut HeaderMap, websocket: bool) {
     crate::web::strip_hop_by_hop(h);
@@ -40,8 +42,15 @@ pub fn strip_inbound(h: &mut HeaderMap, websocket: bool) {
             let k = k.as_str();
             k.starts_with("x-pbx-remote-")
                 || k.starts_with("x-forwarded-")
-                || k == "forwarded"
-                || k == "x-real-ip"
+                || matches!(
+                    k,
+                    "forwarded"
+                        | "x-real-ip"
+                        | "x-remote-user"
+                        | "remote-user"
+                        | "authorization"
+                        | "proxy-authorization"
+                )
         })
         .cloned()
         .collect();

@@ -2,6 +2,7 @@
 //! the rest, and forwards each request to the portal with hop-by-hop and identity-spoofing
 //! headers removed and the portal's own origin restored. WebSockets keep their stream.
 
+use crate::agent::broker::Broker;
 use crate::agent::gate::{Gate, Session, Verdict};
 use crate::agent::portal::{Portal, PortalError};
 use crate::agent::wsframe::FrameWatch;
@@ -21,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+mod brokered;
 mod headers;
 mod io;
 #[cfg(test)]
@@ -52,6 +54,8 @@ pub(crate) const RESERVED_COOKIES: [&str; 4] = [
 pub(crate) struct ProxyCtx {
     /// The upstream; a reload that changes the portal settings swaps it in place.
     portal: std::sync::RwLock<Arc<Portal>>,
+    /// The portal login broker (`[portal_login]`), swapped like the portal on reload.
+    broker: std::sync::RwLock<Option<Arc<Broker>>>,
     /// Who may reach it.
     pub gate: Arc<Gate>,
     /// Request counters.
@@ -67,6 +71,7 @@ impl ProxyCtx {
     ) -> ProxyCtx {
         ProxyCtx {
             portal: std::sync::RwLock::new(Arc::new(portal)),
+            broker: std::sync::RwLock::new(None),
             gate,
             metrics,
         }
@@ -78,6 +83,20 @@ impl ProxyCtx {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The portal login broker in force, if any.
+    pub fn broker(&self) -> Option<Arc<Broker>> {
+        self.broker
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts a portal login config in force (or none) for the next sessions' logins.
+    pub fn set_broker(&self, config: Option<crate::config::PortalLogin>) {
+        *self.broker.write().unwrap_or_else(|p| p.into_inner()) =
+            config.map(|c| Arc::new(Broker::new(c)));
     }
 
     /// Puts a new portal in force for the next requests (requests in flight finish on the old).
@@ -218,6 +237,12 @@ async fn handle(ctx: &ProxyCtx, visit: &Visit, mut req: Request<Incoming>) -> Re
         Verdict::Respond(r) => return r,
         Verdict::Forward(s) => s,
     };
+    // The agent logs in to the portal for this session (`[portal_login]`): the portal's logout
+    // ends the remote session, which logs the portal session out.
+    let broker = ctx.broker().filter(|b| b.account(session.role).is_some());
+    if broker.as_ref().is_some_and(|b| b.is_logout(path.as_str())) {
+        return ctx.gate.logged_out(h, Some(&session));
+    }
     let websocket = is_websocket(&req);
     if (websocket || !is_safe(req.method())) && !crate::web::same_origin(req.headers(), &h.origin) {
         return page(
@@ -242,26 +267,21 @@ async fn handle(ctx: &ProxyCtx, visit: &Visit, mut req: Request<Incoming>) -> Re
         .insert(header::HOST, portal.host_header().clone());
     parts.uri = http::Uri::from(path);
     parts.version = http::Version::HTTP_11;
-    let upstream = Request::from_parts(parts, body);
-    let mut resp = match portal.send(upstream).await {
-        Ok(r) => r,
-        Err(e @ PortalError::Timeout(_)) => {
-            tracing::warn!(error = %e, "portal timeout");
-            return page(
-                StatusCode::GATEWAY_TIMEOUT,
-                "The PBX web portal is not answering",
-                &e.to_string(),
-            );
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "portal unreachable");
-            return page(
-                StatusCode::BAD_GATEWAY,
-                "The PBX web portal is unreachable",
-                &e.to_string(),
-            );
+    let sent = match &broker {
+        Some(b) => brokered::send(ctx, b, &portal, &session, parts, body).await,
+        None => {
+            let upstream = Request::from_parts(parts, crate::agent::portal::UpBody::Stream(body));
+            portal.send(upstream).await.map_err(portal_error_page)
         }
     };
+    let mut resp = match sent {
+        Ok(r) => r,
+        Err(page) => return page,
+    };
+    if let Some(b) = &broker {
+        // The portal's cookies go to the session's jar, never to the visitor's browser.
+        b.keep_cookies(&session, resp.headers_mut());
+    }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
             return page(
@@ -315,6 +335,28 @@ async fn handle(ctx: &ProxyCtx, visit: &Visit, mut req: Request<Incoming>) -> Re
         ended: Box::pin(session.ended.clone().cancelled_owned()),
     };
     Response::from_parts(parts, body.boxed())
+}
+
+/// The page for a portal request that failed: 504 on a timeout, 502 otherwise.
+fn portal_error_page(e: PortalError) -> Response<Body> {
+    match e {
+        PortalError::Timeout(_) => {
+            tracing::warn!(error = %e, "portal timeout");
+            page(
+                StatusCode::GATEWAY_TIMEOUT,
+                "The PBX web portal is not answering",
+                &e.to_string(),
+            )
+        }
+        PortalError::Unreachable(_) => {
+            tracing::warn!(error = %e, "portal unreachable");
+            page(
+                StatusCode::BAD_GATEWAY,
+                "The PBX web portal is unreachable",
+                &e.to_string(),
+            )
+        }
+    }
 }
 
 /// The agent's own pages; nothing under it reaches the portal.

@@ -4,6 +4,7 @@
 
 pub mod browser;
 pub mod console;
+pub mod login_portal;
 pub mod proxy;
 pub mod relay;
 pub mod smtp;
