@@ -1,7 +1,6 @@
 //! `pbx-remote-agent`: parses the CLI, sets up logging, loads the config and calls the library.
 
-use clap::Parser;
-use pbx_remote::cli::{Cli, Command};
+use pbx_remote::cli::{Command, Parsed};
 use pbx_remote::config::{self, AgentConfig};
 use pbx_remote::status::{self, StatusHandle};
 use std::io::{IsTerminal, Read};
@@ -18,19 +17,27 @@ fn out(text: &str) {
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(c) => c,
+    let command = match pbx_remote::cli::parse(std::env::args_os().skip(1)) {
+        Ok(Parsed::Run(c)) => c,
+        Ok(Parsed::Help(text)) => {
+            out(&text);
+            return ExitCode::SUCCESS;
+        }
+        Ok(Parsed::Version) => {
+            out(concat!(
+                "pbx-remote-agent ",
+                env!("CARGO_PKG_VERSION"),
+                "\n"
+            ));
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EXIT_CONFIG)
-            } else {
-                ExitCode::SUCCESS
-            };
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
         }
     };
     pbx_remote::tls::install_default_provider();
-    match cli.command {
+    match command {
         Command::Run { config } => run(&config::resolve_path(config)),
         Command::Check { config } => check(&config::resolve_path(config)),
         Command::Status { config, json } => show_status(&config::resolve_path(config), json),
