@@ -34,6 +34,18 @@ pub fn config(data: &[u8]) {
     }
 }
 
+/// A portal page read for its login form (the portal login broker): never a panic, and a form
+/// found holds the field it was found by, and hidden fields with names.
+pub fn login_form(data: &[u8]) {
+    let html = String::from_utf8_lossy(data);
+    for field in ["password", "pass", "p"] {
+        if let Some(form) = crate::agent::broker::form::login_form(&html, field) {
+            assert!(form.inputs.iter().any(|i| i == field), "{form:?}");
+            assert!(form.hidden.iter().all(|(n, _)| !n.is_empty() && n != field));
+        }
+    }
+}
+
 /// Control-stream frames and the TCP transport's goodbye from a hostile peer: decoding never
 /// panics, and whatever decodes re-encodes and decodes again.
 pub fn control_frame(data: &[u8]) {
@@ -228,10 +240,11 @@ pub fn wsframe(data: &[u8]) {
 pub type Body = fn(&[u8]);
 
 /// Every target by its name under `fuzz/fuzz_targets/` (and its corpus directory).
-pub const TARGETS: [(&str, Body); 8] = [
+pub const TARGETS: [(&str, Body); 9] = [
     ("activation", activation),
     ("config", config),
     ("control_frame", control_frame),
+    ("login_form", login_form),
     ("passwordless_token", passwordless_token),
     ("proxy_answer", proxy_answer),
     ("sanitize", sanitize),

@@ -249,6 +249,22 @@ fn write_seeds() {
         vec![7, 0x82, 0xff, 0, 0, 0, 0, 0, 1, 0, 0, 1, 2, 3, 4],
     ));
 
+    seeds.push((
+        "login_form",
+        "csrf-form",
+        br#"<form method=post action="/login"><input type=hidden name=csrf value="a&amp;b"><input name=user><input type=password name=password></form>"#.to_vec(),
+    ));
+    seeds.push((
+        "login_form",
+        "comments-and-scripts",
+        br#"<!-- <form><input name=password> --><script>"<form>"</script><FORM><INPUT NAME='pass' TYPE=password><input type=hidden name=x value='&#x41;&#65;'></FORM>"#.to_vec(),
+    ));
+    seeds.push((
+        "login_form",
+        "truncated",
+        br#"<form action="/x"><input type="hidden" name="n" value="&#"#.to_vec(),
+    ));
+
     for (target, name, data) in seeds {
         let dir = fuzz_dir().join("corpus").join(target);
         std::fs::create_dir_all(&dir).unwrap();

@@ -156,10 +156,46 @@ async fn an_expired_portal_session_is_renewed_once_and_a_small_post_is_sent_agai
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn idle_logout_logs_the_portal_session_out() {
-    let s = Setup::start(LoginKind::Form, 100, (ADMIN_PW, REMOTE_PW)).await;
+async fn a_passwordless_visit_reaches_a_basic_portal_as_its_super_admin() {
+    let s = Setup::start(LoginKind::Basic, 100, (ADMIN_PW, REMOTE_PW)).await;
     let mut v = s.visitor(true).await;
-    assert_eq!(v.get("/home").await.status(), 200);
+    let r = v.get("/whoami").await;
+    assert!(r.headers().get("set-cookie").is_none());
+    let who: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(who["user"], "admin");
+    assert!(who["cookie"].as_str().unwrap().contains("BSID="));
+    assert!(!holds_portal_cookie(&v));
+    assert_eq!(
+        s.agent.status.get().active_sessions[0].portal_session,
+        Some(true)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_login_page_shown_in_place_counts_as_logged_out() {
+    let s = Setup::start(LoginKind::Form, 1, (ADMIN_PW, REMOTE_PW)).await;
+    let mut v = s.visitor(true).await;
+    for round in 0..3 {
+        let r = v.get("/home").await;
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        assert!(text.contains("Welcome, admin"), "round {round}: {text}");
+    }
+    assert_eq!(s.portal.logins(), 3, "one portal session per request here");
+    assert_eq!(s.portal.refused(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_logout_logs_the_portal_session_out() {
+    for kind in [LoginKind::Form, LoginKind::Basic] {
+        idle_logout_logs_out(kind).await;
+    }
+}
+
+async fn idle_logout_logs_out(kind: LoginKind) {
+    let s = Setup::start(kind, 100, (ADMIN_PW, REMOTE_PW)).await;
+    let mut v = s.visitor(true).await;
+    assert_eq!(v.get("/whoami").await.status(), 200);
     assert_eq!(s.portal.live_sessions(), 1);
     s.clock.advance(Duration::from_secs(16 * 60));
     eventually(Duration::from_secs(5), "the portal logout", || {
@@ -197,10 +233,16 @@ async fn the_portals_own_logout_link_ends_the_remote_session() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_portal_password_shows_an_error_page_once_and_never_loops() {
-    let s = Setup::start(LoginKind::Form, 100, ("Wr0ng-portal-pw", REMOTE_PW)).await;
+    for kind in [LoginKind::Form, LoginKind::Basic] {
+        wrong_password(kind).await;
+    }
+}
+
+async fn wrong_password(kind: LoginKind) {
+    let s = Setup::start(kind, 100, ("Wr0ng-portal-pw", REMOTE_PW)).await;
     let mut v = s.visitor(true).await;
     for _ in 0..3 {
-        let r = v.get("/home").await;
+        let r = v.get("/whoami").await;
         assert_eq!(r.status(), 502);
         assert!(r.headers().get("location").is_none());
         let text = r.text().await.unwrap();
@@ -230,7 +272,7 @@ async fn a_wrong_portal_password_shows_an_error_page_once_and_never_loops() {
         .join("portal-super-admin.secret");
     std::fs::write(&file, format!("{ADMIN_PW}\n")).unwrap();
     s.agent.reload_and_wait().await;
-    let r = v.get("/home").await;
+    let r = v.get("/whoami").await;
     assert_eq!(r.status(), 200);
     assert_eq!((s.portal.logins(), s.portal.refused()), (1, 1));
 }

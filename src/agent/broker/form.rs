@@ -12,6 +12,8 @@ pub struct Form {
     pub method: Option<String>,
     /// Hidden inputs, in order: name and value.
     pub hidden: Vec<(String, String)>,
+    /// The names of all its inputs.
+    pub inputs: Vec<String>,
 }
 
 /// The first form that holds an input named `password_field`.
@@ -44,6 +46,7 @@ pub fn login_form(html: &str, password_field: &str) -> Option<Form> {
                         action: attr(&attrs, "action"),
                         method: attr(&attrs, "method").map(|m| m.to_ascii_lowercase()),
                         hidden: Vec::new(),
+                        inputs: Vec::new(),
                     },
                     false,
                 ));
@@ -62,6 +65,7 @@ pub fn login_form(html: &str, password_field: &str) -> Option<Form> {
                 let kind = attr(&attrs, "type")
                     .unwrap_or_default()
                     .to_ascii_lowercase();
+                form.inputs.push(name.clone());
                 if name == password_field {
                     *has_password = true;
                 } else if kind == "hidden" {
@@ -207,6 +211,10 @@ mod tests {
         let f = login_form(html, "password").unwrap();
         assert_eq!(f.action.as_deref(), Some("/do-login?next=%2F&x=1"));
         assert_eq!(f.method.as_deref(), Some("post"));
+        assert_eq!(
+            f.inputs,
+            ["csrf", "username", "password", "nonce", "remember"]
+        );
         assert_eq!(
             f.hidden,
             vec![

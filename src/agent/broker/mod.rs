@@ -18,8 +18,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tracing::Instrument;
 
-/// Largest portal page the broker reads (its login page, a login's answer).
-const MAX_PAGE: usize = 256 * 1024;
+/// Largest portal page the broker reads (its login page, a login's answer, an HTML page checked
+/// for being the login page).
+pub const MAX_PAGE: usize = 256 * 1024;
 /// Largest visitor body kept to send again after a new portal login; a larger one streams and
 /// the visitor is asked to send it again.
 pub const MAX_REPLAY: usize = 64 * 1024;
@@ -280,6 +281,26 @@ impl Broker {
         let mut jar = lock(&s.portal.jar);
         login::store_cookies(&mut jar.cookies, h);
         h.remove(header::SET_COOKIE);
+    }
+
+    /// Whether the agent reads HTML answers for the portal's login page (form logins).
+    pub fn detects_login_pages(&self) -> bool {
+        matches!(self.config.method, crate::config::LoginMethod::Form { .. })
+    }
+
+    /// Whether `html` is the portal's login page: a form with both the username and the
+    /// password field (a form with only a password, such as "change password", is not).
+    pub fn is_login_page(&self, html: &[u8]) -> bool {
+        let crate::config::LoginMethod::Form {
+            username_field,
+            password_field,
+        } = &self.config.method
+        else {
+            return false;
+        };
+        let html = String::from_utf8_lossy(html);
+        form::login_form(&html, password_field)
+            .is_some_and(|f| f.inputs.iter().any(|i| i == username_field))
     }
 
     /// Whether a portal answer says the portal session is gone: a 401, or a redirect to the

@@ -271,10 +271,14 @@ async fn handle(ctx: &ProxyCtx, visit: &Visit, mut req: Request<Incoming>) -> Re
         Some(b) => brokered::send(ctx, b, &portal, &session, parts, body).await,
         None => {
             let upstream = Request::from_parts(parts, crate::agent::portal::UpBody::Stream(body));
-            portal.send(upstream).await.map_err(portal_error_page)
+            portal
+                .send(upstream)
+                .await
+                .map(|r| (r, None))
+                .map_err(portal_error_page)
         }
     };
-    let mut resp = match sent {
+    let (mut resp, head) = match sent {
         Ok(r) => r,
         Err(page) => return page,
     };
@@ -331,6 +335,7 @@ async fn handle(ctx: &ProxyCtx, visit: &Visit, mut req: Request<Incoming>) -> Re
         .headers
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     let body = EndsWithSession {
+        head,
         inner: body,
         ended: Box::pin(session.ended.clone().cancelled_owned()),
     };

@@ -6,6 +6,8 @@ use super::*;
 /// A response body that stops when its session ends (logout, expiry, revocation), so a
 /// revoked visitor's download is cut rather than left running.
 pub(super) struct EndsWithSession {
+    /// What the agent already read of the answer (the portal login broker's page check).
+    pub(super) head: Option<Bytes>,
     pub(super) inner: Incoming,
     pub(super) ended: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
@@ -22,15 +24,25 @@ impl hyper::body::Body for EndsWithSession {
             // Ending early breaks the message framing, which aborts the visitor's connection.
             return std::task::Poll::Ready(None);
         }
+        if let Some(head) = self.head.take() {
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(head))));
+        }
         std::pin::Pin::new(&mut self.inner).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.head.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let head = self.head.as_ref().map_or(0, |h| h.len() as u64);
+        let mut hint = hyper::body::SizeHint::new();
+        hint.set_lower(inner.lower() + head);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + head);
+        }
+        hint
     }
 }
 

@@ -1,7 +1,8 @@
 //! A portal with its own login, as an unchanged PBX web GUI has (DESIGN §12): a form login
 //! carrying a CSRF hidden field tied to a pre-session cookie, or HTTP Basic that answers with a
 //! session cookie. A session cookie lasts `requests_per_session` authenticated requests; after
-//! that (or logout) pages redirect to `/login` (form) or answer 401 (Basic). Pages: `/home`
+//! that (or logout) pages redirect to `/login` (form; `/home` shows the login page in place,
+//! with 200) or answer 401 (Basic). Pages: `/home`
 //! ("Welcome, USER"), `/whoami` (JSON: user, cookie, authorization), `POST /echo`, `/ws` (sends
 //! "hello USER"), `/logout`.
 
@@ -299,6 +300,15 @@ async fn route(
         Some(user.clone())
     });
     let Some(user) = user else {
+        if kind == LoginKind::Form && path == "/home" {
+            // Some portals show the login page in place, with 200, instead of redirecting.
+            let (pre, csrf) = (token(), token());
+            log.pre.lock().unwrap().insert(pre.clone(), csrf.clone());
+            let mut r = html(200, login_form("Your session has expired", &csrf));
+            r.headers_mut()
+                .insert("set-cookie", format!("pre={pre}; Path=/").parse().unwrap());
+            return r;
+        }
         return match kind {
             LoginKind::Form => Response::builder()
                 .status(302)
