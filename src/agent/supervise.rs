@@ -115,6 +115,9 @@ pub(super) async fn run_inner(
         shutdown.clone(),
     ));
     tasks.close();
+    // The run's sessions die with its gate; ending them says so in the audit log and lets the
+    // portal login broker log their portal sessions out.
+    let _sessions = EndSessions(gate.clone());
     status.set(State::Connecting, None, None);
     loop {
         match tunnel.connect_and_serve(shutdown).await {
@@ -153,6 +156,16 @@ pub(super) async fn run_inner(
                 }
             }
         }
+    }
+}
+
+/// Ends the run's live sessions when the run ends, however it ends.
+struct EndSessions(Arc<gate::Gate>);
+
+impl Drop for EndSessions {
+    fn drop(&mut self) {
+        self.0
+            .end_all("the agent stopped, or restarted with new settings");
     }
 }
 

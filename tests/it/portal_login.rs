@@ -446,3 +446,31 @@ async fn in_a_browser_a_passwordless_visit_lands_in_a_form_login_portal_signed_i
     b.go(&format!("{home}/home")).await;
     assert_eq!(b.title().await, "Remote login", "{}", b.text().await);
 }
+
+/// A reload that starts a new run (here: another transport) ends the old run's sessions, and
+/// with them their portal sessions, instead of leaving both behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_run_ends_the_old_runs_sessions_and_their_portal_sessions() {
+    let s = Setup::start(LoginKind::Form, 100, (ADMIN_PW, REMOTE_PW)).await;
+    let mut v = s.visitor(true).await;
+    assert_eq!(v.get("/home").await.status(), 200);
+    let path = s.agent.dir.join("agent.toml");
+    let toml = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, transport("tcp")(toml)).unwrap();
+    s.agent.reload_and_wait().await;
+    eventually(Duration::from_secs(5), "the portal logout", || {
+        (s.portal.logouts() == 1).then_some(())
+    })
+    .await;
+    assert!(
+        s.audit().contains("restarted with new settings"),
+        "{}",
+        s.audit()
+    );
+    s.agent.connected().await;
+    assert_ne!(
+        v.get("/home").await.status(),
+        200,
+        "the old session is gone"
+    );
+}

@@ -9,6 +9,11 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 
+/// Most cookies one session's jar holds.
+const MAX_COOKIES: usize = 64;
+/// Largest cookie (name and value) kept.
+const MAX_COOKIE: usize = 4096;
+
 /// A portal answer, read whole (bounded).
 struct Answer {
     status: StatusCode,
@@ -243,7 +248,8 @@ pub(super) fn store_cookies(jar: &mut Vec<(String, String)>, h: &HeaderMap) {
                         .is_ok_and(|t| t <= std::time::SystemTime::now()))
         });
         jar.retain(|(n, _)| n != name);
-        if !expired {
+        // Bounded like a browser's jar for one site: a portal that sets more loses the extra.
+        if !expired && jar.len() < MAX_COOKIES && name.len() + value.len() <= MAX_COOKIE {
             jar.push((name.to_string(), value.to_string()));
         }
     }
@@ -300,6 +306,23 @@ mod tests {
                 ("sid".into(), "2".into())
             ]
         );
+    }
+
+    #[test]
+    fn a_jar_is_bounded() {
+        let mut h = HeaderMap::new();
+        for i in 0..100 {
+            h.append(
+                header::SET_COOKIE,
+                HeaderValue::from_str(&format!("c{i}=v")).unwrap(),
+            );
+        }
+        let big = format!("big={}", "x".repeat(5000));
+        h.append(header::SET_COOKIE, HeaderValue::from_str(&big).unwrap());
+        let mut jar = Vec::new();
+        store_cookies(&mut jar, &h);
+        assert_eq!(jar.len(), MAX_COOKIES);
+        assert!(jar.iter().all(|(n, _)| n != "big"));
     }
 
     #[test]

@@ -108,6 +108,10 @@ impl Gate {
             reason,
         });
     }
+    /// Ends every live session (the run is ending).
+    pub(crate) fn end_all(&self, reason: &str) {
+        self.end_where(|_| true, "logout", reason);
+    }
     /// Ends every session `which` selects.
     pub(super) fn end_where(&self, which: impl Fn(&Session) -> bool, event: &str, reason: &str) {
         let victims: Vec<Arc<Session>> = lock(&self.sessions)
