@@ -3,12 +3,15 @@
 # (front → QUIC tunnel → session gate with a logged-in cookie → agent → nginx), the same over
 # the TCP transport ("tunnel-tcp": a second agent with [tunnel] transport = "tcp"), through two
 # stock nginx proxies linked by TLS ("nginx2", the yardstick for throughput), and through
-# rathole with its TLS transport (what users would pick instead), interleaved round by round so
+# rathole with its TLS transport (what users would pick instead), and bore (a plain TCP tunnel
+# without encryption: the floor a tunnel without crypto reaches), interleaved round by round so
 # all see the same noise. Ends with each target and whether it was met.
 # Prints bulk MB/s, small-request rate and p99 (c=32), c=1 latency, a 256-connection burst
 # p99 (8 wrk threads; through the tunnel as 8 logged-in visits), the agent's RSS idle / under load / after, the stripped agent size, and ratios to direct.
 #   bench/run.sh [ROUNDS] [SECONDS]     (defaults: 3 rounds, 5 s per wrk run)
-# Without rathole (`cargo install rathole`; its locked dependencies no longer build with current Rust) its column is left out.
+# rathole and bore are installed when missing (`cargo install rathole`, unlocked: its locked
+# dependencies no longer build with current Rust; `cargo install --locked bore-cli`); only if
+# that fails is a column left out, and the run says so.
 # BENCH_AGENT_ENV / BENCH_SERVER_ENV: "NAME=value …" set for the agent / server only (e.g.
 # TOKIO_WORKER_THREADS=1), to compare runtime settings without a rebuild. BENCH_AGENT_WRAP: a
 # command the agent runs under (e.g. "heaptrack -o /tmp/agent"; RSS figures are then the wrapper's).
@@ -29,6 +32,13 @@ need wrk wrk
 need curl curl
 need python3 python3
 need bc bc
+need_cargo() { # BIN CRATE [cargo install flags...]
+  command -v "$1" >/dev/null && return 0
+  echo "installing $2 for its column (once)" >&2
+  cargo install -j2 "${@:3}" "$2" >&2 || echo "warning: cannot install $2: its column is left out" >&2
+}
+need_cargo rathole rathole
+need_cargo bore bore-cli --locked
 
 cargo build --release --locked --bins -j2 >&2
 S=${BENCH_SERVER:-target/release/pbx-remote-server}
@@ -254,6 +264,16 @@ RHC
   wait_up "http://127.0.0.1:$RH_PORT/small.html" || { echo "rathole did not come up"; cat "$T"/rh-*.log; exit 1; }
 fi
 
+# bore: a plain TCP tunnel (no encryption) to the same nginx. Its control port is fixed (7835).
+BORE=$(command -v bore || true)
+if [ -n "$BORE" ]; then
+  BORE_PORT=$(free_port)
+  "$BORE" server --bind-addr 127.0.0.1 --min-port "$BORE_PORT" --max-port "$BORE_PORT" > "$T/bore-server.log" 2>&1 & PIDS+=($!)
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/7835) 2>/dev/null && break; sleep 0.1; done
+  "$BORE" local "$NGINX_PORT" --local-host 127.0.0.1 --to 127.0.0.1 --port "$BORE_PORT" > "$T/bore-client.log" 2>&1 & PIDS+=($!)
+  wait_up "http://127.0.0.1:$BORE_PORT/small.html" || { echo "bore did not come up"; cat "$T"/bore-*.log; exit 1; }
+fi
+
 bulk() { # URL [extra curl args] → MB/s
   local url=$1; shift
   curl -s -o /dev/null -w '%{speed_download}' "$@" "$url" | awk '{printf "%.1f", $1/1048576}'
@@ -280,9 +300,9 @@ TC_ARGS=(--resolve "$HOST:$PUBLIC_PORT:127.0.0.1" -H "Cookie: $COOKIE" -H "Host:
 TH_TCP=(-H "Host: $HOST_TCP:$PUBLIC_PORT" -H "Cookie: $COOKIE_TCP")
 TC_TCP=(--resolve "$HOST_TCP:$PUBLIC_PORT:127.0.0.1" -H "Cookie: $COOKIE_TCP" -H "Host: $HOST_TCP:$PUBLIC_PORT")
 RH="http://127.0.0.1:${RH_PORT:-0}"
-TARGETS=(direct tunnel tunnel-tcp nginx2); [ -n "$RATHOLE" ] && TARGETS+=(rathole)
+TARGETS=(direct tunnel tunnel-tcp nginx2); [ -n "$RATHOLE" ] && TARGETS+=(rathole); [ -n "$BORE" ] && TARGETS+=(bore)
 [ -n "${BENCH_TARGETS:-}" ] && read -r -a TARGETS <<<"$BENCH_TARGETS"   # e.g. "tunnel" alone
-url_of() { case $1 in direct) echo "$DIRECT";; tunnel|tunnel-tcp) echo "$TUN";; rathole) echo "$RH";; nginx2) echo "http://127.0.0.1:$NG_FRONT";; esac; }
+url_of() { case $1 in direct) echo "$DIRECT";; tunnel|tunnel-tcp) echo "$TUN";; rathole) echo "$RH";; bore) echo "http://127.0.0.1:$BORE_PORT";; nginx2) echo "http://127.0.0.1:$NG_FRONT";; esac; }
 # The headers (wrk) and curl arguments that take a request through the door to each agent.
 door() { # TARGET → sets extra, curl_extra, burst
   extra=(); curl_extra=(); burst=()
@@ -440,7 +460,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f×", a/b; else
 
 echo
 echo "pbx-remote bench: $ROUNDS interleaved rounds, wrk ${SECS}s, ${BIG_MB} MiB bulk, loopback, release build"
-OTHERS=(); for t in tunnel-tcp nginx2 rathole; do [[ " ${TARGETS[*]} " = *" $t "* ]] && OTHERS+=("$t"); done
+OTHERS=(); for t in tunnel-tcp nginx2 rathole bore; do [[ " ${TARGETS[*]} " = *" $t "* ]] && OTHERS+=("$t"); done
 printf '%-24s %10s %10s %8s' "metric" "direct" "tunnel" "ratio"
 for t in "${OTHERS[@]}"; do printf ' %10s %8s' "$t" "ratio"; done
 echo
@@ -454,9 +474,9 @@ done
 # The tunnel against two TLS-linked nginx proxies in the same topology, paired sample by
 # sample within each round, then the median: what the door, QUIC and the session gate cost
 # beyond two encrypted proxy hops on the same machine at the same moment.
-vs_nginx2() { # KEY [TARGET] → median ratio TARGET (tunnel)/nginx2 (empty without both)
+vs_nginx2() { # KEY [TARGET [BASE]] → median ratio TARGET (tunnel)/BASE (nginx2) (empty without both)
   local rs=() tv nv i
-  read -r -a tv <<<"${R[${2:-tunnel}.$1]:-}"; read -r -a nv <<<"${R[nginx2.$1]:-}"
+  read -r -a tv <<<"${R[${2:-tunnel}.$1]:-}"; read -r -a nv <<<"${R[${3:-nginx2}.$1]:-}"
   for i in "${!tv[@]}"; do [ -n "${nv[$i]:-}" ] && rs+=("$(awk -v a="${tv[$i]}" -v b="${nv[$i]}" 'BEGIN { if (b > 0) printf "%.3f", a/b }')"); done
   [ ${#rs[@]} -gt 0 ] && echo "$(median "${rs[@]}") ${rs[*]}"
 }
@@ -491,4 +511,16 @@ verdict "small req/s, tunnel-tcp / nginx2" "${trps_vs:-}" "≥" 0.8
 verdict "p99 ms c=32 (tcp)" "$(median ${R[tunnel-tcp.p99]:-})" "≤" 4
 verdict "burst p99 ms c=256 (tcp)" "$(median ${R[tunnel-tcp.burst]:-})" "≤" 50
 echo "  (per-sample ratios to nginx2: bulk ${tbulk_rounds:-none}; small ${trps_rounds:-none})"
+# Issue 23's targets, for both transports: against nginx2 and rathole with TLS, paired by round.
+for t in tunnel tunnel-tcp; do
+  [[ " ${TARGETS[*]} " = *" $t "* ]] || continue
+  echo "targets of issue 23, $t:"
+  verdict "small req/s, $t / nginx2" "$(vs_nginx2 rps "$t" | cut -d' ' -f1)" "≥" 1.0
+  verdict "small req/s, $t / rathole-tls" "$(vs_nginx2 rps "$t" rathole | cut -d' ' -f1)" "≥" 1.1
+  verdict "bulk, $t / nginx2" "$(vs_nginx2 bulk "$t" | cut -d' ' -f1)" "≥" 1.1
+  verdict "bulk, $t / rathole-tls" "$(vs_nginx2 bulk "$t" rathole | cut -d' ' -f1)" "≥" 1.2
+  verdict "p99 ms c=32 ($t)" "$(median ${R[$t.p99]:-})" "≤" 3
+  verdict "burst p99 ms c=256 ($t)" "$(median ${R[$t.burst]:-})" "≤" 25
+done
+[ -n "$BORE" ] && echo "  (bore, no encryption, the floor: small $(vs_nginx2 rps bore | cut -d' ' -f1)× nginx2, bulk $(vs_nginx2 bulk bore | cut -d' ' -f1)× nginx2)"
 echo "the first targets, kept for comparison: bulk ≥ 0.30× direct (here $(ratio "$(median ${R[tunnel.bulk]:-})" "$(median ${R[direct.bulk]:-})"), nginx2 $(ratio "$(median ${R[nginx2.bulk]:-})" "$(median ${R[direct.bulk]:-})")), small ≥ 0.55× direct (here $(ratio "$(median ${R[tunnel.rps]:-})" "$(median ${R[direct.rps]:-})"), nginx2 $(ratio "$(median ${R[nginx2.rps]:-})" "$(median ${R[direct.rps]:-})"))"
