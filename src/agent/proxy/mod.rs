@@ -337,7 +337,7 @@ async fn handle(ctx: &ProxyCtx, visit: &Visit, mut req: Request<Incoming>) -> Re
     let body = EndsWithSession {
         head,
         inner: body,
-        ended: Box::pin(session.ended.clone().cancelled_owned()),
+        ended: session.ended.clone().cancelled_owned(),
     };
     Response::from_parts(parts, body.boxed())
 }
