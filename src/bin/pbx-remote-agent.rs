@@ -46,31 +46,35 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: &Path) -> ExitCode {
+/// What `run` and `deactivate` start from: a private umask, the config (or exit 64), logging,
+/// and the runtime.
+fn start(path: &Path) -> Result<(AgentConfig, tokio::runtime::Runtime), ExitCode> {
     // Everything the agent creates is private unless it says otherwise (status: 0644).
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    let config = match AgentConfig::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
+    let config = AgentConfig::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
     pbx_remote::logging::init(config.log_format == config::LogFormat::Json);
     // One thread runs the agent (argon2 checks still go to tokio's blocking pool). The agent is
     // I/O-bound and a PBX's cores belong to telephony; quinn drives a connection from one task
     // anyway, so a second worker bought no throughput, while tokio's multi-thread scheduler
     // costs cross-thread wake-ups on every request and, through its poll-time statistics
     // (`f64::powf`), links libm and its idle RSS (figures: bench/README.md).
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
+        .map_err(|e| {
             eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+            ExitCode::FAILURE
+        })?;
+    Ok((config, runtime))
+}
+
+fn run(path: &Path) -> ExitCode {
+    let (config, runtime) = match start(path) {
+        Ok(started) => started,
+        Err(code) => return code,
     };
     let result = runtime.block_on(async {
         let root = tokio_util::sync::CancellationToken::new();
@@ -94,26 +98,11 @@ fn run(path: &Path) -> ExitCode {
 
 fn deactivate(path: &Path, force: bool) -> ExitCode {
     use pbx_remote::agent::uninstall::Deactivated;
-    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    let config = match AgentConfig::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+    let (config, runtime) = match start(path) {
+        Ok(started) => started,
+        Err(code) => return code,
     };
-    pbx_remote::logging::init(config.log_format == config::LogFormat::Json);
     let server = config.server.address.authority();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let state = config.paths.state_dir.display();
     match runtime.block_on(pbx_remote::agent::uninstall::deactivate(&config, force)) {
         Ok(Deactivated::NotActivated) => {

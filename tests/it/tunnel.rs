@@ -449,32 +449,7 @@ pub async fn a_copied_credential_replaces(w: World) {
     // no faster than the backoff (which a replaced connection does not reset) lets them.
     let t0 = std::time::Instant::now();
     tokio::time::sleep(Duration::from_secs(8)).await;
-    let replaced = || {
-        use pbx_remote::server::db::{NewUser, OpFilter, Role, Scope, Source};
-        let db = w.server.db();
-        let reader = match db.user("log-reader@example.com").unwrap() {
-            Some(u) => u,
-            None => db
-                .add_user(&NewUser {
-                    email: "log-reader@example.com".into(),
-                    password_hash: "unused".into(),
-                    role: Role::Admin,
-                    scope: Scope::All,
-                })
-                .unwrap(),
-        };
-        let f = OpFilter {
-            source: Some(Source::Hub),
-            device: Some(w.device.clone()),
-            limit: 100,
-            ..Default::default()
-        };
-        db.oplog(&reader, &f)
-            .unwrap()
-            .into_iter()
-            .filter(|o| o.action == "tunnel.replaced")
-            .count()
-    };
+    let replaced = || oplog_actions(&w.server, &w.device, "tunnel.replaced");
     let n = replaced();
     eprintln!("{n} replacements in {:?}", t0.elapsed());
     assert!(n >= 1, "the server records the replacement on the device");

@@ -181,32 +181,6 @@ async fn a_cm_that_cannot_be_told_keeps_the_credential_unless_forced() {
     );
 }
 
-fn oplog_actions(server: &TestServer, device: &str, action: &str) -> usize {
-    use pbx_remote::server::db::{NewUser, OpFilter, Role, Scope};
-    let db = server.db();
-    let reader = match db.user("log-reader@example.com").unwrap() {
-        Some(u) => u,
-        None => db
-            .add_user(&NewUser {
-                email: "log-reader@example.com".into(),
-                password_hash: "unused".into(),
-                role: Role::Admin,
-                scope: Scope::All,
-            })
-            .unwrap(),
-    };
-    let f = OpFilter {
-        device: Some(device.to_string()),
-        limit: 100,
-        ..Default::default()
-    };
-    db.oplog(&reader, &f)
-        .unwrap()
-        .into_iter()
-        .filter(|o| o.action == action)
-        .count()
-}
-
 /// The provider sees it: the list row turns Uninstalled in place, and the device page says what
 /// happened and what to do.
 #[tokio::test(flavor = "multi_thread")]

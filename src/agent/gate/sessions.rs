@@ -83,20 +83,12 @@ impl Gate {
     pub(super) fn end(&self, s: &Session, event: &str, reason: Option<&str>) {
         let removed = lock(&self.sessions).remove(&s.digest).is_some();
         if removed {
-            self.audit.record(Event {
-                event,
-                cm_user: &s.cm_user,
-                client_addr: &s.client_addr,
-                user: Some(&s.user),
-                role: Some(s.role.as_str()),
-                session: Some(&s.id_hash),
-                reason,
-            });
+            self.audit_session(s, event, reason);
             self.publish_sessions();
         }
         s.ended.cancel();
     }
-    /// An audit event about `s` (the portal login broker's).
+    /// An audit event about `s`.
     pub(crate) fn audit_session(&self, s: &Session, event: &str, reason: Option<&str>) {
         self.audit.record(Event {
             event,

@@ -7,7 +7,6 @@ use super::{client_configs, quic, tcp, Conn, ConnectFailure, Progress};
 use crate::config::{AgentConfig, TransportMode};
 use crate::protocol::{read_frame, write_frame, Control, Reason, CONNECT_TIMEOUT};
 use crate::tls::KeyIdentity;
-use crate::tunnelio::{RecvHalf, SendHalf};
 use std::sync::Mutex;
 
 /// What the CM answered.
@@ -79,14 +78,7 @@ pub async fn deactivate(
         Err(e) => return Err(failed(e)),
     };
     let exchange = async {
-        let (mut send, mut recv) = match (control, &mut conn) {
-            (Some(c), _) => c,
-            (None, Conn::Quic(q)) => {
-                let (s, r) = q.conn.open_bi().await?;
-                (SendHalf::Quic(s), RecvHalf::Quic(r))
-            }
-            (None, Conn::Tcp(_)) => anyhow::bail!("no control stream"),
-        };
+        let (mut send, mut recv) = conn.control(control).await?;
         let ask = Control::Deactivate {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
         };

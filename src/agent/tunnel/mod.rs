@@ -162,6 +162,18 @@ impl Conn {
         }
     }
 
+    /// The control stream: the one the server opened (TCP), or a new one (QUIC).
+    async fn control(&mut self, opened: Option<tcp::Halves>) -> Result<tcp::Halves> {
+        match (opened, self) {
+            (Some(c), _) => Ok(c),
+            (None, Conn::Quic(q)) => {
+                let (s, r) = q.conn.open_bi().await?;
+                Ok((SendHalf::Quic(s), RecvHalf::Quic(r)))
+            }
+            (None, Conn::Tcp(_)) => anyhow::bail!("no control stream"),
+        }
+    }
+
     /// Closes on purpose, so the server sees it at once.
     async fn close(self) {
         match self {
@@ -408,14 +420,7 @@ impl Tunnel {
         } = dialed;
         let conn_transport = conn.transport();
         let exchange = async {
-            let (mut send, mut recv) = match (control, &mut conn) {
-                (Some(c), _) => c,
-                (None, Conn::Quic(q)) => {
-                    let (s, r) = q.conn.open_bi().await?;
-                    (SendHalf::Quic(s), RecvHalf::Quic(r))
-                }
-                (None, Conn::Tcp(_)) => anyhow::bail!("no control stream"),
-            };
+            let (mut send, mut recv) = conn.control(control).await?;
             write_frame(
                 &mut send,
                 &Control::Hello {

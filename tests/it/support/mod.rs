@@ -1217,3 +1217,30 @@ pub async fn logged_in(public: SocketAddr, visit_url: &str, device: &str) -> Vis
     assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
     v
 }
+
+/// How many operation-log entries of `device` have this `action` (read as an admin).
+pub fn oplog_actions(server: &TestServer, device: &str, action: &str) -> usize {
+    use pbx_remote::server::db::{NewUser, OpFilter, Role, Scope};
+    let db = server.db();
+    let reader = match db.user("log-reader@example.com").unwrap() {
+        Some(u) => u,
+        None => db
+            .add_user(&NewUser {
+                email: "log-reader@example.com".into(),
+                password_hash: "unused".into(),
+                role: Role::Admin,
+                scope: Scope::All,
+            })
+            .unwrap(),
+    };
+    let f = OpFilter {
+        device: Some(device.to_string()),
+        limit: 100,
+        ..Default::default()
+    };
+    db.oplog(&reader, &f)
+        .unwrap()
+        .into_iter()
+        .filter(|o| o.action == action)
+        .count()
+}
