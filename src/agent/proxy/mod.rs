@@ -199,14 +199,26 @@ struct Visit {
     forwarded: [(HeaderName, Option<HeaderValue>); 3],
 }
 
-async fn handle(ctx: &ProxyCtx, visit: &Visit, mut req: Request<Incoming>) -> Response<Body> {
+async fn handle(ctx: &ProxyCtx, visit: &Visit, req: Request<Incoming>) -> Response<Reply> {
+    match forward(ctx, visit, req).await {
+        Ok(r) => r.map(|body| Reply::Portal { body }),
+        Err(p) => p.map(|body| Reply::Page { body }),
+    }
+}
+
+/// Answers one request: the portal's answer (`Ok`), or the agent's own page (`Err`).
+async fn forward(
+    ctx: &ProxyCtx,
+    visit: &Visit,
+    mut req: Request<Incoming>,
+) -> Result<Response<EndsWithSession>, Response<Body>> {
     let h = &visit.header;
     if req.method() == Method::CONNECT {
-        return page(
+        return Err(page(
             StatusCode::METHOD_NOT_ALLOWED,
             "Method not allowed",
             "CONNECT is not forwarded.",
-        );
+        ));
     }
     let Some(path) = req
         .uri()
@@ -214,42 +226,42 @@ async fn handle(ctx: &ProxyCtx, visit: &Visit, mut req: Request<Incoming>) -> Re
         .filter(|p| p.as_str().starts_with('/'))
         .cloned()
     else {
-        return page(
+        return Err(page(
             StatusCode::BAD_REQUEST,
             "Bad request",
             "Only origin paths are forwarded.",
-        );
+        ));
     };
     // hyper's buffer limit only bites while a head is incomplete; a head that arrived in one
     // read can exceed it, so the bound is enforced on the parsed head as well.
     if head_size(&req) > MAX_HEAD_BYTES {
-        return page(
+        return Err(page(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "Request headers too large",
             "The request's headers exceed 64 KiB.",
-        );
+        ));
     }
     // Only the path is used from here on: an absolute-form target names no destination.
     if req.uri().path().starts_with(REMOTE_PREFIX) {
-        return ctx.gate.handle_remote(h, req).await;
+        return Err(ctx.gate.handle_remote(h, req).await);
     }
     let session = match ctx.gate.admit(h, &req) {
-        Verdict::Respond(r) => return r,
+        Verdict::Respond(r) => return Err(r),
         Verdict::Forward(s) => s,
     };
     // The agent logs in to the portal for this session (`[portal_login]`): the portal's logout
     // ends the remote session, which logs the portal session out.
     let broker = ctx.broker().filter(|b| b.account(session.role).is_some());
     if broker.as_ref().is_some_and(|b| b.is_logout(path.as_str())) {
-        return ctx.gate.logged_out(h, Some(&session));
+        return Err(ctx.gate.logged_out(h, Some(&session)));
     }
     let websocket = is_websocket(&req);
     if (websocket || !is_safe(req.method())) && !crate::web::same_origin(req.headers(), &h.origin) {
-        return page(
+        return Err(page(
             StatusCode::FORBIDDEN,
             "Cross-site request refused",
             "This request did not come from the PBX page itself.",
-        );
+        ));
     }
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let portal = ctx.portal();
@@ -280,7 +292,7 @@ async fn handle(ctx: &ProxyCtx, visit: &Visit, mut req: Request<Incoming>) -> Re
     };
     let (mut resp, head) = match sent {
         Ok(r) => r,
-        Err(page) => return page,
+        Err(page) => return Err(page),
     };
     if let Some(b) = &broker {
         // The portal's cookies go to the session's jar, never to the visitor's browser.
@@ -288,11 +300,11 @@ async fn handle(ctx: &ProxyCtx, visit: &Visit, mut req: Request<Incoming>) -> Re
     }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
-            return page(
+            return Err(page(
                 StatusCode::BAD_GATEWAY,
                 "Bad gateway",
                 "The portal switched protocols unasked.",
-            );
+            ));
         };
         let portal_upgrade = hyper::upgrade::on(&mut resp);
         let gate = ctx.gate.clone();
@@ -315,20 +327,20 @@ async fn handle(ctx: &ProxyCtx, visit: &Visit, mut req: Request<Incoming>) -> Re
         );
         let (mut parts, _) = resp.into_parts();
         let _ = rewrite_outbound(&mut parts.headers, portal.origin(), &h.origin, true);
-        return Response::from_parts(parts, crate::web::full(Bytes::new()));
+        return Err(Response::from_parts(parts, crate::web::full(Bytes::new())));
     }
     let (mut parts, body) = resp.into_parts();
     if let Redirect::ThirdParty(host) =
         rewrite_outbound(&mut parts.headers, portal.origin(), &h.origin, false)
     {
         tracing::warn!(%host, "the portal redirected to another host; not followed");
-        return page(
+        return Err(page(
             StatusCode::BAD_GATEWAY,
             "Redirect to another site refused",
             &format!(
                 "The PBX web portal sent this page on to {host}, which is outside the PBX; a remote session only follows redirects within the PBX portal."
             ),
-        );
+        ));
     }
     // Authenticated pages never land in a shared or browser cache.
     parts
@@ -339,7 +351,7 @@ async fn handle(ctx: &ProxyCtx, visit: &Visit, mut req: Request<Incoming>) -> Re
         inner: body,
         ended: session.ended.clone().cancelled_owned(),
     };
-    Response::from_parts(parts, body.boxed())
+    Ok(Response::from_parts(parts, body))
 }
 
 /// The page for a portal request that failed: 504 on a timeout, 502 otherwise.

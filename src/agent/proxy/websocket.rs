@@ -17,6 +17,47 @@ pin_project_lite::pin_project! {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// What the agent answers a tunnel request with: the portal's answer, or a page of its own.
+    /// An enum rather than a box: one heap allocation less per forwarded request.
+    #[project = ReplyProj]
+    pub(crate) enum Reply {
+        /// The portal's answer.
+        Portal { #[pin] body: EndsWithSession },
+        /// The agent's page (or an empty 101 answer).
+        Page { body: Body },
+    }
+}
+
+impl hyper::body::Body for Reply {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        match self.project() {
+            ReplyProj::Portal { body } => body.poll_frame(cx),
+            ReplyProj::Page { body } => std::pin::Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Reply::Portal { body } => body.is_end_stream(),
+            Reply::Page { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Reply::Portal { body } => body.size_hint(),
+            Reply::Page { body } => body.size_hint(),
+        }
+    }
+}
+
 impl hyper::body::Body for EndsWithSession {
     type Data = Bytes;
     type Error = hyper::Error;
