@@ -313,6 +313,11 @@ impl Broker {
 /// The page a visitor sees when the agent cannot log in to the portal for them: it names the
 /// account and the config to check, never a secret, and is never a redirect (no loop).
 pub fn error_page(why: &str) -> Response<Body> {
+    let mut chars = why.chars();
+    let why: String = chars
+        .next()
+        .map(|c| c.to_uppercase().chain(chars).collect())
+        .unwrap_or_default();
     crate::web::page(
         StatusCode::BAD_GATEWAY,
         "The agent could not sign in to the PBX web portal",
