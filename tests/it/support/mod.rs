@@ -368,8 +368,12 @@ impl TestServer {
 
     pub async fn start_with(f: impl FnOnce(&mut ServerOptions)) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let any = "127.0.0.1:0".parse().unwrap();
-        Self::start_on(dir, any, any, any, f).await
+        // Ports below the kernel's ephemeral range: a restart binds them again, and no socket
+        // bound to port 0 elsewhere in the run can take one while the server is down (that
+        // made the seeded walk fail once in a while with "Address already in use").
+        let tunnel = quiet_addr(|a| server::bind_pair(a).is_ok());
+        let tcp = || quiet_addr(|a| std::net::TcpListener::bind(a).is_ok());
+        Self::start_on(dir, tunnel, tcp(), tcp(), f).await
     }
 
     /// Stops the server and starts it again on the same ports and data dir (a restart).
@@ -1243,4 +1247,34 @@ pub fn oplog_actions(server: &TestServer, device: &str, action: &str) -> usize {
         .into_iter()
         .filter(|o| o.action == action)
         .count()
+}
+
+/// A free loopback address whose port lies below the kernel's ephemeral range
+/// (`ip_local_port_range`), picked at random until `free` says it could be bound (the probe's
+/// sockets are closed again before this returns).
+fn quiet_addr(free: impl Fn(SocketAddr) -> bool) -> SocketAddr {
+    static DRAWS: AtomicUsize = AtomicUsize::new(0);
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let from = low.saturating_sub(12_000).max(1024);
+    let span = u64::from(low - from).max(1);
+    for _ in 0..200 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64;
+        let draw = DRAWS.fetch_add(1, Ordering::SeqCst) as u64;
+        let mut x =
+            nanos ^ (draw.wrapping_mul(0x9e37_79b9_7f4a_7c15)) ^ u64::from(std::process::id());
+        x ^= x >> 31;
+        x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x ^= x >> 29;
+        let addr = SocketAddr::from(([127, 0, 0, 1], from + (x % span) as u16));
+        if free(addr) {
+            return addr;
+        }
+    }
+    panic!("no free port below the ephemeral range after 200 draws");
 }
