@@ -178,8 +178,7 @@ async fn request(
         HeaderValue::from_static(concat!("pbx-remote-agent/", env!("CARGO_PKG_VERSION"))),
     );
     if !cookies.is_empty() {
-        let line: Vec<String> = cookies.iter().map(|(n, v)| format!("{n}={v}")).collect();
-        if let Ok(v) = HeaderValue::from_str(&line.join("; ")) {
+        if let Ok(v) = HeaderValue::from_str(&cookie_line(cookies)) {
             h.insert(header::COOKIE, v);
         }
     }
@@ -220,6 +219,12 @@ fn form_target(action: Option<&str>, page: &str) -> Option<String> {
     }
     let dir = &page[..page.rfind('/').map_or(0, |i| i + 1)];
     Some(format!("{dir}{action}"))
+}
+
+/// A jar as a `Cookie` header value: `name=value; name=value`.
+pub(super) fn cookie_line(jar: &[(String, String)]) -> String {
+    let pairs: Vec<String> = jar.iter().map(|(n, v)| format!("{n}={v}")).collect();
+    pairs.join("; ")
 }
 
 /// Applies a portal answer's `Set-Cookie`s to `jar`: a cookie replaces its namesake, one that

@@ -215,7 +215,11 @@ impl Broker {
                 return;
             }
         }
-        let (broker, portal, gate, s) = (self.clone(), portal.clone(), gate.clone(), s.clone());
+        // Without a logout path the portal session simply dies with the remote session.
+        let Some(path) = self.config.logout_path.clone() else {
+            return;
+        };
+        let (portal, gate, s) = (portal.clone(), gate.clone(), s.clone());
         tokio::spawn(
             async move {
                 s.ended.cancelled().await;
@@ -224,13 +228,10 @@ impl Broker {
                     jar.held = Some(false);
                     std::mem::take(&mut jar.cookies)
                 };
-                let Some(path) = broker.config.logout_path.as_deref() else {
-                    return;
-                };
                 if cookies.is_empty() {
                     return;
                 }
-                match login::log_out(path, &cookies, &portal).await {
+                match login::log_out(&path, &cookies, &portal).await {
                     Ok(status) => {
                         let why = format!("portal answered {status}");
                         gate.audit_session(&s, "portal_logout", Some(&why));
@@ -251,24 +252,19 @@ impl Broker {
     /// see nor replace the portal session.
     pub fn add_cookies(&self, s: &Session, h: &mut HeaderMap) {
         let jar = lock(&s.portal.jar);
-        let mut pairs: Vec<String> = h
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .map(str::trim)
-            .filter(|c| {
-                let name = crate::web::cookie_pair_name(c);
-                !c.is_empty() && !jar.cookies.iter().any(|(n, _)| n == name)
-            })
-            .map(str::to_string)
-            .collect();
-        pairs.extend(jar.cookies.iter().map(|(n, v)| format!("{n}={v}")));
-        h.remove(header::COOKIE);
-        if let Ok(v) = HeaderValue::from_str(&pairs.join("; ")) {
-            if !pairs.is_empty() {
-                h.insert(header::COOKIE, v);
-            }
+        if jar.cookies.is_empty() {
+            return;
+        }
+        let names: Vec<&str> = jar.cookies.iter().map(|(n, _)| n.as_str()).collect();
+        crate::web::drop_cookies(h, &names);
+        let mut line = h
+            .get(header::COOKIE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| format!("{v}; "))
+            .unwrap_or_default();
+        line.push_str(&login::cookie_line(&jar.cookies));
+        if let Ok(v) = HeaderValue::from_str(&line) {
+            h.insert(header::COOKIE, v);
         }
     }
 

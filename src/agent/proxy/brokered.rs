@@ -6,6 +6,7 @@
 use super::*;
 use crate::agent::broker::{error_page, MAX_PAGE, MAX_REPLAY};
 use crate::agent::portal::UpBody;
+use hyper::body::Body as _;
 
 /// The portal's answer, and the start of its body when the agent read it to see whether it is
 /// the login page (sent to the visitor before the rest).
@@ -30,7 +31,13 @@ pub(super) async fn send(
     body: Incoming,
 ) -> Result<Answer, Response<Body>> {
     let generation = broker.ensure(portal, &ctx.gate, session).await?;
-    if !replayable(&parts.headers) {
+    // A body is kept when its length is known and small (none counts), so it can be sent
+    // again; hyper reads the length from the request's framing.
+    let replayable = body
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= MAX_REPLAY as u64);
+    if !replayable {
         // A large or chunked body streams; it cannot be sent a second time.
         broker.add_cookies(session, &mut parts.headers);
         let resp = portal
@@ -132,20 +139,4 @@ async fn check(
         return Ok(Check::LoggedOut);
     }
     Ok(Check::Fine(resp, Some(head.freeze())))
-}
-
-/// A body that can be kept: none, or a `Content-Length` up to [`MAX_REPLAY`] (chunked ones
-/// stream).
-fn replayable(h: &HeaderMap) -> bool {
-    if h.contains_key(header::TRANSFER_ENCODING) {
-        return false;
-    }
-    match h.get(header::CONTENT_LENGTH) {
-        None => true,
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .is_some_and(|n| n <= MAX_REPLAY),
-    }
 }

@@ -3,11 +3,10 @@
 //! certificate (the key is the proof; nothing else is sent), and says `deactivate` where a
 //! running agent says hello.
 
-use super::{client_configs, quic, tcp, Conn, ConnectFailure, Progress};
+use super::{client_configs, race, Conn, ConnectFailure};
 use crate::config::{AgentConfig, TransportMode};
 use crate::protocol::{read_frame, write_frame, Control, Reason, CONNECT_TIMEOUT};
 use crate::tls::KeyIdentity;
-use std::sync::Mutex;
 
 /// What the CM answered.
 #[derive(Debug, PartialEq, Eq)]
@@ -39,26 +38,11 @@ pub async fn deactivate(
     })?;
     let server = &config.server.address;
     let dial_quic = || async {
-        let progress = Mutex::new(Progress::default());
-        match tokio::time::timeout(CONNECT_TIMEOUT, quic::dial(server, &client, &progress)).await {
-            Ok(r) => r.map(|d| (Conn::Quic(d), None)),
-            Err(_) => Err(ConnectFailure {
-                reason: Reason::ServerUnreachable,
-                message: quic::silence(
-                    &server.to_string(),
-                    &progress.lock().map(|p| p.clone()).unwrap_or_default(),
-                ),
-            }),
-        }
+        let (result, _) = race::dial_quic_bounded(server, &client, false).await;
+        result.map(|d| (Conn::Quic(d), None))
     };
     let dial_tcp = || async {
-        let proxy = crate::agent::dial::proxy_of(server, config.tunnel.proxy.as_ref())
-            .map_err(|e| ConnectFailure {
-                reason: e.reason,
-                message: e.message,
-            })?
-            .map(|(p, _)| p);
-        let (link, control) = tcp::dial(server, proxy.as_ref(), tcp_tls.clone()).await?;
+        let (link, control, _) = race::dial_tcp_proxied(config, tcp_tls.clone()).await?;
         Ok::<_, ConnectFailure>((Conn::Tcp(link), Some(control)))
     };
     let dialed = match config.tunnel.transport {

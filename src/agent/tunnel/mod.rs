@@ -111,6 +111,15 @@ struct ConnectFailure {
     message: String,
 }
 
+impl From<crate::agent::dial::DialError> for ConnectFailure {
+    fn from(e: crate::agent::dial::DialError) -> Self {
+        ConnectFailure {
+            reason: e.reason,
+            message: e.message,
+        }
+    }
+}
+
 impl Conn {
     fn stats(&self) -> LinkStats {
         match self {

@@ -5,7 +5,7 @@
 use super::{quic, tcp, Conn, ConnectFailure, Dialed, Progress, Tunnel};
 use crate::protocol::{Reason, CONNECT_TIMEOUT};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long QUIC runs alone before TCP starts (at least; 1.5 × the last QUIC RTT when longer).
@@ -100,51 +100,69 @@ pub fn local_address_toward(server: SocketAddr) -> Option<IpAddr> {
     sock.local_addr().ok().map(|a| a.ip())
 }
 
+/// QUIC to `server` within [`CONNECT_TIMEOUT`], and how far the attempt got; `explain` asks
+/// TCP, when nothing came back, whether UDP looks blocked (for `transport = "quic"`).
+pub(super) async fn dial_quic_bounded(
+    server: &crate::config::ServerAddr,
+    client: &quinn::ClientConfig,
+    explain: bool,
+) -> (Result<quic::Dialed, ConnectFailure>, Progress) {
+    let progress = Mutex::new(Progress::default());
+    let attempt =
+        tokio::time::timeout(CONNECT_TIMEOUT, quic::dial(server, client, &progress)).await;
+    let progress = progress.lock().map(|p| p.clone()).unwrap_or_default();
+    let result = match attempt {
+        Ok(r) => r,
+        Err(_) => {
+            let name = server.to_string();
+            let message = if explain {
+                quic::silence_message(&name, progress.clone()).await
+            } else {
+                quic::silence(&name, &progress)
+            };
+            Err(ConnectFailure {
+                reason: Reason::ServerUnreachable,
+                message,
+            })
+        }
+    };
+    (result, progress)
+}
+
+/// The TCP transport to `server`, through the proxy that applies (config, then environment);
+/// the proxy it went through.
+pub(super) async fn dial_tcp_proxied(
+    config: &crate::config::AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<
+    (
+        tcp::TcpLink,
+        tcp::Halves,
+        Option<crate::config::proxy::ProxyUrl>,
+    ),
+    ConnectFailure,
+> {
+    let server = &config.server.address;
+    let proxy = crate::agent::dial::proxy_of(server, config.tunnel.proxy.as_ref())?.map(|(p, _)| p);
+    let (link, control) = tcp::dial(server, proxy.as_ref(), tls).await?;
+    Ok((link, control, proxy))
+}
+
 impl Tunnel {
-    /// QUIC within [`CONNECT_TIMEOUT`]; `explain` asks TCP, when nothing came back, whether UDP
-    /// looks blocked (for `transport = "quic"`).
+    /// QUIC within [`CONNECT_TIMEOUT`]; `explain` as for [`dial_quic_bounded`].
     pub(super) async fn dial_quic(&self, explain: bool) -> Result<Conn, ConnectFailure> {
         let config = self.config();
-        let progress = Mutex::new(Progress::default());
-        let attempt = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            quic::dial(&config.server.address, &self.client, &progress),
-        )
-        .await;
-        let progress = progress.lock().map(|p| p.clone()).unwrap_or_default();
+        let (result, progress) =
+            dial_quic_bounded(&config.server.address, &self.client, explain).await;
         if let Some(addr) = progress.addr {
             self.memory().server_at(addr);
         }
-        match attempt {
-            Ok(r) => r.map(Conn::Quic),
-            Err(_) => {
-                let server = config.server.address.to_string();
-                let message = if explain {
-                    quic::silence_message(&server, progress).await
-                } else {
-                    quic::silence(&server, &progress)
-                };
-                Err(ConnectFailure {
-                    reason: Reason::ServerUnreachable,
-                    message,
-                })
-            }
-        }
+        result.map(Conn::Quic)
     }
 
     /// The TCP transport, through the proxy that applies; `why` says why TCP (for the status).
     pub(super) async fn dial_tcp(&self, why: Option<&str>) -> Result<Dialed, ConnectFailure> {
-        let config = self.config();
-        let server = &config.server.address;
-        let proxy =
-            crate::agent::dial::proxy_of(server, config.tunnel.proxy.as_ref()).map_err(|e| {
-                ConnectFailure {
-                    reason: e.reason,
-                    message: e.message,
-                }
-            })?;
-        let proxy = proxy.map(|(p, _)| p);
-        let (link, control) = tcp::dial(server, proxy.as_ref(), self.tcp_tls.clone()).await?;
+        let (link, control, proxy) = dial_tcp_proxied(&self.config(), self.tcp_tls.clone()).await?;
         let via = proxy.map(|p| format!("via proxy {}", p.authority()));
         let note = match (why, via) {
             (Some(w), Some(v)) => Some(format!("{w}; {v}")),

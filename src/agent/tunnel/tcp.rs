@@ -112,12 +112,7 @@ pub(super) async fn dial(
         reason: Reason::ServerUnreachable,
         message: m,
     };
-    let io = dial::connect(server, proxy, CONNECT_TIMEOUT)
-        .await
-        .map_err(|e| ConnectFailure {
-            reason: e.reason,
-            message: e.message,
-        })?;
+    let io = dial::connect(server, proxy, CONNECT_TIMEOUT).await?;
     let counters = Arc::new(Counters::default());
     // Boxed again so TLS runs over the same stream type as activation's (one copy of it in
     // the binary).
