@@ -316,6 +316,7 @@ udp_out() { awk '/^Udp:/ { n++; if (n == 2) print $5 }' /proc/net/snmp; }   # Ou
 cpu_ticks() { # PID... → summed utime+stime clock ticks
   local sum=0 p; for p in "$@"; do sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$sum"
 }
+idle_ticks() { awk '/^cpu / {print $5 + $6}' /proc/stat; }   # the machine's idle + iowait ticks, all cores
 switches() { # PID... → context switches of all their threads (voluntary + not)
   cat $(for p in "$@"; do echo /proc/"$p"/task/*/status; done) 2>/dev/null | awk '/ctxt_switches/ {s += $2} END {print s + 0}'
 }
@@ -335,18 +336,18 @@ if [ "${BENCH_PERF:-}" = cpu ]; then
     [ "$t" = tunnel-tcp ] && AP=$AGENT_TCP_PID
     [ "$t" = nginx2 ] && { AP=$(workers "$NG_MASTER_agent"); SP=$(workers "$NG_MASTER_front"); }
     for work in bulk small; do
-      a0=$(cpu_ticks $AP); s0=$(cpu_ticks $SP); as0=$(switches $AP); ss0=$(switches $SP); n0=$(cpu_ticks $NGINX_PIDS); d0=$(udp_out); w0=$(date +%s.%N)
+      i0=$(idle_ticks); a0=$(cpu_ticks $AP); s0=$(cpu_ticks $SP); as0=$(switches $AP); ss0=$(switches $SP); n0=$(cpu_ticks $NGINX_PIDS); d0=$(udp_out); w0=$(date +%s.%N)
       if [ $work = bulk ]; then
         out="$(bulk "$u/big.bin" "${curl_extra[@]}") MB/s"; work_n=1
       else
         read -r rps _ _ <<<"$(wrk_run 32 "$u/small.html" "${extra[@]}")"; out="$rps req/s"
         work_n=$(awk -v r="$rps" -v s="$SECS" 'BEGIN { printf "%d", r * s }')
       fi
-      w1=$(date +%s.%N)
+      w1=$(date +%s.%N); idle=$(( $(idle_ticks) - i0 ))
       d=$(( $(udp_out) - d0 )); as=$(( $(switches $AP) - as0 )); ss=$(( $(switches $SP) - ss0 )); a=$(( $(cpu_ticks $AP) - a0 )); s=$(( $(cpu_ticks $SP) - s0 )); n=$(( $(cpu_ticks $NGINX_PIDS) - n0 ))
       awk -v t="$t" -v w="$work" -v o="$out" -v a="$a" -v s="$s" -v n="$n" -v hz="$HZ" -v e="$(echo "$w1 - $w0" | bc)" \
-        -v d="$d" -v k="$work_n" -v as="$as" -v ss="$ss" \
-        'BEGIN { printf "%-6s %-5s %-14s elapsed %5.2fs  cpu s: agent %5.2f server %5.2f nginx %5.2f  %sUDP datagrams %.1f, switches agent %.1f server %.1f\n", t, w, o, e, a/hz, s/hz, n/hz, (k > 1 ? "per request: " : ""), d/k, as/k, ss/k }'
+        -v d="$d" -v k="$work_n" -v as="$as" -v ss="$ss" -v idle="$idle" -v cores="$(nproc)" \
+        'BEGIN { printf "%-6s %-5s %-14s elapsed %5.2fs  cpu s: agent %5.2f server %5.2f nginx %5.2f, machine idle %3.0f%%  %sUDP datagrams %.1f, switches agent %.1f server %.1f\n", t, w, o, e, a/hz, s/hz, n/hz, 100 * idle / hz / e / cores, (k > 1 ? "per request: " : ""), d/k, as/k, ss/k }'
     done
   done
   exit 0

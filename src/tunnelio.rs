@@ -71,6 +71,38 @@ impl AsyncWrite for SendHalf {
         }
     }
 
+    /// hyper queues a message's head and body chunks and hands them over together instead of
+    /// first copying the body into its own buffer (quinn and h2 copy each slice into their
+    /// send buffers either way). Slices are written in order until one is taken only in part
+    /// or the stream has no room; what was taken so far is reported.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let mut written = 0;
+        for buf in bufs.iter().filter(|b| !b.is_empty()) {
+            match self.as_mut().poll_write(cx, buf) {
+                Poll::Ready(Ok(n)) => {
+                    written += n;
+                    if n < buf.len() {
+                        break;
+                    }
+                }
+                // An error or no room after some bytes were taken: report those bytes; the
+                // next call meets the error (or the room) again.
+                Poll::Ready(Err(e)) if written == 0 => return Poll::Ready(Err(e)),
+                Poll::Pending if written == 0 => return Poll::Pending,
+                _ => break,
+            }
+        }
+        Poll::Ready(Ok(written))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             SendHalf::Quic(s) => AsyncWrite::poll_flush(Pin::new(s), cx),

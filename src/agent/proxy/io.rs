@@ -26,38 +26,17 @@ impl AsyncWrite for AckedSend {
         AsyncWrite::poll_write(std::pin::Pin::new(&mut self.inner), cx, buf)
     }
 
-    /// hyper queues a response's head and body chunks and hands them over together instead of
-    /// first copying the body into its own buffer (quinn copies each slice into its send
-    /// buffer either way). Slices are written in order until one is taken only in part or the
-    /// stream has no room; what was taken so far is reported.
+    /// The head and body chunks hyper queued, handed over together (see [`SendHalf`]).
     fn poll_write_vectored(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        let mut written = 0;
-        for buf in bufs.iter().filter(|b| !b.is_empty()) {
-            match AsyncWrite::poll_write(std::pin::Pin::new(&mut self.inner), cx, buf) {
-                std::task::Poll::Ready(Ok(n)) => {
-                    written += n;
-                    if n < buf.len() {
-                        break;
-                    }
-                }
-                // An error or no room after some bytes were taken: report those bytes; the
-                // next call meets the error (or the room) again.
-                std::task::Poll::Ready(Err(e)) if written == 0 => {
-                    return std::task::Poll::Ready(Err(e))
-                }
-                std::task::Poll::Pending if written == 0 => return std::task::Poll::Pending,
-                _ => break,
-            }
-        }
-        std::task::Poll::Ready(Ok(written))
+        AsyncWrite::poll_write_vectored(std::pin::Pin::new(&mut self.inner), cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        true
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(
