@@ -113,6 +113,11 @@ state_dir = "$T/agent-state"
 status_file = "$T/status.json"
 assertion_pubkey = "$T/assertion.pub"
 CFG
+# BENCH_PERF=cpu also reads the agents' metrics (streams opened per request).
+if [ "${BENCH_PERF:-}" = cpu ]; then
+  METRICS_PORT=$(free_port); METRICS_TCP_PORT=$(free_port)
+  printf '[metrics]\nlisten = "127.0.0.1:%s"\n' "$METRICS_PORT" >> "$T/agent.toml"
+fi
 # The agent runs with the environment its systemd unit gives it, as users get it.
 UNIT_ENV=$(sed -n 's/^Environment=//p' systemd/pbx-remote-agent.service | tr '\n' ' ')
 echo "agent environment: ${UNIT_ENV}${BENCH_AGENT_ENV:-}" >&2
@@ -126,7 +131,8 @@ DEVICE_TCP=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["device_
 CODE2=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["auth_code"])' "$DEV2_JSON")
 sed -e "s|$T/agent-state|$T/agent-tcp-state|; s|$T/status.json|$T/status-tcp.json|; s|$T/assertion.pub|$T/assertion-tcp.pub|" \
   -e "s|auth_code = \"$CODE\"|auth_code = \"$CODE2\"|; s|BENCH1|BENCH2|; s|02:00:00:00:00:09|02:00:00:00:00:0a|" \
-  -e 's|transport = "quic"|transport = "tcp"|' "$T/agent.toml" > "$T/agent-tcp.toml"
+  -e 's|transport = "quic"|transport = "tcp"|' -e "s|127.0.0.1:${METRICS_PORT:-none}\"|127.0.0.1:${METRICS_TCP_PORT:-none}\"|" \
+  "$T/agent.toml" > "$T/agent-tcp.toml"
 env $UNIT_ENV ${BENCH_AGENT_ENV:-} "$A" run -c "$T/agent-tcp.toml" 2> "$T/agent-tcp.err" & AGENT_TCP_PID=$!; PIDS+=($AGENT_TCP_PID)
 state_tcp() { "$A" status --json -c "$T/agent-tcp.toml" 2>/dev/null | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["state"], s.get("transport"))'; }
 for _ in $(seq 100); do [ "$(state_tcp)" = "connected tcp" ] && break; sleep 0.1; done
@@ -330,6 +336,21 @@ if [ "${BENCH_PERF:-}" = cpu ]; then
   workers() { pgrep -P "$1" | tr '\n' ' '; }
   NGINX_PIDS=$(workers "$NGINX_MASTER")
   HZ=$(getconf CLK_TCK)
+  # Streams the server opened and requests the agent answered, from an agent's metrics.
+  streams_requests() { # PORT → "streams requests"
+    curl -s "http://127.0.0.1:$1/metrics" | awk '/^pbxra_tunnel_streams_total / {s = $2} /^pbxra_requests_total/ {r += $2} END {print s + 0, r + 0}'
+  }
+  for t in tunnel tunnel-tcp; do
+    # A visitor connection keeps its stream while the tunnel has room: at c=32 a stream serves
+    # many requests; in the 256-connection burst the tunnel is full and most requests open one.
+    u=$(url_of "$t"); door "$t"; port=$METRICS_PORT; [ "$t" = tunnel-tcp ] && port=$METRICS_TCP_PORT
+    for c in 32 256; do
+      read -r s0 r0 <<<"$(streams_requests "$port")"
+      if [ "$c" = 32 ]; then wrk_run 32 "$u/small.html" "${extra[@]}" >/dev/null; else wrk_run 256 "$u/small.html" "${burst[@]}" >/dev/null; fi
+      read -r s1 r1 <<<"$(streams_requests "$port")"
+      awk -v t="$t" -v c="$c" -v s=$((s1 - s0)) -v r=$((r1 - r0)) 'BEGIN { printf "%-10s c=%-3s %7d requests, %6d streams opened: %.3f per request\n", t, c, r, s, (r ? s / r : 0) }'
+    done
+  done
   for t in direct tunnel tunnel-tcp nginx2; do
     u=$(url_of "$t"); door "$t"
     AP=$AGENT_PID; SP=$SERVER_PID

@@ -188,7 +188,7 @@ impl Metrics {
             &mut o,
             "pbxra_tunnel_streams_total",
             "counter",
-            "Request streams the server opened (a visitor connection reuses its stream).",
+            "Request streams the server opened (a visit's next request reuses a finished one).",
             self.streams.load(Ordering::Relaxed),
         );
         let (rtt, transport, sent, received) = {

@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -36,8 +36,8 @@ pub struct Link {
     pub conn: Conn,
     /// Which registration this is.
     pub generation: u64,
-    /// Request streams in use (try_acquire fails → 503).
-    pub streams: Arc<Semaphore>,
+    /// Request streams: permits, waiters, and the visitor connections holding idle ones.
+    pub(crate) streams: Arc<crate::server::front::StreamRoom>,
     /// Streams in use per visit grant, so one session cannot take the whole tunnel.
     per_grant: Mutex<HashMap<String, usize>>,
     key_hash: [u8; 32],
@@ -276,7 +276,9 @@ async fn serve_tunnel(
         role,
         conn: conn.clone(),
         generation: state.hub.generation.fetch_add(1, Ordering::Relaxed),
-        streams: Arc::new(Semaphore::new(MAX_REQUEST_STREAMS as usize)),
+        streams: Arc::new(crate::server::front::StreamRoom::new(
+            MAX_REQUEST_STREAMS as usize,
+        )),
         per_grant: Mutex::new(HashMap::new()),
         key_hash,
         ha_state: Mutex::new(ha_state),

@@ -126,6 +126,66 @@ async fn nobody_listening_reads_server_unreachable_and_retries() {
     );
 }
 
+/// Issue 23: a stream an idle visitor connection keeps goes to a request that finds the tunnel
+/// full at once, rather than that request waiting and getting 503 while the idle stream holds
+/// its place until the agent times it out (10 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_tunnel_takes_back_the_stream_an_idle_visitor_keeps() {
+    let w = World::start(false, "").await;
+    let mut fillers = vec![];
+    for i in 0..4 {
+        fillers.push(w.visitor(&format!("filler{i}"), false).await);
+    }
+    let mut idle = w.visitor("bob", false).await;
+    assert_eq!(
+        idle.get("/").await.status(),
+        200,
+        "bob's connection keeps its stream"
+    );
+    let limit = pbx_remote::protocol::MAX_REQUEST_STREAMS as usize;
+    // With bob's idle stream, `limit - 1` requests in flight take every stream. Spread over
+    // the four visits (a visit may hold a quarter), the last visit has a slot left.
+    let slow_from = |v: &Visitor| {
+        let rb = v.request(reqwest::Method::GET, "/slow");
+        tokio::spawn(async move { rb.send().await })
+    };
+    let mut slow: Vec<_> = (0..limit - 1).map(|i| slow_from(&fillers[i % 4])).collect();
+    for _ in 0..400 {
+        if w.portal.held() >= limit - 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(w.portal.held(), limit - 1, "every stream taken");
+    assert!(
+        slow.iter().all(|h| !h.is_finished()),
+        "no request was refused while the tunnel filled"
+    );
+    let t0 = std::time::Instant::now();
+    slow.push(slow_from(&fillers[3]));
+    for _ in 0..200 {
+        if w.portal.held() >= limit || slow.last().unwrap().is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        w.portal.held(),
+        limit,
+        "the request that found the tunnel full reached the portal on bob's stream's place \
+         (finished instead: {})",
+        slow.last().unwrap().is_finished()
+    );
+    assert!(
+        t0.elapsed() < Duration::from_millis(900),
+        "it did not wait for the front's one-second wait to run out: {:?}",
+        t0.elapsed()
+    );
+    for h in &slow {
+        h.abort();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_tunnel_answers_503_and_recovers() {
     let w = World::start(false, "").await;

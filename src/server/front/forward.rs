@@ -10,7 +10,6 @@ pub(super) async fn forward(
     device: &str,
     grant: Arc<Grant>,
     client: IpAddr,
-    keeper: &Keeper,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let Some(link) = state.hub.get(device) else {
@@ -29,22 +28,38 @@ pub(super) async fn forward(
     let reusable = !redeeming && visitor_upgrade.is_none();
     strip_grant_cookie(req.headers_mut());
 
-    if let Some(mut kept) = reusable
-        .then(|| keeper.take(link.generation, &grant, client))
-        .flatten()
-    {
-        if kept.sender.ready().await.is_ok() {
-            match kept.sender.try_send_request(req).await {
-                Ok(resp) => {
-                    let back = (keeper.clone(), kept);
-                    return response_from_tunnel(device, resp, None, Some(back));
+    let room = &link.streams;
+    let mut kept = reusable
+        .then(|| room.take(link.generation, &grant, client))
+        .flatten();
+    let mut permit = None;
+    loop {
+        if let Some(mut k) = kept.take() {
+            if k.sender.ready().await.is_ok() {
+                match k.sender.try_send_request(req).await {
+                    Ok(resp) => return response_from_tunnel(device, resp, None, Some(k)),
+                    // The agent closed the kept stream before taking the request: use another.
+                    Err(mut e) => match e.take_message() {
+                        Some(r) => req = r,
+                        None => return tunnel_failed(device, &e.into_error()),
+                    },
                 }
-                // The agent closed the kept stream before taking the request: use a new one.
-                Err(mut e) => match e.take_message() {
-                    Some(r) => req = r,
-                    None => return tunnel_failed(device, &e.into_error()),
-                },
             }
+        }
+        if permit.is_some() {
+            break;
+        }
+        permit = room.permits.clone().try_acquire_owned().ok();
+        if permit.is_some() || !reusable {
+            break;
+        }
+        // A full tunnel: wait a moment for a stream of this visit or a free one (another
+        // visit's idle stream is closed for it), then refuse (StreamRoom).
+        let until = tokio::time::Instant::now() + STREAM_WAIT;
+        match room.wait(link.generation, &grant, client, until).await {
+            Some(Next::Kept(k)) => kept = Some(k),
+            Some(Next::Permit(p)) => permit = Some(p),
+            None => break,
         }
     }
 
@@ -55,14 +70,13 @@ pub(super) async fn forward(
             "This session has too many requests in flight to the PBX; wait for some to finish.",
         );
     };
-    // A full tunnel: a burst waits a moment for a stream to free up before it is refused.
-    let permit = match link.streams.clone().try_acquire_owned() {
-        Ok(p) => Some(p),
-        Err(_) => tokio::time::timeout(STREAM_WAIT, link.streams.clone().acquire_owned())
+    // An upgrade or a redemption that finds the tunnel full waits a moment for a free stream.
+    if permit.is_none() && !reusable {
+        permit = tokio::time::timeout(STREAM_WAIT, room.permits.clone().acquire_owned())
             .await
             .ok()
-            .and_then(Result::ok),
-    };
+            .and_then(Result::ok);
+    }
     let Some(permit) = permit else {
         return web::page(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -121,12 +135,7 @@ pub(super) async fn forward(
     });
     match sender.send_request(req).await {
         Ok(resp) => {
-            let back = reusable.then(|| {
-                (
-                    keeper.clone(),
-                    KeptStream::new(&link, header, client, sender),
-                )
-            });
+            let back = reusable.then(|| KeptStream::new(&link, header, client, sender));
             response_from_tunnel(device, resp, visitor_upgrade, back)
         }
         Err(e) => tunnel_failed(device, &e),
@@ -155,13 +164,13 @@ pub(super) fn tunnel_failed(device: &str, e: &hyper::Error) -> Response<Body> {
     )
 }
 
-/// The agent's answer, made fit for the visitor. A reusable stream goes back to the visitor
-/// connection's keeper once the body has been read to its end.
+/// The agent's answer, made fit for the visitor. A reusable stream goes back to the link's
+/// pool once the body has been read to its end.
 pub(super) fn response_from_tunnel(
     device: &str,
     mut resp: Response<Incoming>,
     visitor_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    back: Option<(Keeper, KeptStream)>,
+    back: Option<KeptStream>,
 ) -> Response<Body> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(visitor) = visitor_upgrade {

@@ -1,7 +1,7 @@
 //! The public front: serves each device at `DEVICE.PUBLIC_HOST`, turns visit links into grants
 //! (`__cm_visit`), and forwards granted requests over QUIC streams to the device's agent, with
-//! the stream header saying who is visiting. A visitor connection keeps its stream for its next
-//! request to the same visit.
+//! the stream header saying who is visiting. A finished stream is kept for the next request of
+//! the same visit (`reuse`).
 
 use crate::httpserve::{self, Limits};
 use crate::protocol::{write_frame, Scheme, StreamHeader};
@@ -33,6 +33,7 @@ mod tests;
 mod visit;
 
 use forward::*;
+pub(crate) use reuse::StreamRoom;
 use reuse::*;
 pub use route::visit_url;
 use route::*;
@@ -79,7 +80,7 @@ pub async fn serve(
     let public = Arc::new(PublicUrl::of(&state));
     httpserve::serve(listener, Strict(tls), limits, shutdown, move |peer| {
         let (state, public) = (state.clone(), public.clone());
-        // One keeper per visitor connection: it holds that connection's tunnel stream.
+        // One keeper per visitor connection: it remembers the connection's grant lookup.
         let keeper = Keeper::default();
         hyper::service::service_fn(move |req| {
             let (state, keeper, public) = (state.clone(), keeper.clone(), public.clone());
@@ -151,7 +152,7 @@ async fn handle(
         }
     };
     let client = client_addr(state, peer, req.headers());
-    forward(state, public, &device, grant, client, keeper, req).await
+    forward(state, public, &device, grant, client, req).await
 }
 
 fn internal(e: anyhow::Error) -> Response<Body> {

@@ -1,22 +1,270 @@
-//! Stream reuse: a visitor connection keeps its tunnel stream for its next request to the same
-//! visit, while the tunnel has room and the grant is still live.
+//! Stream reuse: a finished request's tunnel stream is kept for the next request of the same
+//! visit (grant and visitor address), from any of the visitor's connections, while the grant
+//! is still live.
 
 use super::*;
+use std::collections::HashMap;
 
 /// How long a kept stream may sit idle before it is dropped rather than reused: well inside the
 /// agent's head-read timeout, so the agent never closes a stream the front is about to use.
 pub(super) const KEEP_IDLE: Duration = Duration::from_secs(5);
 
-/// Free streams a link must have left for a finished stream to be kept.
-pub(super) const KEEP_HEADROOM: usize = crate::protocol::MAX_REQUEST_STREAMS as usize / 8;
+/// How long a kept stream must have been idle before a request of another visit that finds
+/// the tunnel full may close it: longer than a busy visit's streams sit between requests (they
+/// are taken again within microseconds), so only streams nobody is using are taken back.
+pub(super) const IDLE_TO_CLOSE: Duration = Duration::from_millis(100);
 
-/// A tunnel stream kept for the next request of the same visitor connection, so a page with
-/// many resources costs one stream (and one HTTP handshake at each end) per browser
-/// connection instead of one per request. The agent still judges every request on its own.
+/// Streams put back between two sweeps of a link's pool (stale kept streams, requests that
+/// stopped waiting, visits with neither), and the visits it may list before one.
+pub(super) const SWEEP_EVERY: u32 = 1024;
+const VISITS_SWEEP_AT: usize = 256;
+
+/// A link's request streams: their permits, and the streams kept for reuse with the requests
+/// waiting for one, both by visit.
+///
+/// A finished stream goes to the pool of its visit (a page's next resource, on any of the
+/// browser's connections, reuses it), or straight to a request of that visit that is waiting
+/// for a stream. If only requests of other visits wait, it closes and its permit goes to them.
+/// A request that finds the tunnel full also closes a stream another visit has left idle. So
+/// kept streams never make a request wait long, and in a burst of more visitor connections
+/// than streams, a visit's streams pass from one of its requests to the next instead of each
+/// finished request closing its stream and the next one opening another.
+pub(crate) struct StreamRoom {
+    /// One per request stream (try_acquire fails → wait, then 503).
+    pub(crate) permits: Arc<tokio::sync::Semaphore>,
+    pool: std::sync::Mutex<Pool>,
+}
+
+#[derive(Default)]
+struct Pool {
+    visits: HashMap<u64, Visit>,
+    /// Requests waiting for a stream, all visits.
+    waiting: usize,
+    /// Streams closed for waiting requests whose permits have not been taken yet.
+    closing: usize,
+    /// Streams put back since the last sweep.
+    puts: u32,
+}
+
+impl Pool {
+    /// Drops what can no longer serve: kept streams idle too long or closed by the agent,
+    /// handover slots of requests that stopped waiting, then visits with nothing left. The
+    /// dropped streams are returned, to be closed outside the lock.
+    fn sweep(&mut self) -> Vec<KeptStream> {
+        let mut stale = Vec::new();
+        for v in self.visits.values_mut() {
+            v.waiters.retain(|w| !w.is_closed());
+            let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut v.idle)
+                .into_iter()
+                .partition(|k| k.idle_since.elapsed() < KEEP_IDLE && !k.sender.is_closed());
+            v.idle = keep;
+            stale.extend(gone);
+        }
+        self.visits
+            .retain(|_, v| !v.idle.is_empty() || !v.waiters.is_empty());
+        self.puts = 0;
+        stale
+    }
+}
+
+#[derive(Default)]
+struct Visit {
+    /// Kept streams, most recently used last.
+    idle: Vec<KeptStream>,
+    /// Requests of this visit waiting for a stream, first come first served: a finished
+    /// stream is handed to the first, so the visit's busy connections cannot take it first.
+    waiters: std::collections::VecDeque<tokio::sync::oneshot::Sender<KeptStream>>,
+}
+
+/// The pool key of a visit: grant id and visitor address, hashed (a stream's own fields are
+/// compared before it is reused, so a collision costs a stream, never a wrong one).
+fn visit_key(grant_id: &str, client: IpAddr) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+    let mut h =
+        BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().build_hasher();
+    h.write(grant_id.as_bytes());
+    match client {
+        IpAddr::V4(a) => h.write(&a.octets()),
+        IpAddr::V6(a) => h.write(&a.octets()),
+    }
+    h.finish()
+}
+
+impl StreamRoom {
+    /// A room of `permits` streams.
+    pub(crate) fn new(permits: usize) -> StreamRoom {
+        StreamRoom {
+            permits: Arc::new(tokio::sync::Semaphore::new(permits)),
+            pool: Default::default(),
+        }
+    }
+
+    /// Visits listed and kept streams held now.
+    #[cfg(test)]
+    pub(super) fn listed(&self) -> (usize, usize) {
+        let pool = self.lock();
+        let streams = pool.visits.values().map(|v| v.idle.len()).sum();
+        (pool.visits.len(), streams)
+    }
+
+    /// Requests waiting for a stream now.
+    #[cfg(test)]
+    pub(super) fn waiting(&self) -> usize {
+        self.lock().waiting
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        // Invariant: nothing panics while the lock is held; the pool stays valid regardless.
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A kept stream that serves this visit, if any; stale ones met on the way are dropped.
+    pub(super) fn take(
+        &self,
+        generation: u64,
+        grant: &Grant,
+        client: IpAddr,
+    ) -> Option<KeptStream> {
+        let mut stale = Vec::new();
+        let found = {
+            let mut pool = self.lock();
+            let visit = pool.visits.get_mut(&visit_key(&grant.id, client))?;
+            loop {
+                let Some(kept) = visit.idle.pop() else {
+                    break None;
+                };
+                if kept.serves(generation, grant, client)
+                    && kept.idle_since.elapsed() < KEEP_IDLE
+                    && !kept.sender.is_closed()
+                {
+                    break Some(kept);
+                }
+                stale.push(kept);
+            }
+        };
+        drop(stale); // closed outside the lock
+        found
+    }
+
+    /// Hands a finished stream to the first waiting request of its visit, or keeps it for the
+    /// visit's next request, unless only requests of other visits wait for a stream and none is
+    /// closing for them yet: then it closes.
+    pub(super) fn put(&self, mut kept: KeptStream) {
+        if kept.header.passwordless_token.is_some() {
+            return; // never reused
+        }
+        kept.idle_since = std::time::Instant::now();
+        let key = visit_key(&kept.header.grant_id, kept.client);
+        let mut pool = self.lock();
+        if let Some(visit) = pool.visits.get_mut(&key) {
+            while let Some(waiter) = visit.waiters.pop_front() {
+                match waiter.send(kept) {
+                    Ok(()) => return,
+                    Err(back) => kept = back, // that request stopped waiting
+                }
+            }
+        }
+        if pool.waiting > pool.closing {
+            pool.closing += 1;
+            drop(pool);
+            drop(kept); // its permit goes to a waiting request of another visit
+            return;
+        }
+        pool.puts += 1;
+        let stale = (pool.puts >= SWEEP_EVERY || pool.visits.len() >= VISITS_SWEEP_AT)
+            .then(|| pool.sweep());
+        pool.visits.entry(key).or_default().idle.push(kept);
+        drop(pool);
+        drop(stale); // closed outside the lock
+    }
+
+    /// Waits for a stream of this visit handed over by a finished request, a permit, or
+    /// `until`; while it waits, a stream another visit has left idle is closed for it.
+    pub(super) async fn wait(
+        &self,
+        generation: u64,
+        grant: &Grant,
+        client: IpAddr,
+        until: tokio::time::Instant,
+    ) -> Option<Next> {
+        let key = visit_key(&grant.id, client);
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let idle = {
+            let mut pool = self.lock();
+            pool.waiting += 1;
+            pool.visits.entry(key).or_default().waiters.push_back(tx);
+            Self::close_for(&mut pool, key)
+        };
+        drop(idle); // its permit frees up once its client has ended
+        let _waiting = Waiting(self);
+        let mut check = tokio::time::interval(IDLE_TO_CLOSE);
+        check.tick().await;
+        loop {
+            tokio::select! {
+                kept = &mut rx => match kept {
+                    Ok(k) if k.serves(generation, grant, client) => return Some(Next::Kept(k)),
+                    // A stale stream (the grant changed), or none: a permit, then.
+                    _ => {
+                        let permit = tokio::time::timeout_at(until, self.permits.clone().acquire_owned());
+                        return permit.await.ok().and_then(Result::ok).map(Next::Permit);
+                    }
+                },
+                p = self.permits.clone().acquire_owned() => return p.ok().map(Next::Permit),
+                () = tokio::time::sleep_until(until) => return None,
+                _ = check.tick() => {
+                    // Streams idle long enough may have turned up since the wait began.
+                    let idle = Self::close_for(&mut self.lock(), key);
+                    drop(idle);
+                }
+            }
+        }
+    }
+
+    /// Takes the stream idle longest among other visits' streams idle at least
+    /// [`IDLE_TO_CLOSE`], counted as closing for a waiting request.
+    fn close_for(pool: &mut Pool, key: u64) -> Option<KeptStream> {
+        let (k, i) = pool
+            .visits
+            .iter()
+            .filter(|(k, _)| **k != key)
+            .flat_map(|(k, v)| v.idle.iter().enumerate().map(move |(i, s)| (*k, i, s)))
+            .filter(|(_, _, s)| s.idle_since.elapsed() >= IDLE_TO_CLOSE)
+            .min_by_key(|(_, _, s)| s.idle_since)
+            .map(|(k, i, _)| (k, i))?;
+        let idle = pool.visits.get_mut(&k).map(|v| v.idle.remove(i));
+        if idle.is_some() {
+            pool.closing += 1;
+        }
+        idle
+    }
+}
+
+/// What a waiting request got: a kept stream of its visit, or a permit to open one.
+pub(super) enum Next {
+    Kept(KeptStream),
+    Permit(tokio::sync::OwnedSemaphorePermit),
+}
+
+/// A request waiting for a stream (see [`StreamRoom::wait`]); its handover slot in its visit's
+/// queue is dropped with its receiver and skipped by the next finished stream.
+struct Waiting<'a>(&'a StreamRoom);
+
+impl Drop for Waiting<'_> {
+    /// Served (or given up): one waiter and, if any, one stream closing for waiters fewer.
+    fn drop(&mut self) {
+        let mut pool = self.0.lock();
+        pool.waiting -= 1;
+        pool.closing = pool.closing.saturating_sub(1);
+    }
+}
+
+/// A tunnel stream kept for the next request of the same visit, so a page with many
+/// resources costs a few streams (and one HTTP handshake at each end per stream) instead of one
+/// per request. The agent still judges every request on its own.
 pub(crate) struct KeptStream {
     pub(super) generation: u64,
-    /// The link's stream permits: a stream is kept only while others remain free.
-    pub(super) streams: Arc<tokio::sync::Semaphore>,
+    /// The link's streams, which the stream returns to.
+    pub(super) room: Arc<StreamRoom>,
     pub(super) header: StreamHeader,
     /// The visitor address `header` names, for comparing without formatting.
     pub(super) client: IpAddr,
@@ -33,7 +281,7 @@ impl KeptStream {
     ) -> KeptStream {
         KeptStream {
             generation: link.generation,
-            streams: link.streams.clone(),
+            room: link.streams.clone(),
             header,
             client,
             sender,
@@ -60,43 +308,17 @@ impl KeptStream {
 /// still stops within a second.
 pub(super) const GRANT_RECHECK: Duration = Duration::from_secs(1);
 
-/// What one visitor connection remembers between its requests (HTTP/1 requests on a
-/// connection come one at a time): its kept stream and its last grant lookup.
+/// What one visitor connection remembers between its requests: its last grant lookup.
 #[derive(Clone, Default)]
 pub(crate) struct Keeper(pub(super) Arc<std::sync::Mutex<Kept>>);
 
 #[derive(Default)]
 pub(crate) struct Kept {
-    pub(super) stream: Option<KeptStream>,
     /// (cookie hash, grant, when looked up).
     pub(super) grant: Option<([u8; 32], Arc<Grant>, std::time::Instant)>,
 }
 
 impl Keeper {
-    /// Takes the kept stream if it still serves this visit; anything else is dropped (closed).
-    pub(super) fn take(
-        &self,
-        generation: u64,
-        grant: &Grant,
-        client: IpAddr,
-    ) -> Option<KeptStream> {
-        let kept = self.lock().stream.take()?;
-        (kept.serves(generation, grant, client)
-            && kept.idle_since.elapsed() < KEEP_IDLE
-            && !kept.sender.is_closed())
-        .then_some(kept)
-    }
-
-    /// Keeps the stream for the next request, unless the tunnel is nearly full: then it is
-    /// closed, so busy connections do not hold streams between requests while new ones get 503.
-    pub(super) fn put(&self, mut kept: KeptStream) {
-        if kept.streams.available_permits() < KEEP_HEADROOM {
-            return;
-        }
-        kept.idle_since = std::time::Instant::now();
-        self.lock().stream = Some(kept);
-    }
-
     /// The grant for `cookie`: the one looked up on this connection less than
     /// [`GRANT_RECHECK`] ago, else `lookup`'s answer (remembered when there is one).
     pub(super) fn grant(
@@ -120,15 +342,15 @@ impl Keeper {
     }
 }
 
-/// A response body that hands its stream back to the keeper when read to the end. A body
+/// A response body that hands its stream back to the link's pool when read to the end. A body
 /// dropped early (visitor gone) drops the stream with it.
 pub(super) struct KeepOnEnd {
     pub(super) body: Incoming,
-    pub(super) back: Option<(Keeper, KeptStream)>,
+    pub(super) back: Option<KeptStream>,
 }
 
 impl KeepOnEnd {
-    pub(super) fn new(body: Incoming, back: (Keeper, KeptStream)) -> KeepOnEnd {
+    pub(super) fn new(body: Incoming, back: KeptStream) -> KeepOnEnd {
         let mut b = KeepOnEnd {
             body,
             back: Some(back),
@@ -140,8 +362,8 @@ impl KeepOnEnd {
     }
 
     pub(super) fn give_back(&mut self) {
-        if let Some((keeper, kept)) = self.back.take() {
-            keeper.put(kept);
+        if let Some(kept) = self.back.take() {
+            kept.room.clone().put(kept);
         }
     }
 }
