@@ -263,8 +263,10 @@ impl Drop for Waiting<'_> {
 /// per request. The agent still judges every request on its own.
 pub(crate) struct KeptStream {
     pub(super) generation: u64,
-    /// The link's streams, which the stream returns to.
-    pub(super) room: Arc<StreamRoom>,
+    /// The link's streams, which the stream returns to. Weak: the room holds its kept
+    /// streams, and a link that is gone must not be kept alive by them (nor its connection,
+    /// nor with it the endpoint's port).
+    pub(super) room: std::sync::Weak<StreamRoom>,
     pub(super) header: StreamHeader,
     /// The visitor address `header` names, for comparing without formatting.
     pub(super) client: IpAddr,
@@ -281,7 +283,7 @@ impl KeptStream {
     ) -> KeptStream {
         KeptStream {
             generation: link.generation,
-            room: link.streams.clone(),
+            room: Arc::downgrade(&link.streams),
             header,
             client,
             sender,
@@ -363,7 +365,9 @@ impl KeepOnEnd {
 
     pub(super) fn give_back(&mut self) {
         if let Some(kept) = self.back.take() {
-            kept.room.clone().put(kept);
+            if let Some(room) = kept.room.upgrade() {
+                room.put(kept);
+            }
         }
     }
 }

@@ -37,7 +37,7 @@ async fn kept(room: &Arc<StreamRoom>, grant: &str) -> (KeptStream, tokio::io::Du
     tokio::spawn(conn);
     let k = KeptStream {
         generation: 7,
-        room: room.clone(),
+        room: Arc::downgrade(room),
         header: header(grant),
         client: CLIENT,
         sender,
@@ -249,6 +249,14 @@ async fn a_request_finding_the_tunnel_full_closes_a_stream_another_visit_left_id
 
 #[tokio::test]
 async fn the_pool_forgets_streams_the_agent_closed_and_visits_that_ended() {
+    // A room's kept streams do not keep it alive: they point back at it weakly.
+    let gone = Arc::new(StreamRoom::new(8));
+    let (k, _pipe) = kept(&gone, "g1").await;
+    gone.put(k);
+    let weak = Arc::downgrade(&gone);
+    drop(gone);
+    assert!(weak.upgrade().is_none(), "the room outlived its link");
+
     let room = Arc::new(StreamRoom::new(8));
     let (k, pipe) = kept(&room, "g1").await;
     room.put(k);
