@@ -197,6 +197,9 @@ impl StreamRoom {
         };
         drop(idle); // its permit frees up once its client has ended
         let _waiting = Waiting(self);
+        // One place in the semaphore's queue for the whole wait.
+        let mut permit = std::pin::pin!(self.permits.clone().acquire_owned());
+        let mut deadline = std::pin::pin!(tokio::time::sleep_until(until));
         let mut check = tokio::time::interval(IDLE_TO_CLOSE);
         check.tick().await;
         loop {
@@ -205,12 +208,12 @@ impl StreamRoom {
                     Ok(k) if k.serves(generation, grant, client) => return Some(Next::Kept(k)),
                     // A stale stream (the grant changed), or none: a permit, then.
                     _ => {
-                        let permit = tokio::time::timeout_at(until, self.permits.clone().acquire_owned());
-                        return permit.await.ok().and_then(Result::ok).map(Next::Permit);
+                        let p = tokio::time::timeout_at(until, permit).await;
+                        return p.ok().and_then(Result::ok).map(Next::Permit);
                     }
                 },
-                p = self.permits.clone().acquire_owned() => return p.ok().map(Next::Permit),
-                () = tokio::time::sleep_until(until) => return None,
+                p = &mut permit => return p.ok().map(Next::Permit),
+                () = &mut deadline => return None,
                 _ = check.tick() => {
                     // Streams idle long enough may have turned up since the wait began.
                     let idle = Self::close_for(&mut self.lock(), key);
