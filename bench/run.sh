@@ -18,7 +18,8 @@
 # BENCH_AGENT / BENCH_SERVER: another agent / server binary to run (e.g. a copy built before a
 # change, for before/after).
 # BENCH_PERF=cpu|strace|allocs|small|bulk measures instead of benchmarking: CPU seconds,
-# datagrams and context switches per request; system calls per request; heap allocations per
+# datagrams and context switches per request (downloads, small requests, uploads), how idle the
+# machine was, and streams opened per request at c=32 and in the burst; system calls per request; heap allocations per
 # request in agent and server (heaptrack); perf profiles under small requests or bulk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,7 +67,8 @@ http {
   access_log off;
   sendfile on;
   keepalive_requests 100000;
-  server { listen 127.0.0.1:$NGINX_PORT; root $T/www; }
+  # /upload reads and discards a request body of any size (BENCH_PERF=cpu's upload).
+  server { listen 127.0.0.1:$NGINX_PORT; root $T/www; location = /upload { client_max_body_size 0; return 204; } }
 }
 NGX
 nginx -p "$T/nginx" -c "$T/nginx/nginx.conf" & NGINX_MASTER=$!; PIDS+=($!)
@@ -218,6 +220,7 @@ events { worker_connections 2048; }
 http {
   access_log off;
   keepalive_requests 100000;
+  client_max_body_size 0;
   upstream next { $upstream keepalive 256; keepalive_requests 100000; }
   server {
     $listen
@@ -356,10 +359,15 @@ if [ "${BENCH_PERF:-}" = cpu ]; then
     AP=$AGENT_PID; SP=$SERVER_PID
     [ "$t" = tunnel-tcp ] && AP=$AGENT_TCP_PID
     [ "$t" = nginx2 ] && { AP=$(workers "$NG_MASTER_agent"); SP=$(workers "$NG_MASTER_front"); }
-    for work in bulk small; do
+    for work in bulk small upload; do
       i0=$(idle_ticks); a0=$(cpu_ticks $AP); s0=$(cpu_ticks $SP); as0=$(switches $AP); ss0=$(switches $SP); n0=$(cpu_ticks $NGINX_PIDS); d0=$(udp_out); w0=$(date +%s.%N)
       if [ $work = bulk ]; then
         out="$(bulk "$u/big.bin" "${curl_extra[@]}") MB/s"; work_n=1
+      elif [ $work = upload ]; then
+        # The same 256 MiB the other way: a POST the portal reads and discards.
+        host=$(printf '%s\n' "${curl_extra[@]}" | sed -n 's/^Host: //p')
+        out="$(curl -s -o /dev/null -w '%{http_code} %{speed_upload}' -X POST --data-binary @"$T/www/big.bin" \
+          ${host:+-H "Origin: http://$host"} "${curl_extra[@]}" "$u/upload" | awk '$1 != 204 { print "  warning: upload answered " $1 > "/dev/stderr" } {printf "%.1f", $2/1048576}') MB/s"; work_n=1
       else
         read -r rps _ _ <<<"$(wrk_run 32 "$u/small.html" "${extra[@]}")"; out="$rps req/s"
         work_n=$(awk -v r="$rps" -v s="$SECS" 'BEGIN { printf "%d", r * s }')
