@@ -36,7 +36,7 @@ pub struct Link {
     pub conn: Conn,
     /// Which registration this is.
     pub generation: u64,
-    /// Request streams: permits, waiters, and the visitor connections holding idle ones.
+    /// Request streams: their permits, and the kept streams and waiting requests by visit.
     pub(crate) streams: Arc<crate::server::front::StreamRoom>,
     /// Streams in use per visit grant, so one session cannot take the whole tunnel.
     per_grant: Mutex<HashMap<String, usize>>,

@@ -33,6 +33,9 @@ pub(super) async fn forward(
         .then(|| room.take(link.generation, &grant, client))
         .flatten();
     let mut permit = None;
+    // One deadline for all of this request's waiting, however often a stream handed to it
+    // turns out closed.
+    let mut until = None;
     loop {
         if let Some(mut k) = kept.take() {
             if k.sender.ready().await.is_ok() {
@@ -55,7 +58,7 @@ pub(super) async fn forward(
         }
         // A full tunnel: wait a moment for a stream of this visit or a free one (another
         // visit's idle stream is closed for it), then refuse (StreamRoom).
-        let until = tokio::time::Instant::now() + STREAM_WAIT;
+        let until = *until.get_or_insert_with(|| tokio::time::Instant::now() + STREAM_WAIT);
         match room.wait(link.generation, &grant, client, until).await {
             Some(Next::Kept(k)) => kept = Some(k),
             Some(Next::Permit(p)) => permit = Some(p),

@@ -56,7 +56,7 @@ impl Pool {
             v.waiters.retain(|w| !w.is_closed());
             let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut v.idle)
                 .into_iter()
-                .partition(|k| k.idle_since.elapsed() < KEEP_IDLE && !k.sender.is_closed());
+                .partition(KeptStream::usable);
             v.idle = keep;
             stale.extend(gone);
         }
@@ -133,10 +133,7 @@ impl StreamRoom {
                 let Some(kept) = visit.idle.pop() else {
                     break None;
                 };
-                if kept.serves(generation, grant, client)
-                    && kept.idle_since.elapsed() < KEEP_IDLE
-                    && !kept.sender.is_closed()
-                {
+                if kept.serves(generation, grant, client) && kept.usable() {
                     break Some(kept);
                 }
                 stale.push(kept);
@@ -292,6 +289,12 @@ impl KeptStream {
             sender,
             idle_since: std::time::Instant::now(),
         }
+    }
+
+    /// Whether the stream may still carry a request: idle for less than [`KEEP_IDLE`] and not
+    /// closed by the agent.
+    fn usable(&self) -> bool {
+        self.idle_since.elapsed() < KEEP_IDLE && !self.sender.is_closed()
     }
 
     /// Whether this stream speaks for exactly this visit: same link, grant (and with it the
