@@ -17,6 +17,7 @@
 # command the agent runs under (e.g. "heaptrack -o /tmp/agent"; RSS figures are then the wrapper's).
 # BENCH_AGENT / BENCH_SERVER: another agent / server binary to run (e.g. a copy built before a
 # change, for before/after).
+# BENCH_SERVER_ARGS: more arguments for the server's `run` (e.g. "--data-threads 2").
 # BENCH_PERF=cpu|strace|allocs|small|bulk measures instead of benchmarking: CPU seconds,
 # datagrams and context switches per request (downloads, small requests, uploads), how idle the
 # machine was, and streams opened per request at c=32 and in the burst; system calls per request; heap allocations per
@@ -78,7 +79,7 @@ if [ "${BENCH_PERF:-}" = allocs ]; then
   need heaptrack heaptrack
   BENCH_AGENT_WRAP="heaptrack -o $T/agent-heap"; BENCH_SERVER_WRAP="heaptrack -o $T/server-heap"
 fi
-env ${BENCH_SERVER_ENV:-} ${BENCH_SERVER_WRAP:-} "$S" run --data-dir "$T/data" --listen 127.0.0.1:0 --public-listen 127.0.0.1:0 > "$T/server.out" 2> "$T/server.err" & SERVER_WRAP_PID=$!; PIDS+=($!)
+env ${BENCH_SERVER_ENV:-} ${BENCH_SERVER_WRAP:-} "$S" run --data-dir "$T/data" --listen 127.0.0.1:0 --public-listen 127.0.0.1:0 ${BENCH_SERVER_ARGS:-} > "$T/server.out" 2> "$T/server.err" & SERVER_WRAP_PID=$!; PIDS+=($!)
 for _ in $(seq 100); do grep -q "tunnel=" "$T/server.out" && break; sleep 0.1; done
 TUNNEL=$(sed -nE 's/.*tunnel=([^ ]+).*/\1/p' "$T/server.out")
 PUBLIC=$(sed -nE 's/.*public=([^ ]+).*/\1/p' "$T/server.out")

@@ -89,6 +89,7 @@ async fn fleet(n: usize) -> Result<Fleet> {
             tls: None,
         }),
         smtp: None,
+        data_threads: 1,
     };
     let state = server::ServerState::open(opts)?;
     let stop = CancellationToken::new();

@@ -77,6 +77,7 @@ async fn run_in(
             tls: None,
         }),
         smtp: None,
+        data_threads: 1,
     };
     let listeners = Listeners {
         udp,

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod api;
 pub mod console;
+pub mod datapath;
 pub mod db;
 pub mod demo;
 pub(crate) mod demo_portal;
@@ -43,6 +44,8 @@ pub struct ServerOptions {
     pub console: Option<console::ConsoleOptions>,
     /// Outgoing mail (Send to Email), when configured.
     pub smtp: Option<mail::SmtpOptions>,
+    /// Threads of the data path (tunnel and front, [`datapath`]); 1 runs it on one thread.
+    pub data_threads: usize,
 }
 
 /// Sockets `run` serves on; the caller binds them (tests use port 0).
@@ -165,7 +168,17 @@ pub async fn serve(
 ) -> Result<()> {
     let address = agent_address(listeners.udp.local_addr()?, &state.opts.tls.names);
     state.db.set_setting(AGENT_ADDRESS, &address)?;
-    let endpoint = hub::endpoint(&state.keys, listeners.udp)?;
+    let data = datapath::DataRuntime::start(state.opts.data_threads)?;
+    // The tunnel's and the front's sockets belong to the data path's reactor (the endpoint's
+    // driver is spawned there too); the console's stays with the caller's runtime.
+    let (endpoint, api_listener, public_listener) = {
+        let _data = data.handle().enter();
+        (
+            hub::endpoint(&state.keys, listeners.udp)?,
+            TcpListener::from_std(listeners.api.into_std()?)?,
+            TcpListener::from_std(listeners.public.into_std()?)?,
+        )
+    };
     let api_tls = api::tls_acceptor(&state.keys)?;
     let public_tls = match &state.opts.public_tls {
         Some((cert, key)) => Some(front::tls_acceptor(
@@ -177,16 +190,15 @@ pub async fn serve(
     };
     tracing::info!(
         tunnel = %endpoint.local_addr()?,
-        public = %listeners.public.local_addr()?,
+        public = %public_listener.local_addr()?,
         pin_sha256 = %state.keys.pin_hex(),
         "server listening"
     );
     let tasks = tokio_util::task::TaskTracker::new();
-    tasks.spawn(hub::serve(
-        state.clone(),
-        endpoint.clone(),
-        shutdown.clone(),
-    ));
+    tasks.spawn_on(
+        hub::serve(state.clone(), endpoint.clone(), shutdown.clone()),
+        data.handle(),
+    );
     tasks.spawn(hub::watch_registry(state.clone(), shutdown.clone()));
     // The API's port also takes the TCP transport (ALPN pbxra-tcp/1).
     let api_or_tunnel = transport::ApiOrTunnel {
@@ -195,18 +207,14 @@ pub async fn serve(
         state: state.clone(),
         shutdown: shutdown.clone(),
     };
-    tasks.spawn(api::serve(
-        state.clone(),
-        listeners.api,
-        api_or_tunnel,
-        shutdown.clone(),
-    ));
-    tasks.spawn(front::serve(
-        state.clone(),
-        listeners.public,
-        public_tls,
-        shutdown.clone(),
-    ));
+    tasks.spawn_on(
+        api::serve(state.clone(), api_listener, api_or_tunnel, shutdown.clone()),
+        data.handle(),
+    );
+    tasks.spawn_on(
+        front::serve(state.clone(), public_listener, public_tls, shutdown.clone()),
+        data.handle(),
+    );
     match (&state.opts.console, listeners.console) {
         (Some(opts), Some(listener)) => {
             tracing::info!(console = %opts.url, listen = %listener.local_addr()?, "console listening");
@@ -225,6 +233,7 @@ pub async fn serve(
     endpoint.close(crate::protocol::CLOSE_NORMAL.into(), b"server stopping");
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tasks.wait()).await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
+    data.end().await;
     Ok(())
 }
 

@@ -524,6 +524,7 @@ async fn a_console_on_the_fronts_host_or_under_it_is_refused_at_start() {
             tls: None,
         }),
         smtp: None,
+        data_threads: 1,
     };
     for bad in ["http://pbx.example.com:9000", "http://cm.pbx.example.com"] {
         let err = pbx_remote::server::ServerState::open(opts(bad))

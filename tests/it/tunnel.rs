@@ -504,3 +504,57 @@ async fn a_visitor_connection_reuses_its_stream_and_every_request_is_still_judge
     assert_ne!(r.status(), 200);
     assert_eq!(w.portal.hits(), hits);
 }
+
+/// The tunnel and the front run on the data path's own thread: a console page or registry
+/// poll that holds the runtime the server was started from cannot hold visits up. Here that
+/// runtime is stuck outright (its only thread waits on a channel) while an agent activates,
+/// connects and serves a visit, all driven from another thread.
+#[tokio::test]
+async fn visits_are_served_while_the_runtime_the_server_was_started_on_is_stuck() {
+    let server = TestServer::start().await;
+    // The server task has run (and started its data path) once the front answers.
+    let r = Visitor::new(server.public, "nosuchdevice").get("/").await;
+    assert_eq!(r.status(), 404);
+    let (device, code) = server.add_device(false);
+    let url = server.visit(&device, "alice", false);
+    let (tunnel, pin, public) = (server.tunnel, server.pin.clone(), server.public);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("agent");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let elsewhere = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let visit = async {
+                let portal = PortalFixture::start().await;
+                let toml = AgentToml::new(tunnel, &pin, &dir)
+                    .code(&code)
+                    .portal(&portal.url())
+                    .build();
+                let agent = TestAgent::start(&dir, &toml);
+
+                agent.connected().await;
+
+                let mut v = Visitor::new(public, &device);
+                v.open_visit(&url).await;
+
+                let login = v.login(USER, PASSWORD).await.status();
+                let page = v.get("/").await.status();
+                (login.as_u16(), page.as_u16(), portal.hits())
+            };
+            let answer = tokio::time::timeout(Duration::from_secs(20), visit).await;
+            let _ = tx.send(answer.map_err(|_| "no visit within 20 s"));
+        });
+    });
+    // Blocks this test's runtime, the one the server was started on, until the visit is done.
+    let answer = rx.recv_timeout(Duration::from_secs(30));
+    elsewhere.join().unwrap();
+    let (login, page, hits) = answer
+        .expect("the visiting thread answers")
+        .expect("the visit is served");
+    assert_eq!((login, page), (303, 200));
+    assert!(hits >= 1, "the page came from the portal");
+    server.shutdown().await;
+}

@@ -420,6 +420,7 @@ impl TestServer {
                 tls: None,
             }),
             smtp: None,
+            data_threads: 1,
         };
         f(&mut opts);
         let opts_console = opts.console.is_some();
