@@ -18,8 +18,9 @@
 # BENCH_AGENT / BENCH_SERVER: another agent / server binary to run (e.g. a copy built before a
 # change, for before/after).
 # BENCH_SERVER_ARGS: more arguments for the server's `run` (e.g. "--data-threads 2").
-# BENCH_PERF=cpu|strace|allocs|small|bulk measures instead of benchmarking: CPU seconds,
-# datagrams and context switches per request (downloads, small requests, uploads), how idle the
+# BENCH_PERF=cpu|strace|allocs|small|bulk|burst measures instead of benchmarking: CPU seconds,
+# datagrams, TCP connections opened and context switches per request (downloads, small requests at c=32 and in the
+# burst, uploads), how idle the
 # machine was, and streams opened per request at c=32 and in the burst; system calls per request; heap allocations per
 # request in agent and server (heaptrack); perf profiles under small requests or bulk.
 set -euo pipefail
@@ -323,6 +324,7 @@ door() { # TARGET → sets extra, curl_extra, burst
 }
 RSS_LOAD=$RSS_IDLE
 udp_out() { awk '/^Udp:/ { n++; if (n == 2) print $5 }' /proc/net/snmp; }   # OutDatagrams (a GSO batch counts once)
+tcp_opens() { awk '/^Tcp:/ { n++; if (n == 2) print $6 }' /proc/net/snmp; }   # ActiveOpens: connect() calls, machine-wide
 cpu_ticks() { # PID... → summed utime+stime clock ticks
   local sum=0 p; for p in "$@"; do sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$sum"
 }
@@ -360,8 +362,8 @@ if [ "${BENCH_PERF:-}" = cpu ]; then
     AP=$AGENT_PID; SP=$SERVER_PID
     [ "$t" = tunnel-tcp ] && AP=$AGENT_TCP_PID
     [ "$t" = nginx2 ] && { AP=$(workers "$NG_MASTER_agent"); SP=$(workers "$NG_MASTER_front"); }
-    for work in bulk small upload; do
-      i0=$(idle_ticks); a0=$(cpu_ticks $AP); s0=$(cpu_ticks $SP); as0=$(switches $AP); ss0=$(switches $SP); n0=$(cpu_ticks $NGINX_PIDS); d0=$(udp_out); w0=$(date +%s.%N)
+    for work in bulk small burst upload; do
+      i0=$(idle_ticks); a0=$(cpu_ticks $AP); s0=$(cpu_ticks $SP); as0=$(switches $AP); ss0=$(switches $SP); n0=$(cpu_ticks $NGINX_PIDS); d0=$(udp_out); o0=$(tcp_opens); w0=$(date +%s.%N)
       if [ $work = bulk ]; then
         out="$(bulk "$u/big.bin" "${curl_extra[@]}") MB/s"; work_n=1
       elif [ $work = upload ]; then
@@ -369,15 +371,19 @@ if [ "${BENCH_PERF:-}" = cpu ]; then
         host=$(printf '%s\n' "${curl_extra[@]}" | sed -n 's/^Host: //p')
         out="$(curl -s -o /dev/null -w '%{http_code} %{speed_upload}' -X POST --data-binary @"$T/www/big.bin" \
           ${host:+-H "Origin: http://$host"} "${curl_extra[@]}" "$u/upload" | awk '$1 != 204 { print "  warning: upload answered " $1 > "/dev/stderr" } {printf "%.1f", $2/1048576}') MB/s"; work_n=1
+      elif [ $work = burst ]; then
+        # The 256-connection burst (through the tunnel as 8 visits), as in the benchmark.
+        read -r rps _ _ <<<"$(wrk_run 256 "$u/small.html" "${burst[@]}")"; out="$rps req/s"
+        work_n=$(awk -v r="$rps" -v s="$SECS" 'BEGIN { printf "%d", r * s }')
       else
         read -r rps _ _ <<<"$(wrk_run 32 "$u/small.html" "${extra[@]}")"; out="$rps req/s"
         work_n=$(awk -v r="$rps" -v s="$SECS" 'BEGIN { printf "%d", r * s }')
       fi
       w1=$(date +%s.%N); idle=$(( $(idle_ticks) - i0 ))
-      d=$(( $(udp_out) - d0 )); as=$(( $(switches $AP) - as0 )); ss=$(( $(switches $SP) - ss0 )); a=$(( $(cpu_ticks $AP) - a0 )); s=$(( $(cpu_ticks $SP) - s0 )); n=$(( $(cpu_ticks $NGINX_PIDS) - n0 ))
+      d=$(( $(udp_out) - d0 )); opens=$(( $(tcp_opens) - o0 )); as=$(( $(switches $AP) - as0 )); ss=$(( $(switches $SP) - ss0 )); a=$(( $(cpu_ticks $AP) - a0 )); s=$(( $(cpu_ticks $SP) - s0 )); n=$(( $(cpu_ticks $NGINX_PIDS) - n0 ))
       awk -v t="$t" -v w="$work" -v o="$out" -v a="$a" -v s="$s" -v n="$n" -v hz="$HZ" -v e="$(echo "$w1 - $w0" | bc)" \
-        -v d="$d" -v k="$work_n" -v as="$as" -v ss="$ss" -v idle="$idle" -v cores="$(nproc)" \
-        'BEGIN { printf "%-6s %-5s %-14s elapsed %5.2fs  cpu s: agent %5.2f server %5.2f nginx %5.2f, machine idle %3.0f%%  %sUDP datagrams %.1f, switches agent %.1f server %.1f\n", t, w, o, e, a/hz, s/hz, n/hz, 100 * idle / hz / e / cores, (k > 1 ? "per request: " : ""), d/k, as/k, ss/k }'
+        -v d="$d" -v opens="$opens" -v k="$work_n" -v as="$as" -v ss="$ss" -v idle="$idle" -v cores="$(nproc)" \
+        'BEGIN { printf "%-6s %-5s %-14s elapsed %5.2fs  cpu s: agent %5.2f server %5.2f nginx %5.2f, machine idle %3.0f%%  %sUDP datagrams %.1f, TCP connections opened %.3f, switches agent %.1f server %.1f\n", t, w, o, e, a/hz, s/hz, n/hz, 100 * idle / hz / e / cores, (k > 1 ? "per request: " : ""), d/k, opens/k, as/k, ss/k }'
     done
   done
   exit 0
@@ -436,13 +442,15 @@ PY
 fi
 if [ -n "${BENCH_PERF:-}" ]; then
   # Profile agent and server under the small-request load (BENCH_PERF=bulk: under bulk
-  # downloads) instead of benchmarking. BENCH_PERF_G: perf's call-graph option (default -g;
+  # downloads; BENCH_PERF=burst: under the 256-connection burst) instead of benchmarking. BENCH_PERF_G: perf's call-graph option (default -g;
   # "--call-graph dwarf" unwinds the release build, which has no frame pointers).
   echo "profiling agent $AGENT_PID, server $SERVER_PID" >&2
   perf record -F 999 ${BENCH_PERF_G:--g} -p "$AGENT_PID" -o "$T/agent.perf" -- sleep 6 >/dev/null 2>&1 & P1=$!
   perf record -F 999 ${BENCH_PERF_G:--g} -p "$SERVER_PID" -o "$T/server.perf" -- sleep 6 >/dev/null 2>&1 & P2=$!
   if [ "$BENCH_PERF" = bulk ]; then
     end=$((SECONDS + 6)); while [ $SECONDS -lt $end ]; do bulk "$TUN/big.bin" "${TC_ARGS[@]}" >/dev/null; done
+  elif [ "$BENCH_PERF" = burst ]; then
+    door tunnel; wrk_run 256 "$TUN/small.html" "${burst[@]}" >/dev/null
   else
     wrk_run 32 "$TUN/small.html" "${TH[@]}" >/dev/null
   fi
