@@ -11,7 +11,12 @@
 //! than a CM's providers make. `--data-threads N` gives the data path N workers instead.
 //!
 //! It also keeps the two kinds of work apart: a console page that computes for a while (a list
-//! of thousands of devices) no longer holds a worker that visits were queued on.
+//! of thousands of devices) no longer holds a worker that visits were queued on. What may wait
+//! on the registry stays off this thread: each link (the registry's checks and writes when a
+//! PBX connects, its control stream and telemetry) runs on the caller's runtime
+//! ([`crate::server::hub::serve`]), and the visit path's reads use a connection of their own
+//! ([`crate::server::db::Db`]), so a write lock held by another process costs a connecting PBX
+//! its wait, not every visit. Opening a visit still writes (the link is spent) on this thread.
 
 use anyhow::{Context, Result};
 use std::time::Duration;

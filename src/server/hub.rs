@@ -142,10 +142,15 @@ pub fn endpoint(keys: &ServerKeys, udp: std::net::UdpSocket) -> Result<quinn::En
         .context("QUIC endpoint")
 }
 
-/// Accepts tunnel connections until `shutdown`.
+/// Accepts tunnel connections until `shutdown`. Runs on the data path's runtime, so each
+/// connection's driver is spawned there; the link itself (the registry's checks and writes at
+/// connect, the control stream, telemetry) runs on `links`, the server's other runtime, so a
+/// registry that is slow to answer (a write lock held elsewhere, up to the busy timeout) never
+/// holds up the thread every visit runs on ([`crate::server::datapath`]).
 pub async fn serve(
     state: Arc<ServerState>,
     endpoint: quinn::Endpoint,
+    links: tokio::runtime::Handle,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -156,37 +161,55 @@ pub async fn serve(
                 None => return,
             }
         };
+        let peer = incoming.remote_address();
+        // Spawns the connection's driver on this runtime.
+        let connecting = match incoming.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!(%peer, error = %e, "tunnel connection not accepted");
+                continue;
+            }
+        };
         let state = state.clone();
-        let remote = incoming.remote_address();
-        tokio::spawn(async move {
-            if let Err(e) = handle_connection(state, incoming).await {
-                tracing::info!(peer = %remote, error = %format!("{e:#}"), "tunnel connection ended");
+        links.spawn(async move {
+            if let Err(e) = handle_connection(state, connecting, peer).await {
+                tracing::info!(%peer, error = %format!("{e:#}"), "tunnel connection ended");
             }
         });
     }
 }
 
-async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) -> Result<()> {
-    let peer = incoming.remote_address();
-    let conn = tokio::time::timeout(CONNECT_TIMEOUT, incoming)
+async fn handle_connection(
+    state: Arc<ServerState>,
+    connecting: quinn::Connecting,
+    peer: SocketAddr,
+) -> Result<()> {
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
         .context("handshake timeout")??;
     let key_hash = peer_key_hash(&conn)?;
     identify(state, Conn::Quic(conn), key_hash, peer).await
 }
 
-/// A TCP transport connection from the API's port, TLS done: h2 over it, then as QUIC.
+/// A TCP transport connection from the API's port, TLS done: h2 over it (its connection task
+/// stays on this runtime, the data path's), then the link on `links` as for QUIC.
 pub(crate) async fn handle_tcp(
     state: Arc<ServerState>,
     tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     peer: SocketAddr,
+    links: &tokio::runtime::Handle,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let key_hash = transport::peer_key_hash_tls(tls.get_ref().1)?;
     let conn = tokio::time::timeout(CONNECT_TIMEOUT, transport::start_tcp(tls, peer, shutdown))
         .await
         .context("HTTP/2 handshake timeout")??;
-    identify(state, conn, key_hash, peer).await
+    links.spawn(async move {
+        if let Err(e) = identify(state, conn, key_hash, peer).await {
+            tracing::info!(%peer, error = %format!("{e:#}"), "tunnel connection ended");
+        }
+    });
+    Ok(())
 }
 
 /// Looks the device key up and serves the tunnel, or refuses an unknown key.

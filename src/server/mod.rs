@@ -195,8 +195,15 @@ pub async fn serve(
         "server listening"
     );
     let tasks = tokio_util::task::TaskTracker::new();
+    // Links (registry work, control streams) run here, beside the console: see hub::serve.
+    let links = tokio::runtime::Handle::current();
     tasks.spawn_on(
-        hub::serve(state.clone(), endpoint.clone(), shutdown.clone()),
+        hub::serve(
+            state.clone(),
+            endpoint.clone(),
+            links.clone(),
+            shutdown.clone(),
+        ),
         data.handle(),
     );
     tasks.spawn(hub::watch_registry(state.clone(), shutdown.clone()));
@@ -206,6 +213,7 @@ pub async fn serve(
         tunnel: transport::tcp_tls(&state.keys)?,
         state: state.clone(),
         shutdown: shutdown.clone(),
+        links,
     };
     tasks.spawn_on(
         api::serve(state.clone(), api_listener, api_or_tunnel, shutdown.clone()),

@@ -258,6 +258,8 @@ pub struct ApiOrTunnel {
     pub state: Arc<ServerState>,
     /// Ends tunnel connections when the server stops.
     pub shutdown: CancellationToken,
+    /// Where the links run ([`crate::server::hub::serve`]).
+    pub links: tokio::runtime::Handle,
 }
 
 impl crate::httpserve::Handshake for ApiOrTunnel {
@@ -274,9 +276,14 @@ impl crate::httpserve::Handshake for ApiOrTunnel {
         }
         let tls = start.into_stream(self.tunnel.clone()).await?;
         let _ = tls.get_ref().0.set_nodelay(true);
-        let (state, shutdown) = (self.state.clone(), self.shutdown.clone());
+        let (state, shutdown, links) = (
+            self.state.clone(),
+            self.shutdown.clone(),
+            self.links.clone(),
+        );
         tokio::spawn(async move {
-            if let Err(e) = crate::server::hub::handle_tcp(state, tls, peer, shutdown).await {
+            if let Err(e) = crate::server::hub::handle_tcp(state, tls, peer, &links, shutdown).await
+            {
                 tracing::info!(%peer, error = %format!("{e:#}"), "tunnel connection ended");
             }
         });

@@ -507,19 +507,18 @@ async fn a_visitor_connection_reuses_its_stream_and_every_request_is_still_judge
 
 /// The tunnel and the front run on the data path's own thread: a console page or registry
 /// poll that holds the runtime the server was started from cannot hold visits up. Here that
-/// runtime is stuck outright (its only thread waits on a channel) while an agent activates,
-/// connects and serves a visit, all driven from another thread.
+/// runtime is stuck outright (its only thread waits on a channel) while a visitor, logged in
+/// before, goes on loading pages, all driven from another thread.
 #[tokio::test]
 async fn visits_are_served_while_the_runtime_the_server_was_started_on_is_stuck() {
     let server = TestServer::start().await;
-    // The server task has run (and started its data path) once the front answers.
-    let r = Visitor::new(server.public, "nosuchdevice").get("/").await;
-    assert_eq!(r.status(), 404);
     let (device, code) = server.add_device(false);
     let url = server.visit(&device, "alice", false);
     let (tunnel, pin, public) = (server.tunnel, server.pin.clone(), server.public);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("agent");
+    let (ready, logged_in) = tokio::sync::oneshot::channel();
+    let (stuck, now_stuck) = std::sync::mpsc::channel::<()>();
     let (tx, rx) = std::sync::mpsc::channel();
     let elsewhere = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -527,34 +526,125 @@ async fn visits_are_served_while_the_runtime_the_server_was_started_on_is_stuck(
             .build()
             .unwrap();
         runtime.block_on(async move {
-            let visit = async {
-                let portal = PortalFixture::start().await;
-                let toml = AgentToml::new(tunnel, &pin, &dir)
-                    .code(&code)
-                    .portal(&portal.url())
-                    .build();
-                let agent = TestAgent::start(&dir, &toml);
-
-                agent.connected().await;
-
-                let mut v = Visitor::new(public, &device);
-                v.open_visit(&url).await;
-
-                let login = v.login(USER, PASSWORD).await.status();
-                let page = v.get("/").await.status();
-                (login.as_u16(), page.as_u16(), portal.hits())
+            let portal = PortalFixture::start().await;
+            let toml = AgentToml::new(tunnel, &pin, &dir)
+                .code(&code)
+                .portal(&portal.url())
+                .build();
+            let agent = TestAgent::start(&dir, &toml);
+            agent.connected().await;
+            let mut v = Visitor::new(public, &device);
+            v.open_visit(&url).await;
+            assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
+            let _ = ready.send(());
+            tokio::task::spawn_blocking(move || now_stuck.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            let hits = portal.hits();
+            let pages = async {
+                let mut answers = Vec::new();
+                for _ in 0..5 {
+                    answers.push(v.get("/").await.status().as_u16());
+                }
+                answers
             };
-            let answer = tokio::time::timeout(Duration::from_secs(20), visit).await;
-            let _ = tx.send(answer.map_err(|_| "no visit within 20 s"));
+            let answer = tokio::time::timeout(Duration::from_secs(20), pages).await;
+            let _ = tx.send(
+                answer
+                    .map(|a| (a, portal.hits() - hits))
+                    .map_err(|_| "no pages within 20 s"),
+            );
+            drop(agent);
         });
     });
-    // Blocks this test's runtime, the one the server was started on, until the visit is done.
+    logged_in.await.expect("the visitor logged in");
+    // No await from here on: this runtime, the one the server was started on, runs nothing
+    // else until the pages are loaded.
+    stuck.send(()).unwrap();
     let answer = rx.recv_timeout(Duration::from_secs(30));
     elsewhere.join().unwrap();
-    let (login, page, hits) = answer
+    let (pages, hits) = answer
         .expect("the visiting thread answers")
-        .expect("the visit is served");
-    assert_eq!((login, page), (303, 200));
-    assert!(hits >= 1, "the page came from the portal");
+        .expect("the pages are served");
+    assert_eq!(pages, [200; 5]);
+    assert_eq!(hits, 5, "each page came from the portal");
+    server.shutdown().await;
+}
+
+/// A registry held by a writer elsewhere (an admin command, another process) makes a
+/// connecting agent wait in the busy timeout. That wait belongs to the link, which runs on the
+/// server's other runtime, so the visits already under way on the data path keep being served.
+/// Agents, portal and visitor run on a runtime of their own, as they would on other machines.
+#[tokio::test(flavor = "multi_thread")]
+async fn visits_go_on_while_a_connecting_agent_waits_for_the_registry() {
+    let server = TestServer::start().await;
+    let (device, code) = server.add_device(false);
+    let (_, second_code) = server.add_device(false);
+    let url = server.visit(&device, "alice", false);
+    let (tunnel, pin, public) = (server.tunnel, server.pin.clone(), server.public);
+    let registry = server.data_dir().join("server.db");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let elsewhere = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let portal = PortalFixture::start().await;
+            let toml = |dir: &std::path::Path, code: &str| {
+                AgentToml::new(tunnel, &pin, dir)
+                    .code(code)
+                    .portal(&portal.url())
+                    .build()
+            };
+            let first = TestAgent::start(&root.join("first"), &toml(&root.join("first"), &code));
+            first.connected().await;
+            let mut v = Visitor::new(public, &device);
+            v.open_visit(&url).await;
+            assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
+            assert_eq!(v.get("/").await.status(), 200);
+            // A second PBX, activated and stopped: its next connect writes to the registry.
+            let dir = root.join("second");
+            let second_toml = toml(&dir, &second_code);
+            let second = TestAgent::start(&dir, &second_toml);
+            second.connected().await;
+            second.shutdown().await;
+
+            let writer = rusqlite::Connection::open(&registry).unwrap();
+            writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+            let second = TestAgent::start(&dir, &second_toml);
+            // For 3 s of the server's 5 s busy timeout the second agent's connect waits on
+            // the lock; every visit meanwhile answers at once.
+            let window = std::time::Instant::now();
+            let mut visits = 0;
+            while window.elapsed() < Duration::from_secs(3) {
+                let t0 = std::time::Instant::now();
+                assert_eq!(v.get("/").await.status(), 200);
+                let took = t0.elapsed();
+                assert!(
+                    took < Duration::from_millis(800),
+                    "visit {visits} took {took:?}"
+                );
+                visits += 1;
+            }
+            assert_ne!(
+                second.status.get().state,
+                State::Connected,
+                "the lock held the second agent's connect"
+            );
+            writer.execute_batch("ROLLBACK").unwrap();
+            second.connected().await;
+            assert!(visits > 10, "{visits} visits in the window");
+        });
+    });
+    // Waits off this runtime: the server's links run on it.
+    let joined = tokio::task::spawn_blocking(move || elsewhere.join())
+        .await
+        .unwrap();
+    if let Err(panic) = joined {
+        std::panic::resume_unwind(panic);
+    }
     server.shutdown().await;
 }

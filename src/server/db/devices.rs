@@ -317,7 +317,7 @@ impl Db {
     }
     /// The device's flags, or `None` if it is gone.
     pub fn flags(&self, device: &str) -> Result<Option<DeviceFlags>> {
-        self.with(|c| {
+        self.read(|c| {
             Ok(
                 c.prepare_cached("SELECT allow_passwordless FROM devices WHERE id = ?1")?
                     .query_row([device], |r| {

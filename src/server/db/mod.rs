@@ -54,6 +54,11 @@ pub fn now() -> i64 {
 /// The registry.
 pub struct Db {
     conn: Mutex<Connection>,
+    /// A second connection for the reads of the visit path (a visitor's grant, rechecked every
+    /// second; a device's flags; a visit link). In WAL mode a read never waits for a writer, so
+    /// these must not queue behind `conn` while it waits out the busy timeout on a write lock
+    /// held by another process: that would hold up the data path's thread, and every visit.
+    reader: Mutex<Connection>,
 }
 
 impl Db {
@@ -68,9 +73,20 @@ impl Db {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         migrate::apply(&mut conn).with_context(|| format!("{}: cannot migrate", path.display()))?;
+        let reader =
+            Connection::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        reader.busy_timeout(Duration::from_secs(5))?;
+        reader.pragma_update(None, "query_only", "ON")?;
         Ok(Db {
             conn: Mutex::new(conn),
+            reader: Mutex::new(reader),
         })
+    }
+    /// Runs the read-only `f` on the visit path's own connection (see [`Db`]).
+    fn read<T, E>(&self, f: impl FnOnce(&Connection) -> Result<T, E>) -> Result<T, E> {
+        // Invariant: as for `with`; a read leaves nothing open behind it.
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn)
     }
     /// Runs `f` on the connection. Write transactions in `f` start IMMEDIATE: a deferred one
     /// that reads and then writes fails with SQLITE_BUSY_SNAPSHOT when an admin command (or the

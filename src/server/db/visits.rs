@@ -68,7 +68,7 @@ impl Db {
     }
     /// Looks at a visit link without spending it.
     pub fn peek_visit(&self, token: &str) -> Result<Option<VisitLink>> {
-        self.with(|c| {
+        self.read(|c| {
             Ok(c.query_row(
                 "SELECT device_id, cm_user, passwordless FROM visits WHERE token_hash = ?1 AND used_at IS NULL AND expires_at > ?2",
                 params![&sha256(token.as_bytes())[..], now()],
@@ -120,7 +120,7 @@ impl Db {
         let Some((id, secret)) = cookie.split_once('.') else {
             return Ok(None);
         };
-        let row: Option<(Grant, Vec<u8>)> = self.with(|c| -> Result<_> {
+        let row: Option<(Grant, Vec<u8>)> = self.read(|c| -> Result<_> {
             // The hot path of every visitor request: a cached statement.
             Ok(c.prepare_cached(
                 "SELECT id, device_id, cm_user, passwordless, redeemed, expires_at, secret_hash FROM grants
