@@ -21,12 +21,19 @@ use tokio::net::{TcpSocket, TcpStream};
 
 /// Connect timeout towards the portal.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Keep-alive connections kept per agent. Past the pool, a request in flight opens a portal
-/// connection and drops it afterwards. A smaller pool costs small-request rate and burst
+/// Keep-alive connections kept per agent. A smaller pool costs small-request rate and burst
 /// latency; a larger one costs memory under a burst (past the RSS target at 256) for little
 /// more rate. 128 takes most of the gain and holds half the idle portal connections of 256
 /// (figures: `bench/README.md`). Idle ones live until the portal closes them.
 const POOL_SIZE: usize = 128;
+
+/// How long a request that finds every pooled connection busy waits for one of them before it
+/// opens a connection of its own (dropped afterwards). Without the wait, every request past the
+/// pool's size connected: in the benchmark's burst one request in eight, each a TCP handshake
+/// (and for an https portal a TLS one) on the PBX's CPU. The portal answers a busy moment's
+/// requests in turn either way, so the wait costs no rate; a connection held by a long
+/// download costs its waiter this much before it connects.
+const FREE_WAIT: Duration = Duration::from_millis(25);
 
 /// A request body toward the portal: the visitor's, streamed, or one the agent holds (its own
 /// login form, or a small body kept to send again after a new portal login). One type, so the
@@ -93,7 +100,53 @@ pub struct Portal {
     tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
     source: Option<IpAddr>,
     timeout: Duration,
-    pool: Mutex<Vec<SendRequest<UpBody>>>,
+    pool: Mutex<Pool>,
+    pool_size: usize,
+}
+
+/// The kept connections (busy ones too: a sender goes back as soon as its request is
+/// dispatched) and how many of them requests have taken out to wait for.
+#[derive(Default)]
+struct Pool {
+    senders: Vec<SendRequest<UpBody>>,
+    waiting: usize,
+}
+
+impl Pool {
+    /// Keeps a connection that is open, if the pool has room.
+    fn keep(&mut self, sender: SendRequest<UpBody>, size: usize) {
+        if !sender.is_closed() && self.senders.len() + self.waiting < size {
+            self.senders.push(sender);
+        }
+    }
+}
+
+/// What a request gets from the pool.
+enum Taken<'a> {
+    /// An idle connection.
+    Ready(SendRequest<UpBody>),
+    /// Every kept connection is busy: wait for this one.
+    Busy(Waiting<'a>),
+    /// Room for one more: connect.
+    Connect,
+}
+
+/// A busy kept connection a request waits for. It counts against the pool until dropped, and
+/// goes back to the pool when dropped still holding it (the wait gave up, or the request was
+/// cancelled while waiting).
+struct Waiting<'a> {
+    portal: &'a Portal,
+    sender: Option<SendRequest<UpBody>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut pool = self.portal.lock();
+        pool.waiting -= 1;
+        if let Some(s) = self.sender.take() {
+            pool.keep(s, self.portal.pool_size);
+        }
+    }
 }
 
 impl Portal {
@@ -156,7 +209,8 @@ impl Portal {
             tls,
             source: config.pbx.portal_source_addr,
             timeout: config.tunnel.portal_timeout,
-            pool: Mutex::new(Vec::new()),
+            pool: Mutex::new(Pool::default()),
+            pool_size: POOL_SIZE,
         })
     }
 
@@ -181,7 +235,28 @@ impl Portal {
             let pooled = if upgrade || attempt > 0 {
                 None
             } else {
-                self.take_ready()
+                match self.take() {
+                    Taken::Ready(s) => Some(s),
+                    Taken::Connect => None,
+                    Taken::Busy(mut w) => {
+                        let until = deadline.min(tokio::time::Instant::now() + FREE_WAIT);
+                        let freed = match w.sender.as_mut() {
+                            Some(s) => {
+                                matches!(
+                                    tokio::time::timeout_at(until, s.ready()).await,
+                                    Ok(Ok(()))
+                                )
+                            }
+                            None => false,
+                        };
+                        // Dropping `w` ends the wait (and keeps the sender if not taken).
+                        if freed {
+                            w.sender.take()
+                        } else {
+                            None
+                        }
+                    }
+                }
             };
             let mut sender = match pooled {
                 Some(s) => s,
@@ -216,20 +291,42 @@ impl Portal {
         Ok(started.elapsed())
     }
 
-    fn take_ready(&self) -> Option<SendRequest<UpBody>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
         // Invariant: the lock is never held across an await; poisoning would need a panic in
-        // the few lines below, and the pool content stays valid even then.
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        pool.retain(|s| !s.is_closed());
-        let idx = pool.iter().position(|s| s.is_ready())?;
-        Some(pool.swap_remove(idx))
+        // the few lines it guards, and the pool content stays valid even then.
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take(&self) -> Taken<'_> {
+        let mut pool = self.lock();
+        pool.senders.retain(|s| !s.is_closed());
+        if let Some(idx) = pool.senders.iter().position(|s| s.is_ready()) {
+            return Taken::Ready(pool.senders.swap_remove(idx));
+        }
+        if pool.senders.len() + pool.waiting < self.pool_size || pool.senders.is_empty() {
+            return Taken::Connect;
+        }
+        pool.waiting += 1;
+        Taken::Busy(Waiting {
+            portal: self,
+            sender: Some(pool.senders.swap_remove(0)),
+        })
     }
 
     fn put_back(&self, sender: SendRequest<UpBody>) {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < POOL_SIZE {
-            pool.push(sender);
-        }
+        self.lock().keep(sender, self.pool_size);
+    }
+
+    /// How many portal connections are kept (for tests).
+    #[cfg(test)]
+    fn kept(&self) -> usize {
+        self.lock().senders.len()
+    }
+
+    #[cfg(test)]
+    fn with_pool_size(mut self, n: usize) -> Portal {
+        self.pool_size = n;
+        self
     }
 
     async fn connect(&self, upgrade: bool) -> Result<SendRequest<UpBody>, PortalError> {
@@ -346,4 +443,95 @@ impl ServerCertVerifier for FirstUsePin {
     }
 
     tls::verify_handshake_signatures!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A portal that answers each request after `delay`; counts the connections it accepts.
+    async fn slow_portal(delay: Duration) -> (u16, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(move |_req| async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                        Bytes::from_static(b"ok"),
+                    )))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service),
+                );
+            }
+        });
+        (port, accepted)
+    }
+
+    fn portal(port: u16, pool: usize) -> Portal {
+        let text = include_str!("../../config/agent.toml").replacen(
+            "https://127.0.0.1:8088",
+            &format!("http://127.0.0.1:{port}"),
+            1,
+        );
+        let config = AgentConfig::parse(std::path::Path::new("/etc/agent.toml"), &text).unwrap();
+        Portal::new(&config, PathBuf::from("/nonexistent"))
+            .unwrap()
+            .with_pool_size(pool)
+    }
+
+    async fn get(portal: &Portal) -> Vec<u8> {
+        let req = Request::get("/")
+            .header(hyper::header::HOST, portal.host_header())
+            .body(UpBody::Full(None))
+            .unwrap();
+        let resp = portal.send(req).await.unwrap();
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec()
+    }
+
+    #[tokio::test]
+    async fn past_the_pool_a_request_waits_for_a_kept_connection_instead_of_connecting() {
+        let (port, accepted) = slow_portal(Duration::from_millis(5)).await;
+        let portal = portal(port, 2);
+        // Two kept connections, then twice as many requests at once as the pool holds.
+        futures_util::future::join_all((0..2).map(|_| get(&portal))).await;
+        assert_eq!((accepted.load(Ordering::SeqCst), portal.kept()), (2, 2));
+        for round in 0..3 {
+            let bodies = futures_util::future::join_all((0..4).map(|_| get(&portal))).await;
+            assert!(bodies.iter().all(|b| b == b"ok"));
+            assert_eq!(accepted.load(Ordering::SeqCst), 2, "round {round}");
+        }
+        assert_eq!(portal.kept(), 2);
+        assert_eq!(portal.lock().waiting, 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_held_longer_than_the_wait_gets_the_waiter_its_own() {
+        let (port, accepted) = slow_portal(FREE_WAIT * 4).await;
+        let portal = portal(port, 1);
+        get(&portal).await;
+        let started = tokio::time::Instant::now();
+        futures_util::future::join_all((0..2).map(|_| get(&portal))).await;
+        // The second request waited FREE_WAIT for the busy one, then connected: both answered
+        // in about one portal delay, not two.
+        assert!(
+            started.elapsed() < FREE_WAIT * 4 * 2,
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!((portal.kept(), portal.lock().waiting), (1, 0));
+    }
 }
