@@ -1,13 +1,14 @@
-//! The data path's own runtime: the tunnel (QUIC endpoint, the TCP transport and the activation
-//! API on its port, each device's link) and the public front run on a runtime of their own,
-//! apart from the console and the registry watcher, which stay on the caller's.
+//! The data path's own runtime: the tunnel (the QUIC endpoint and each connection's driver, the
+//! TCP transport's connections and the activation API on its port) and the public front run on
+//! a runtime of their own, apart from the console, the registry watcher and each device's link,
+//! which stay on the caller's.
 //!
 //! Why one thread by default: a visitor's small request crosses four tasks in the server (the
 //! visitor's connection, the stream's HTTP client, the tunnel connection's driver, the
 //! endpoint's driver). On a multi-thread runtime each hand-over may wake the other worker: a
 //! futex wake, a context switch in, and the tunnel connection's lock taken from two threads at
 //! once. On one thread the same hand-overs are pushes onto a local queue. bench/README ("The
-//! data path on its own thread") has the figures; one core carries far more visitor traffic
+//! server's data path on its own thread") has the figures; one core carries far more visitor traffic
 //! than a CM's providers make. `--data-threads N` gives the data path N workers instead.
 //!
 //! It also keeps the two kinds of work apart: a console page that computes for a while (a list
@@ -58,8 +59,9 @@ impl DataRuntime {
                 // A current-thread runtime makes progress only inside block_on; a multi-thread
                 // one runs on its workers and this thread just waits.
                 runtime.block_on(until.cancelled());
-                // Outside any runtime here, so it may be shut down: tasks still running (the
-                // links, once the server has stopped) are dropped, closing their sockets.
+                // Outside any runtime here, so it may be shut down: tasks still running (a
+                // connection's driver, once the server has stopped) are dropped, closing their
+                // sockets.
                 runtime.shutdown_timeout(BLOCKING_GRACE);
             })
             .context("cannot start the data path's thread")?;
