@@ -520,43 +520,37 @@ async fn visits_are_served_while_the_runtime_the_server_was_started_on_is_stuck(
     let (ready, logged_in) = tokio::sync::oneshot::channel();
     let (stuck, now_stuck) = std::sync::mpsc::channel::<()>();
     let (tx, rx) = std::sync::mpsc::channel();
-    let elsewhere = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+    let elsewhere = on_another_thread(async move {
+        let portal = PortalFixture::start().await;
+        let toml = AgentToml::new(tunnel, &pin, &dir)
+            .code(&code)
+            .portal(&portal.url())
+            .build();
+        let agent = TestAgent::start(&dir, &toml);
+        agent.connected().await;
+        let mut v = Visitor::new(public, &device);
+        v.open_visit(&url).await;
+        assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
+        let _ = ready.send(());
+        tokio::task::spawn_blocking(move || now_stuck.recv())
+            .await
+            .unwrap()
             .unwrap();
-        runtime.block_on(async move {
-            let portal = PortalFixture::start().await;
-            let toml = AgentToml::new(tunnel, &pin, &dir)
-                .code(&code)
-                .portal(&portal.url())
-                .build();
-            let agent = TestAgent::start(&dir, &toml);
-            agent.connected().await;
-            let mut v = Visitor::new(public, &device);
-            v.open_visit(&url).await;
-            assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
-            let _ = ready.send(());
-            tokio::task::spawn_blocking(move || now_stuck.recv())
-                .await
-                .unwrap()
-                .unwrap();
-            let hits = portal.hits();
-            let pages = async {
-                let mut answers = Vec::new();
-                for _ in 0..5 {
-                    answers.push(v.get("/").await.status().as_u16());
-                }
-                answers
-            };
-            let answer = tokio::time::timeout(Duration::from_secs(20), pages).await;
-            let _ = tx.send(
-                answer
-                    .map(|a| (a, portal.hits() - hits))
-                    .map_err(|_| "no pages within 20 s"),
-            );
-            drop(agent);
-        });
+        let hits = portal.hits();
+        let pages = async {
+            let mut answers = Vec::new();
+            for _ in 0..5 {
+                answers.push(v.get("/").await.status().as_u16());
+            }
+            answers
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(20), pages).await;
+        let _ = tx.send(
+            answer
+                .map(|a| (a, portal.hits() - hits))
+                .map_err(|_| "no pages within 20 s"),
+        );
+        drop(agent);
     });
     logged_in.await.expect("the visitor logged in");
     // No await from here on: this runtime, the one the server was started on, runs nothing
@@ -586,58 +580,52 @@ async fn visits_go_on_while_a_connecting_agent_waits_for_the_registry() {
     let registry = server.data_dir().join("server.db");
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
-    let elsewhere = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let portal = PortalFixture::start().await;
-            let toml = |dir: &std::path::Path, code: &str| {
-                AgentToml::new(tunnel, &pin, dir)
-                    .code(code)
-                    .portal(&portal.url())
-                    .build()
-            };
-            let first = TestAgent::start(&root.join("first"), &toml(&root.join("first"), &code));
-            first.connected().await;
-            let mut v = Visitor::new(public, &device);
-            v.open_visit(&url).await;
-            assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
-            assert_eq!(v.get("/").await.status(), 200);
-            // A second PBX, activated and stopped: its next connect writes to the registry.
-            let dir = root.join("second");
-            let second_toml = toml(&dir, &second_code);
-            let second = TestAgent::start(&dir, &second_toml);
-            second.connected().await;
-            second.shutdown().await;
+    let elsewhere = on_another_thread(async move {
+        let portal = PortalFixture::start().await;
+        let toml = |dir: &std::path::Path, code: &str| {
+            AgentToml::new(tunnel, &pin, dir)
+                .code(code)
+                .portal(&portal.url())
+                .build()
+        };
+        let first = TestAgent::start(&root.join("first"), &toml(&root.join("first"), &code));
+        first.connected().await;
+        let mut v = Visitor::new(public, &device);
+        v.open_visit(&url).await;
+        assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
+        assert_eq!(v.get("/").await.status(), 200);
+        // A second PBX, activated and stopped: its next connect writes to the registry.
+        let dir = root.join("second");
+        let second_toml = toml(&dir, &second_code);
+        let second = TestAgent::start(&dir, &second_toml);
+        second.connected().await;
+        second.shutdown().await;
 
-            let writer = rusqlite::Connection::open(&registry).unwrap();
-            writer.execute_batch("BEGIN IMMEDIATE").unwrap();
-            let second = TestAgent::start(&dir, &second_toml);
-            // For 3 s of the server's 5 s busy timeout the second agent's connect waits on
-            // the lock; every visit meanwhile answers at once.
-            let window = std::time::Instant::now();
-            let mut visits = 0;
-            while window.elapsed() < Duration::from_secs(3) {
-                let t0 = std::time::Instant::now();
-                assert_eq!(v.get("/").await.status(), 200);
-                let took = t0.elapsed();
-                assert!(
-                    took < Duration::from_millis(800),
-                    "visit {visits} took {took:?}"
-                );
-                visits += 1;
-            }
-            assert_ne!(
-                second.status.get().state,
-                State::Connected,
-                "the lock held the second agent's connect"
+        let writer = rusqlite::Connection::open(&registry).unwrap();
+        writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let second = TestAgent::start(&dir, &second_toml);
+        // For 3 s of the server's 5 s busy timeout the second agent's connect waits on
+        // the lock; every visit meanwhile answers at once.
+        let window = std::time::Instant::now();
+        let mut visits = 0;
+        while window.elapsed() < Duration::from_secs(3) {
+            let t0 = std::time::Instant::now();
+            assert_eq!(v.get("/").await.status(), 200);
+            let took = t0.elapsed();
+            assert!(
+                took < Duration::from_millis(800),
+                "visit {visits} took {took:?}"
             );
-            writer.execute_batch("ROLLBACK").unwrap();
-            second.connected().await;
-            assert!(visits > 10, "{visits} visits in the window");
-        });
+            visits += 1;
+        }
+        assert_ne!(
+            second.status.get().state,
+            State::Connected,
+            "the lock held the second agent's connect"
+        );
+        writer.execute_batch("ROLLBACK").unwrap();
+        second.connected().await;
+        assert!(visits > 10, "{visits} visits in the window");
     });
     // Waits off this runtime: the server's links run on it.
     let joined = tokio::task::spawn_blocking(move || elsewhere.join())

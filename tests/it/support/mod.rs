@@ -625,6 +625,22 @@ assertion_pubkey = "{pubkey}"
     }
 }
 
+/// Runs `task` to the end on a runtime of its own on another thread, as another machine would:
+/// whatever the test's own runtime does, or fails to do, does not hold it up.
+pub fn on_another_thread<F>(task: F) -> std::thread::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(task)
+    })
+}
+
 /// An agent running in-process.
 pub struct TestAgent {
     pub dir: PathBuf,
