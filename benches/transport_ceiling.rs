@@ -18,7 +18,7 @@
 //! `noackfreq`, `nofair`, `nogso`, `iw` (a 1 MiB initial window)).
 
 use anyhow::{Context, Result};
-use pbx_remote::protocol::MAX_STREAMS;
+use pbx_remote::protocol::STREAM_CREDIT;
 use pbx_remote::quic::{transport_config, tune_udp};
 use pbx_remote::tls::provider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -218,8 +218,8 @@ fn setup(kind: &Kind, certs: &Certs, answering: &Runtime, load: &Runtime) -> Res
             let mut client = quinn::ClientConfig::new(Arc::new(
                 quinn::crypto::rustls::QuicClientConfig::try_from(client_tls(certs)?)?,
             ));
-            // As the agent: the front may open MAX_STREAMS request streams.
-            client.transport_config(Arc::new(transport(MAX_STREAMS, variant)?));
+            // As the agent: the stream credit it gives the server.
+            client.transport_config(Arc::new(transport(STREAM_CREDIT, variant)?));
             let answer_ep = endpoint(answering, None)?;
             // quinn spawns the connection's driver on the runtime it is called from.
             let connecting = {

@@ -56,9 +56,18 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_STREAMS: u32 = 256;
 
 /// Requests the front runs at once on one tunnel (the rest get 503). Kept below
-/// [`MAX_STREAMS`] because quinn returns a closed stream's credit a round trip later; without the
-/// headroom a burst would wait inside `open_bi` instead of getting a clear answer.
+/// [`MAX_STREAMS`] because the agent returns a closed stream's credit a round trip later;
+/// without the headroom a burst would wait inside `open_bi` instead of getting a clear answer.
 pub const MAX_REQUEST_STREAMS: u32 = MAX_STREAMS - 16;
+
+/// Request streams the agent's QUIC side lets the server open: an eighth above
+/// [`MAX_STREAMS`]. quinn tells the peer about closed streams' credit only once more than an
+/// eighth of the advertised limit has come back, so up to an eighth can sit unannounced; with
+/// exactly [`MAX_STREAMS`] the server could wait in `open_bi` from 224 streams in flight, below
+/// its own [`MAX_REQUEST_STREAMS`], for as long as the open ones stay open. With an eighth more
+/// it can always open [`MAX_REQUEST_STREAMS`] plus 12 still being closed. The server never
+/// opens more than its permits allow, so the extra credit is never used as streams.
+pub const STREAM_CREDIT: u32 = MAX_STREAMS + MAX_STREAMS / 8;
 
 /// Per-stream QUIC receive window (bytes). Sized so 256 streams cannot pin much memory: the
 /// connection window below caps the sum.

@@ -14,7 +14,7 @@ use crate::agent::state::Credential;
 use crate::config::{AgentConfig, TransportMode};
 use crate::protocol::{
     read_frame, write_frame, Control, DeviceFacts, Reason, ALPN, ALPN_TCP, CLOSE_NORMAL,
-    CONNECT_TIMEOUT, HANDOVER_GRACE, MAX_STREAMS, PROTOCOL_VERSION,
+    CONNECT_TIMEOUT, HANDOVER_GRACE, PROTOCOL_VERSION, STREAM_CREDIT,
 };
 use crate::status::{rfc3339, State, StatusHandle};
 use crate::tls::{self, KeyIdentity, ServerTrust};
@@ -504,8 +504,8 @@ fn client_configs(
     let tls = tls::client_config(trust, &[ALPN], Some(key))?;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("QUIC TLS config")?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
-    // The server may open MAX_STREAMS request streams.
-    client.transport_config(Arc::new(crate::quic::transport_config(MAX_STREAMS)));
+    // The server opens up to MAX_REQUEST_STREAMS request streams; see STREAM_CREDIT.
+    client.transport_config(Arc::new(crate::quic::transport_config(STREAM_CREDIT)));
     let tcp_tls = Arc::new(tls::client_config(trust, &[ALPN_TCP], Some(key))?);
     Ok((client, tcp_tls))
 }
@@ -579,3 +579,6 @@ impl Drop for DisconnectOnDrop<'_> {
         self.0.disconnected();
     }
 }
+
+#[cfg(test)]
+mod tests;
