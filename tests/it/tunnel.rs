@@ -566,6 +566,93 @@ async fn visits_are_served_while_the_runtime_the_server_was_started_on_is_stuck(
     server.shutdown().await;
 }
 
+/// Opening a visit writes to the registry (the link is spent, the Operation Log gets a line),
+/// and so does a passwordless visit's first request (its token is spent). With the registry
+/// held by a writer elsewhere those writes wait in the busy timeout, and they must wait off the
+/// data path's thread: the visits already under way keep being served, and each new one goes on
+/// once the lock is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn visits_go_on_while_another_visit_opens_and_waits_for_the_registry() {
+    let server = TestServer::start().await;
+    let (device, code) = server.add_device(true);
+    let first_url = server.visit(&device, "alice", false);
+    let second_url = server.visit(&device, "bob", false);
+    let third_url = server.visit(&device, "carol", true);
+    let (tunnel, pin, public) = (server.tunnel, server.pin.clone(), server.public);
+    let registry = server.data_dir().join("server.db");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let elsewhere = on_another_thread(async move {
+        let portal = PortalFixture::start().await;
+        let toml = AgentToml::new(tunnel, &pin, &dir)
+            .code(&code)
+            .portal(&portal.url())
+            .build();
+        let agent = TestAgent::start(&dir, &toml);
+        agent.connected().await;
+        let mut v = Visitor::new(public, &device);
+        v.open_visit(&first_url).await;
+        assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
+        assert_eq!(v.get("/").await.status(), 200);
+        let mut second = Visitor::new(public, &device);
+        assert_eq!(second.get(&second_url).await.status(), 200, "confirm page");
+        let mut third = Visitor::new(public, &device);
+        assert_eq!(third.open_visit(&third_url).await.status(), 303);
+
+        // For 2 s of the server's 5 s busy timeout a write waits on the lock; every request of
+        // the visit under way meanwhile answers at once.
+        let registry = &registry;
+        let mut served_while_locked = async |waiting: tokio::task::JoinHandle<_>| {
+            let writer = rusqlite::Connection::open(registry).unwrap();
+            writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+            let window = std::time::Instant::now();
+            let mut served = 0;
+            while window.elapsed() < Duration::from_secs(2) {
+                let t0 = std::time::Instant::now();
+                assert_eq!(v.get("/").await.status(), 200);
+                let took = t0.elapsed();
+                assert!(
+                    took < Duration::from_millis(800),
+                    "request {served} of the visit under way took {took:?}"
+                );
+                served += 1;
+            }
+            assert!(served > 10, "{served} requests in the window");
+            assert!(!waiting.is_finished(), "the lock held the registry write");
+            writer.execute_batch("ROLLBACK").unwrap();
+            tokio::time::timeout(Duration::from_secs(5), waiting)
+                .await
+                .expect("it goes on once the lock is gone")
+                .unwrap()
+        };
+        let opening = tokio::spawn(async move {
+            let status = second.post_visit(&second_url).await.status();
+            (status, second)
+        });
+        let (status, mut second) = served_while_locked(opening).await;
+        assert_eq!(status, 303, "the second visit opened");
+        assert_eq!(second.login(USER, PASSWORD).await.status(), 303);
+        assert_eq!(second.get("/").await.status(), 200);
+
+        let redeeming = tokio::spawn(async move {
+            let status = third.get("/__remote/passwordless").await.status();
+            (status, third)
+        });
+        let (status, mut third) = served_while_locked(redeeming).await;
+        assert_eq!(status, 303, "the passwordless visit logged in");
+        let session: serde_json::Value = third.get("/__remote/session").await.json().await.unwrap();
+        assert_eq!(session["role"], "super_admin");
+    });
+    // Waits off this runtime: the server's links run on it.
+    let joined = tokio::task::spawn_blocking(move || elsewhere.join())
+        .await
+        .unwrap();
+    if let Err(panic) = joined {
+        std::panic::resume_unwind(panic);
+    }
+    server.shutdown().await;
+}
+
 /// A registry held by a writer elsewhere (an admin command, another process) makes a
 /// connecting agent wait in the busy timeout. That wait belongs to the link, which runs on the
 /// server's other runtime, so the visits already under way on the data path keep being served.

@@ -5,7 +5,7 @@ use super::*;
 use hyper_util::rt::TokioIo;
 
 pub(super) async fn forward(
-    state: &ServerState,
+    state: &Arc<ServerState>,
     public: &PublicUrl,
     device: &str,
     grant: Arc<Grant>,
@@ -98,7 +98,8 @@ pub(super) async fn forward(
         passwordless_token: None,
     };
     if redeeming {
-        match state.db.mark_grant_redeemed(&grant.id) {
+        let id = grant.id.clone();
+        match writing(state, move |s| s.db.mark_grant_redeemed(&id)).await {
             Ok(true) => match mint_token(state, device, &grant) {
                 Ok(t) => header.passwordless_token = Some(Secret::new(t)),
                 Err(e) => return internal(e),

@@ -94,7 +94,7 @@ pub async fn serve(
 }
 
 async fn handle(
-    state: &ServerState,
+    state: &Arc<ServerState>,
     public: &PublicUrl,
     peer: SocketAddr,
     keeper: &Keeper,
@@ -153,6 +153,20 @@ async fn handle(
     };
     let client = client_addr(state, peer, req.headers());
     forward(state, public, &device, grant, client, req).await
+}
+
+/// Runs registry work that writes on the runtime's blocking threads. The front runs on the data
+/// path's thread, which carries every visit to every PBX, and a write can wait out SQLite's busy
+/// timeout (5 s) while an admin command or another process holds the lock. The visit path's
+/// reads stay inline: they have a connection of their own that a writer does not hold up.
+async fn writing<T: Send + 'static>(
+    state: &Arc<ServerState>,
+    work: impl FnOnce(&ServerState) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let (state, span) = (state.clone(), tracing::Span::current());
+    tokio::task::spawn_blocking(move || span.in_scope(|| work(&state)))
+        .await
+        .context("registry write task")?
 }
 
 fn internal(e: anyhow::Error) -> Response<Body> {

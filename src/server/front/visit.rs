@@ -4,7 +4,7 @@
 use super::*;
 
 pub(super) async fn visit(
-    state: &ServerState,
+    state: &Arc<ServerState>,
     public: &PublicUrl,
     device: &str,
     token: &str,
@@ -64,32 +64,39 @@ pub(super) async fn visit(
                     "Confirm the visit from its own page.",
                 );
             }
-            let Redeemed { grant, cookie } = match state.db.redeem_visit(token, device) {
+            // The link is spent and the visit logged in the Operation Log, under whoever minted
+            // the link, with the address of the browser that opened it.
+            let (token, dev, client) = (token.to_string(), device.to_string(), client.to_string());
+            let redeemed = writing(state, move |s| {
+                let Some(redeemed) = s.db.redeem_visit(&token, &dev)? else {
+                    return Ok(None);
+                };
+                let grant = &redeemed.grant;
+                let op = crate::server::db::Op {
+                    actor: &grant.cm_user,
+                    source: crate::server::db::Source::Front,
+                    action: "visit.open",
+                    target: Some(&dev),
+                    device: Some(&dev),
+                    client: Some(&client),
+                    result: "ok",
+                    detail: Some(if grant.passwordless {
+                        "passwordless"
+                    } else {
+                        "account login"
+                    }),
+                };
+                if let Err(e) = s.db.log_op(&op) {
+                    tracing::warn!(error = %format!("{e:#}"), "operation log write failed");
+                }
+                Ok(Some(redeemed))
+            });
+            let Redeemed { grant, cookie } = match redeemed.await {
                 Ok(Some(x)) => x,
                 Ok(None) => return gone(),
                 Err(e) => return internal(e),
             };
             tracing::info!(device, cm_user = %grant.cm_user, passwordless = grant.passwordless, "visit started");
-            // The visit is opened: in the Operation Log under whoever minted the link, with the
-            // address of the browser that opened it.
-            let client = client.to_string();
-            let op = crate::server::db::Op {
-                actor: &grant.cm_user,
-                source: crate::server::db::Source::Front,
-                action: "visit.open",
-                target: Some(device),
-                device: Some(device),
-                client: Some(&client),
-                result: "ok",
-                detail: Some(if grant.passwordless {
-                    "passwordless"
-                } else {
-                    "account login"
-                }),
-            };
-            if let Err(e) = state.db.log_op(&op) {
-                tracing::warn!(error = %format!("{e:#}"), "operation log write failed");
-            }
             let secure = if public.secure() { "; Secure" } else { "" };
             let set = format!(
                 "{}={cookie}; Path=/; HttpOnly; SameSite=Lax{secure}",
