@@ -150,21 +150,35 @@ struct Limits {
     accounts: AccountLimiter,
 }
 
-/// Serves the API until `shutdown`.
+/// Serves the API until `shutdown`. Connections are accepted where this runs (the data path's
+/// runtime, since the port also takes the TCP transport); each activation is handled on
+/// `links`, because it writes to the registry and may wait out its busy timeout there.
 pub async fn serve(
     state: Arc<ServerState>,
     listener: TcpListener,
     tls: impl httpserve::Handshake,
+    links: tokio::runtime::Handle,
     shutdown: CancellationToken,
 ) {
     let limiter = Arc::new(Limits::default());
     let limits = httpserve::Limits::new("api", MAX_CONNECTIONS);
     httpserve::serve(listener, tls, limits, shutdown, move |peer| {
-        let (state, limiter) = (state.clone(), limiter.clone());
+        let (state, limiter, links) = (state.clone(), limiter.clone(), links.clone());
         hyper::service::service_fn(move |req| {
             let (state, limiter) = (state.clone(), limiter.clone());
+            // Aborted if the connection goes first, as the request would be if handled inline.
+            let handled = tokio_util::task::AbortOnDropHandle::new(
+                links.spawn(async move { handle(&state, &limiter, peer, req).await }),
+            );
             async move {
-                Ok::<_, std::convert::Infallible>(handle(&state, &limiter, peer, req).await)
+                let resp = handled.await.unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "activation request task failed");
+                    json(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &serde_json::json!({"error": "internal error"}),
+                    )
+                });
+                Ok::<_, std::convert::Infallible>(resp)
             }
         })
     })

@@ -1,7 +1,7 @@
 //! The data path's own runtime: the tunnel (the QUIC endpoint and each connection's driver, the
-//! TCP transport's connections and the activation API on its port) and the public front run on
-//! a runtime of their own, apart from the console, the registry watcher and each device's link,
-//! which stay on the caller's.
+//! TCP transport's connections and the API's port they share) and the public front run on a
+//! runtime of their own, apart from the console, the registry watcher, each device's link and
+//! each activation, which stay on the caller's.
 //!
 //! Why one thread by default: a visitor's small request crosses four tasks in the server (the
 //! visitor's connection, the stream's HTTP client, the tunnel connection's driver, the
@@ -15,16 +15,18 @@
 //! of thousands of devices) no longer holds a worker that visits were queued on. What may wait
 //! on the registry stays off this thread: each link (the registry's checks and writes when a
 //! PBX connects, its control stream and telemetry) runs on the caller's runtime
-//! ([`crate::server::hub::serve`]), and the visit path's reads use a connection of their own
-//! ([`crate::server::db::Db`]), so a write lock held by another process costs a connecting PBX
-//! its wait, not every visit. Opening a visit still writes (the link is spent) on this thread.
+//! ([`crate::server::hub::serve`]), and so does each activation ([`crate::server::api::serve`]);
+//! the front's few writes (a visit opened, a passwordless grant spent) run on blocking threads,
+//! and the visit path's reads use a connection of their own ([`crate::server::db::Db`]). So a
+//! write lock held by another process costs whoever writes their wait, not every visit
+//! (`tunnel::visits_go_on_while_*` in the integration tests).
 
 use anyhow::{Context, Result};
 use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
-/// How long the data runtime's blocking work (a password check) may delay the end.
+/// How long the data runtime's blocking work (the front's registry writes) may delay the end.
 const BLOCKING_GRACE: Duration = Duration::from_secs(1);
 
 /// The data path's runtime, driven by threads of its own until [`DataRuntime::end`] or drop.

@@ -195,7 +195,8 @@ pub async fn serve(
         "server listening"
     );
     let tasks = tokio_util::task::TaskTracker::new();
-    // Links (registry work, control streams) run here, beside the console: see hub::serve.
+    // Links (registry work, control streams) and activations run here, beside the console:
+    // see hub::serve and api::serve.
     let links = tokio::runtime::Handle::current();
     tasks.spawn_on(
         hub::serve(
@@ -213,10 +214,16 @@ pub async fn serve(
         tunnel: transport::tcp_tls(&state.keys)?,
         state: state.clone(),
         shutdown: shutdown.clone(),
-        links,
+        links: links.clone(),
     };
     tasks.spawn_on(
-        api::serve(state.clone(), api_listener, api_or_tunnel, shutdown.clone()),
+        api::serve(
+            state.clone(),
+            api_listener,
+            api_or_tunnel,
+            links,
+            shutdown.clone(),
+        ),
         data.handle(),
     );
     tasks.spawn_on(

@@ -566,11 +566,55 @@ async fn visits_are_served_while_the_runtime_the_server_was_started_on_is_stuck(
     server.shutdown().await;
 }
 
+/// Holds the registry's write lock, as an admin command or another process would, for 2 s of
+/// the server's 5 s busy timeout while `v` keeps loading pages: each must answer at once, since
+/// what waits on the lock waits off the data path's thread. `held` is the work the lock holds
+/// up: it must still be waiting when the lock goes, and finish after; its output is returned.
+async fn served_while_locked<T>(
+    registry: &std::path::Path,
+    v: &mut Visitor,
+    held: tokio::task::JoinHandle<T>,
+) -> T {
+    let writer = rusqlite::Connection::open(registry).unwrap();
+    writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let window = std::time::Instant::now();
+    let mut served = 0;
+    while window.elapsed() < Duration::from_secs(2) {
+        let t0 = std::time::Instant::now();
+        assert_eq!(v.get("/").await.status(), 200);
+        let took = t0.elapsed();
+        assert!(
+            took < Duration::from_millis(800),
+            "request {served} of the visit under way took {took:?}"
+        );
+        served += 1;
+    }
+    assert!(served > 10, "{served} requests in the window");
+    assert!(!held.is_finished(), "the lock held the registry write");
+    writer.execute_batch("ROLLBACK").unwrap();
+    tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("it goes on once the lock is gone")
+        .unwrap()
+}
+
+/// Runs `test` on a runtime of its own, as agents, portal and visitors would run on other
+/// machines: the server's links run on the test's runtime, and a registry wait blocks a thread.
+async fn elsewhere(test: impl std::future::Future<Output = ()> + Send + 'static) {
+    let thread = on_another_thread(test);
+    let joined = tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .unwrap();
+    if let Err(panic) = joined {
+        std::panic::resume_unwind(panic);
+    }
+}
+
 /// Opening a visit writes to the registry (the link is spent, the Operation Log gets a line),
 /// and so does a passwordless visit's first request (its token is spent). With the registry
-/// held by a writer elsewhere those writes wait in the busy timeout, and they must wait off the
-/// data path's thread: the visits already under way keep being served, and each new one goes on
-/// once the lock is gone.
+/// held by a writer elsewhere those writes wait in the busy timeout, off the data path's thread:
+/// the visits already under way keep being served, and each new one goes on once the lock is
+/// gone.
 #[tokio::test(flavor = "multi_thread")]
 async fn visits_go_on_while_another_visit_opens_and_waits_for_the_registry() {
     let server = TestServer::start().await;
@@ -582,7 +626,7 @@ async fn visits_go_on_while_another_visit_opens_and_waits_for_the_registry() {
     let registry = server.data_dir().join("server.db");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
-    let elsewhere = on_another_thread(async move {
+    elsewhere(async move {
         let portal = PortalFixture::start().await;
         let toml = AgentToml::new(tunnel, &pin, &dir)
             .code(&code)
@@ -599,37 +643,11 @@ async fn visits_go_on_while_another_visit_opens_and_waits_for_the_registry() {
         let mut third = Visitor::new(public, &device);
         assert_eq!(third.open_visit(&third_url).await.status(), 303);
 
-        // For 2 s of the server's 5 s busy timeout a write waits on the lock; every request of
-        // the visit under way meanwhile answers at once.
-        let registry = &registry;
-        let mut served_while_locked = async |waiting: tokio::task::JoinHandle<_>| {
-            let writer = rusqlite::Connection::open(registry).unwrap();
-            writer.execute_batch("BEGIN IMMEDIATE").unwrap();
-            let window = std::time::Instant::now();
-            let mut served = 0;
-            while window.elapsed() < Duration::from_secs(2) {
-                let t0 = std::time::Instant::now();
-                assert_eq!(v.get("/").await.status(), 200);
-                let took = t0.elapsed();
-                assert!(
-                    took < Duration::from_millis(800),
-                    "request {served} of the visit under way took {took:?}"
-                );
-                served += 1;
-            }
-            assert!(served > 10, "{served} requests in the window");
-            assert!(!waiting.is_finished(), "the lock held the registry write");
-            writer.execute_batch("ROLLBACK").unwrap();
-            tokio::time::timeout(Duration::from_secs(5), waiting)
-                .await
-                .expect("it goes on once the lock is gone")
-                .unwrap()
-        };
         let opening = tokio::spawn(async move {
             let status = second.post_visit(&second_url).await.status();
             (status, second)
         });
-        let (status, mut second) = served_while_locked(opening).await;
+        let (status, mut second) = served_while_locked(&registry, &mut v, opening).await;
         assert_eq!(status, 303, "the second visit opened");
         assert_eq!(second.login(USER, PASSWORD).await.status(), 303);
         assert_eq!(second.get("/").await.status(), 200);
@@ -638,36 +656,31 @@ async fn visits_go_on_while_another_visit_opens_and_waits_for_the_registry() {
             let status = third.get("/__remote/passwordless").await.status();
             (status, third)
         });
-        let (status, mut third) = served_while_locked(redeeming).await;
+        let (status, mut third) = served_while_locked(&registry, &mut v, redeeming).await;
         assert_eq!(status, 303, "the passwordless visit logged in");
         let session: serde_json::Value = third.get("/__remote/session").await.json().await.unwrap();
         assert_eq!(session["role"], "super_admin");
-    });
-    // Waits off this runtime: the server's links run on it.
-    let joined = tokio::task::spawn_blocking(move || elsewhere.join())
-        .await
-        .unwrap();
-    if let Err(panic) = joined {
-        std::panic::resume_unwind(panic);
-    }
+    })
+    .await;
     server.shutdown().await;
 }
 
-/// A registry held by a writer elsewhere (an admin command, another process) makes a
-/// connecting agent wait in the busy timeout. That wait belongs to the link, which runs on the
-/// server's other runtime, so the visits already under way on the data path keep being served.
-/// Agents, portal and visitor run on a runtime of their own, as they would on other machines.
+/// A registry held by a writer elsewhere makes a connecting agent wait in the busy timeout, and
+/// an activating one too. Those waits belong to the link and to the activation API's request,
+/// which run on the server's other runtime, so the visits already under way on the data path
+/// keep being served.
 #[tokio::test(flavor = "multi_thread")]
-async fn visits_go_on_while_a_connecting_agent_waits_for_the_registry() {
+async fn visits_go_on_while_agents_connect_or_activate_and_wait_for_the_registry() {
     let server = TestServer::start().await;
     let (device, code) = server.add_device(false);
     let (_, second_code) = server.add_device(false);
+    let (_, third_code) = server.add_device(false);
     let url = server.visit(&device, "alice", false);
     let (tunnel, pin, public) = (server.tunnel, server.pin.clone(), server.public);
     let registry = server.data_dir().join("server.db");
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
-    let elsewhere = on_another_thread(async move {
+    elsewhere(async move {
         let portal = PortalFixture::start().await;
         let toml = |dir: &std::path::Path, code: &str| {
             AgentToml::new(tunnel, &pin, dir)
@@ -688,38 +701,24 @@ async fn visits_go_on_while_a_connecting_agent_waits_for_the_registry() {
         second.connected().await;
         second.shutdown().await;
 
-        let writer = rusqlite::Connection::open(&registry).unwrap();
-        writer.execute_batch("BEGIN IMMEDIATE").unwrap();
         let second = TestAgent::start(&dir, &second_toml);
-        // For 3 s of the server's 5 s busy timeout the second agent's connect waits on
-        // the lock; every visit meanwhile answers at once.
-        let window = std::time::Instant::now();
-        let mut visits = 0;
-        while window.elapsed() < Duration::from_secs(3) {
-            let t0 = std::time::Instant::now();
-            assert_eq!(v.get("/").await.status(), 200);
-            let took = t0.elapsed();
-            assert!(
-                took < Duration::from_millis(800),
-                "visit {visits} took {took:?}"
-            );
-            visits += 1;
-        }
-        assert_ne!(
-            second.status.get().state,
-            State::Connected,
-            "the lock held the second agent's connect"
-        );
-        writer.execute_batch("ROLLBACK").unwrap();
-        second.connected().await;
-        assert!(visits > 10, "{visits} visits in the window");
-    });
-    // Waits off this runtime: the server's links run on it.
-    let joined = tokio::task::spawn_blocking(move || elsewhere.join())
-        .await
-        .unwrap();
-    if let Err(panic) = joined {
-        std::panic::resume_unwind(panic);
-    }
+        let connecting = tokio::spawn(async move {
+            second.connected().await;
+            second
+        });
+        let second = served_while_locked(&registry, &mut v, connecting).await;
+        assert_eq!(second.status.get().state, State::Connected);
+
+        // A third PBX activates with its code: spending the code writes to the registry.
+        let dir = root.join("third");
+        let third = TestAgent::start(&dir, &toml(&dir, &third_code));
+        let activating = tokio::spawn(async move {
+            third.connected().await;
+            third
+        });
+        let third = served_while_locked(&registry, &mut v, activating).await;
+        assert!(third.status.get().device_id.is_some());
+    })
+    .await;
     server.shutdown().await;
 }
