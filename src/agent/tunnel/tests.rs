@@ -1,9 +1,9 @@
-//! The agent's QUIC settings against the server's real endpoint.
+//! The agent's QUIC settings against a server that opens request streams as the front does.
 
 use super::client_configs;
-use crate::protocol::MAX_REQUEST_STREAMS;
-use crate::server::keys::{ServerKeys, TlsSource};
+use crate::protocol::{ALPN, MAX_REQUEST_STREAMS};
 use crate::tls::{KeyIdentity, ServerTrust};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::timeout;
 
@@ -19,13 +19,22 @@ const STEP: Duration = Duration::from_secs(3);
 #[tokio::test]
 async fn the_server_opens_streams_up_to_its_limit_while_long_ones_stay_open() {
     crate::tls::install_default_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let keys = ServerKeys::load_or_create(dir.path(), &TlsSource::default()).unwrap();
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let addr = udp.local_addr().unwrap();
-    let server = crate::server::hub::endpoint(&keys, udp).unwrap();
+    // The server's side as the CM sets it up: TLS 1.3 with the device key as client certificate.
+    let server_id = KeyIdentity::generate(&["localhost".into()]).unwrap();
+    let mut crypto = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(Arc::new(crate::tls::DeviceKeyVerifier::new()))
+        .with_single_cert(vec![server_id.cert.clone()], server_id.private_key())
+        .unwrap();
+    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).unwrap();
+    let server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = server.local_addr().unwrap();
     let device = KeyIdentity::generate(&["device".into()]).unwrap();
-    let (client_config, _) = client_configs(&ServerTrust::Pin(keys.pin), &device).unwrap();
+    let trust = ServerTrust::Pin(server_id.spki_sha256());
+    let (client_config, _) = client_configs(&trust, &device).unwrap();
     let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     client.set_default_client_config(client_config);
 
