@@ -48,6 +48,34 @@ pub struct ServerOptions {
     pub data_threads: usize,
 }
 
+impl ServerOptions {
+    /// The browser's address for a request that came from `peer`: the peer itself, unless it is
+    /// a trusted proxy, then the nearest `X-Forwarded-For` hop that is not one (the front's and
+    /// the console's lockouts, audit and stream header all count this address). A header from an
+    /// untrusted peer is ignored, so nobody picks their own address.
+    pub fn client_of(&self, peer: IpAddr, headers: &http::HeaderMap) -> IpAddr {
+        let trusted = |a: &IpAddr| self.trusted_proxies.iter().any(|c| c.contains(a));
+        if !trusted(&peer) {
+            return peer;
+        }
+        let hops = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|h| h.trim().parse::<IpAddr>().ok())
+            .collect::<Vec<_>>();
+        let mut addr = peer;
+        for hop in hops.into_iter().rev() {
+            addr = hop;
+            if !trusted(&hop) {
+                break;
+            }
+        }
+        addr
+    }
+}
+
 /// Sockets `run` serves on; the caller binds them (tests use port 0).
 pub struct Listeners {
     /// UDP for QUIC.
@@ -271,5 +299,37 @@ mod tests {
         assert!(!one.contains(&ip("127.0.0.2")));
         assert!(parse_trusted_proxy("10.0.0.0/33").is_err());
         assert!(parse_trusted_proxy("proxy.example.com").is_err());
+    }
+
+    #[test]
+    fn the_client_is_the_nearest_hop_that_is_not_a_trusted_proxy() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let opts = ServerOptions {
+            data_dir: PathBuf::new(),
+            public_url: Url::parse("http://localhost").unwrap(),
+            public_tls: None,
+            trusted_proxies: vec![parse_trusted_proxy("10.0.0.0/8").unwrap()],
+            tls: keys::TlsSource::default(),
+            console: None,
+            smtp: None,
+            data_threads: 1,
+        };
+        let forwarded = |values: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for v in values {
+                h.append("x-forwarded-for", v.parse().unwrap());
+            }
+            h
+        };
+        // A browser's own claims (the leftmost hops) count only past the last trusted proxy.
+        let h = forwarded(&["6.6.6.6, 1.2.3.4", "10.0.0.9"]);
+        assert_eq!(opts.client_of(ip("10.0.0.1"), &h), ip("1.2.3.4"));
+        assert_eq!(opts.client_of(ip("192.0.2.1"), &h), ip("192.0.2.1"));
+        let h = forwarded(&["bogus, 10.0.0.7"]);
+        assert_eq!(opts.client_of(ip("10.0.0.1"), &h), ip("10.0.0.7"));
+        assert_eq!(
+            opts.client_of(ip("10.0.0.1"), &forwarded(&[])),
+            ip("10.0.0.1")
+        );
     }
 }

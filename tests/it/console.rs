@@ -188,6 +188,62 @@ async fn five_failures_lock_that_address_only_with_the_same_generic_error() {
     assert_eq!(log[0].client.as_deref(), Some("127.0.0.2"));
 }
 
+/// A console behind a reverse proxy (`--trusted-proxy`) counts the browser's address from
+/// `X-Forwarded-For`: one guesser's failures lock that browser out, not every user of the
+/// proxy, and the Operation Log names the browser. From a peer that is not trusted the header
+/// is ignored, so it cannot be used to step around a lock.
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_trusted_proxy_the_lockout_counts_the_browser_not_the_proxy() {
+    let trusted = TestServer::start_with(|o| {
+        o.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    add_user(&trusted, "ann@example.com", Role::Operator, &[]);
+    let guesser = std::net::IpAddr::from([203, 0, 113, 7]);
+    let ann = std::net::IpAddr::from([198, 51, 100, 20]);
+    let fail_five_times = async |cm: &mut Cm| {
+        for _ in 0..5 {
+            let wrong = [("email", "ann@example.com"), ("password", "not-it")];
+            assert_eq!(cm.post("/login", &wrong).await.status(), 401);
+        }
+    };
+    let mut cm = Cm::forwarded_for(&trusted, guesser);
+    fail_five_times(&mut cm).await;
+    let right = [("email", "ann@example.com"), ("password", CM_PASSWORD)];
+    assert_eq!(cm.post("/login", &right).await.status(), 401, "locked");
+    let mut browser = Cm::forwarded_for(&trusted, ann);
+    assert_eq!(
+        browser.sign_in("ann@example.com", CM_PASSWORD).await,
+        "/devices"
+    );
+    let log = trusted
+        .db()
+        .oplog(
+            &trusted.db().user("ann@example.com").unwrap().unwrap(),
+            &OpFilter {
+                action: Some("user.login".into()),
+                limit: 20,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(log[0].client.as_deref(), Some("198.51.100.20"), "{log:?}");
+    assert_eq!(log[1].client.as_deref(), Some("203.0.113.7"), "{log:?}");
+
+    // Without --trusted-proxy the header names nobody: the lock stays on the peer.
+    let plain = TestServer::start().await;
+    add_user(&plain, "ann@example.com", Role::Operator, &[]);
+    let mut cm = Cm::forwarded_for(&plain, guesser);
+    fail_five_times(&mut cm).await;
+    let mut spoofing = Cm::forwarded_for(&plain, ann);
+    let r = spoofing.post("/login", &right).await;
+    assert_eq!(
+        r.status(),
+        401,
+        "a forwarded-for header steps around no lock"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn totp_enrolment_then_each_code_and_recovery_code_works_once() {
     let server = TestServer::start().await;

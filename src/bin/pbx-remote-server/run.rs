@@ -27,7 +27,7 @@ pub(crate) struct RunArgs {
     /// Private key (PEM) for HTTPS on the front.
     #[arg(long, requires = "public_cert")]
     public_key: Option<PathBuf>,
-    /// Proxy (CIDR) whose X-Forwarded-For is believed; repeatable.
+    /// Proxy (CIDR) whose X-Forwarded-For is believed, by the front and the console; repeatable.
     #[arg(long, value_parser = server::parse_trusted_proxy)]
     trusted_proxy: Vec<ipnet::IpNet>,
     /// Certificate (PEM) for the API and tunnel [default: generated in the data dir].

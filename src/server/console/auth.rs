@@ -166,11 +166,14 @@ fn sign_in_first(parts: &Parts, api: bool) -> Response {
 /// the same origin. A bearer token is no ambient credential, so an API call with one needs
 /// neither.
 pub(super) async fn admit(app: &AppState, req: &mut Request) -> Result<(), Response> {
-    let client = req
+    let peer = req
         .extensions()
         .get::<Peer>()
         .map(|p| p.0.ip())
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    // Behind a trusted proxy the lockout and the Operation Log count the browser, not the proxy
+    // (which would let one guesser lock an email out for everyone).
+    let client = app.server.opts.client_of(peer, req.headers());
     let api = req.uri().path().starts_with("/api/");
     let db = &app.server.db;
     let mut resolved = Resolved {

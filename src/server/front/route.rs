@@ -80,22 +80,5 @@ pub(super) fn client_addr(
     peer: SocketAddr,
     headers: &http::HeaderMap,
 ) -> IpAddr {
-    let mut addr = peer.ip();
-    if !state.opts.trusted_proxies.iter().any(|c| c.contains(&addr)) {
-        return addr;
-    }
-    let hops: Vec<IpAddr> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|h| h.trim().parse().ok())
-        .collect();
-    for hop in hops.into_iter().rev() {
-        addr = hop;
-        if !state.opts.trusted_proxies.iter().any(|c| c.contains(&hop)) {
-            break;
-        }
-    }
-    addr
+    state.opts.client_of(peer.ip(), headers)
 }

@@ -42,12 +42,27 @@ impl Cm {
     /// A client whose connections come from `local` (another loopback address is another
     /// source for the lockout).
     pub fn from(server: &TestServer, local: IpAddr) -> Cm {
+        Self::built(server, reqwest::Client::builder().local_address(local))
+    }
+
+    /// A browser behind a reverse proxy at 127.0.0.1 that says it forwards for `browser`.
+    pub fn forwarded_for(server: &TestServer, browser: IpAddr) -> Cm {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("x-forwarded-for", browser.to_string().parse().unwrap());
+        Self::built(
+            server,
+            reqwest::Client::builder()
+                .local_address(IpAddr::from([127, 0, 0, 1]))
+                .default_headers(headers),
+        )
+    }
+
+    fn built(server: &TestServer, client: reqwest::ClientBuilder) -> Cm {
         pbx_remote::tls::install_default_provider();
         Cm {
             base: format!("http://{}", server.console),
-            client: reqwest::Client::builder()
+            client: client
                 .redirect(reqwest::redirect::Policy::none())
-                .local_address(local)
                 .build()
                 .unwrap(),
             session: None,
