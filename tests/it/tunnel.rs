@@ -505,6 +505,30 @@ async fn a_visitor_connection_reuses_its_stream_and_every_request_is_still_judge
     assert_eq!(w.portal.hits(), hits);
 }
 
+/// What a visit needs beyond the server, started on the calling runtime (the tests below run it
+/// on a thread of their own): a portal, an agent activated with `code` in `dir` and connected,
+/// and a visitor logged in to the remote account through the visit link `url`.
+async fn logged_in_visit(
+    server: (std::net::SocketAddr, &str, std::net::SocketAddr),
+    dir: &std::path::Path,
+    code: &str,
+    device: &str,
+    url: &str,
+) -> (PortalFixture, TestAgent, Visitor) {
+    let (tunnel, pin, public) = server;
+    let portal = PortalFixture::start().await;
+    let toml = AgentToml::new(tunnel, pin, dir)
+        .code(code)
+        .portal(&portal.url())
+        .build();
+    let agent = TestAgent::start(dir, &toml);
+    agent.connected().await;
+    let mut v = Visitor::new(public, device);
+    v.open_visit(url).await;
+    assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
+    (portal, agent, v)
+}
+
 /// The tunnel and the front run on the data path's own thread: a console page or registry
 /// poll that holds the runtime the server was started from cannot hold visits up. Here that
 /// runtime is stuck outright (its only thread waits on a channel) while a visitor, logged in
@@ -521,16 +545,8 @@ async fn visits_are_served_while_the_runtime_the_server_was_started_on_is_stuck(
     let (stuck, now_stuck) = std::sync::mpsc::channel::<()>();
     let (tx, rx) = std::sync::mpsc::channel();
     let elsewhere = on_another_thread(async move {
-        let portal = PortalFixture::start().await;
-        let toml = AgentToml::new(tunnel, &pin, &dir)
-            .code(&code)
-            .portal(&portal.url())
-            .build();
-        let agent = TestAgent::start(&dir, &toml);
-        agent.connected().await;
-        let mut v = Visitor::new(public, &device);
-        v.open_visit(&url).await;
-        assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
+        let server = (tunnel, pin.as_str(), public);
+        let (portal, agent, mut v) = logged_in_visit(server, &dir, &code, &device, &url).await;
         let _ = ready.send(());
         tokio::task::spawn_blocking(move || now_stuck.recv())
             .await
@@ -627,16 +643,9 @@ async fn visits_go_on_while_another_visit_opens_and_waits_for_the_registry() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     elsewhere(async move {
-        let portal = PortalFixture::start().await;
-        let toml = AgentToml::new(tunnel, &pin, &dir)
-            .code(&code)
-            .portal(&portal.url())
-            .build();
-        let agent = TestAgent::start(&dir, &toml);
-        agent.connected().await;
-        let mut v = Visitor::new(public, &device);
-        v.open_visit(&first_url).await;
-        assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
+        let server = (tunnel, pin.as_str(), public);
+        let (_portal, _agent, mut v) =
+            logged_in_visit(server, &dir, &code, &device, &first_url).await;
         assert_eq!(v.get("/").await.status(), 200);
         let mut second = Visitor::new(public, &device);
         assert_eq!(second.get(&second_url).await.status(), 200, "confirm page");
@@ -681,19 +690,16 @@ async fn visits_go_on_while_agents_connect_or_activate_and_wait_for_the_registry
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
     elsewhere(async move {
-        let portal = PortalFixture::start().await;
+        let server = (tunnel, pin.as_str(), public);
+        let (portal, _first, mut v) =
+            logged_in_visit(server, &root.join("first"), &code, &device, &url).await;
+        assert_eq!(v.get("/").await.status(), 200);
         let toml = |dir: &std::path::Path, code: &str| {
             AgentToml::new(tunnel, &pin, dir)
                 .code(code)
                 .portal(&portal.url())
                 .build()
         };
-        let first = TestAgent::start(&root.join("first"), &toml(&root.join("first"), &code));
-        first.connected().await;
-        let mut v = Visitor::new(public, &device);
-        v.open_visit(&url).await;
-        assert_eq!(v.login(USER, PASSWORD).await.status(), 303);
-        assert_eq!(v.get("/").await.status(), 200);
         // A second PBX, activated and stopped: its next connect writes to the registry.
         let dir = root.join("second");
         let second_toml = toml(&dir, &second_code);
