@@ -4,9 +4,16 @@
 
 use crate::support::console::*;
 use crate::support::*;
-use pbx_remote::server::db::{OpFilter, Role, Source};
+use pbx_remote::server::db::{OpEntry, OpFilter, Role, Source};
 use reqwest::Method;
 use std::time::Duration;
+
+/// The Operation Log as the CM user `email` sees it, through `filter`.
+fn oplog_of(server: &TestServer, email: &str, filter: OpFilter) -> Vec<OpEntry> {
+    let db = server.db();
+    let viewer = db.user(email).unwrap().unwrap();
+    db.oplog(&viewer, &filter).unwrap()
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sign_in_sets_a_strict_session_and_every_change_needs_origin_and_csrf() {
@@ -169,17 +176,15 @@ async fn five_failures_lock_that_address_only_with_the_same_generic_error() {
         other.sign_in("ann@example.com", CM_PASSWORD).await,
         "/devices"
     );
-    let log = server
-        .db()
-        .oplog(
-            &server.db().user("ann@example.com").unwrap().unwrap(),
-            &OpFilter {
-                action: Some("user.login".into()),
-                limit: 20,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let log = oplog_of(
+        &server,
+        "ann@example.com",
+        OpFilter {
+            action: Some("user.login".into()),
+            limit: 20,
+            ..Default::default()
+        },
+    );
     assert_eq!(
         log.iter().filter(|o| o.result == "refused").count(),
         6,
@@ -216,17 +221,15 @@ async fn behind_a_trusted_proxy_the_lockout_counts_the_browser_not_the_proxy() {
         browser.sign_in("ann@example.com", CM_PASSWORD).await,
         "/devices"
     );
-    let log = trusted
-        .db()
-        .oplog(
-            &trusted.db().user("ann@example.com").unwrap().unwrap(),
-            &OpFilter {
-                action: Some("user.login".into()),
-                limit: 20,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let log = oplog_of(
+        &trusted,
+        "ann@example.com",
+        OpFilter {
+            action: Some("user.login".into()),
+            limit: 20,
+            ..Default::default()
+        },
+    );
     assert_eq!(log[0].client.as_deref(), Some("198.51.100.20"), "{log:?}");
     assert_eq!(log[1].client.as_deref(), Some("203.0.113.7"), "{log:?}");
 
@@ -476,17 +479,15 @@ async fn roles_and_groups_scope_pages_and_api_alike() {
     assert_eq!(r.status(), 201);
     let added: serde_json::Value = r.json().await.unwrap();
     assert!(added["auth_code"].is_string());
-    let log = server
-        .db()
-        .oplog(
-            &server.db().user("op@example.com").unwrap().unwrap(),
-            &OpFilter {
-                action: Some("device.add".into()),
-                limit: 10,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let log = oplog_of(
+        &server,
+        "op@example.com",
+        OpFilter {
+            action: Some("device.add".into()),
+            limit: 10,
+            ..Default::default()
+        },
+    );
     let sources: Vec<_> = log
         .iter()
         .map(|o| (o.actor.as_str(), o.source.as_str()))
@@ -527,34 +528,30 @@ async fn a_console_visit_carries_the_signed_in_users_email_to_the_agent() {
     let who = &w.agent.status.get().active_sessions[0].who;
     assert!(who.contains("ops@example.com"), "{who}");
 
-    let db = w.server.db();
-    let me = db.user("ops@example.com").unwrap().unwrap();
-    let log = db
-        .oplog(
-            &me,
-            &OpFilter {
-                source: Some(Source::Console),
-                limit: 10,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let log = oplog_of(
+        &w.server,
+        "ops@example.com",
+        OpFilter {
+            source: Some(Source::Console),
+            limit: 10,
+            ..Default::default()
+        },
+    );
     assert!(
         log.iter().any(|o| o.action == "visit.passwordless"
             && o.actor == "ops@example.com"
             && o.device_id.as_deref() == Some(w.device.as_str())),
         "{log:?}"
     );
-    let opened = db
-        .oplog(
-            &me,
-            &OpFilter {
-                source: Some(Source::Front),
-                limit: 10,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let opened = oplog_of(
+        &w.server,
+        "ops@example.com",
+        OpFilter {
+            source: Some(Source::Front),
+            limit: 10,
+            ..Default::default()
+        },
+    );
     assert_eq!(opened.len(), 1, "{opened:?}");
     assert_eq!(
         (
