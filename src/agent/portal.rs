@@ -139,6 +139,18 @@ struct Waiting<'a> {
     sender: Option<SendRequest<UpBody>>,
 }
 
+impl Waiting<'_> {
+    /// The connection, once it is free before `until`; `None` if it is not, or it closed (the
+    /// wait ends either way, and an open connection goes back to the pool).
+    async fn until_free(mut self, until: tokio::time::Instant) -> Option<SendRequest<UpBody>> {
+        let sender = self.sender.as_mut()?;
+        let freed = tokio::time::timeout_at(until, sender.ready()).await;
+        matches!(freed, Ok(Ok(())))
+            .then(|| self.sender.take())
+            .flatten()
+    }
+}
+
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         let mut pool = self.portal.lock();
@@ -238,23 +250,9 @@ impl Portal {
                 match self.take() {
                     Taken::Ready(s) => Some(s),
                     Taken::Connect => None,
-                    Taken::Busy(mut w) => {
-                        let until = deadline.min(tokio::time::Instant::now() + FREE_WAIT);
-                        let freed = match w.sender.as_mut() {
-                            Some(s) => {
-                                matches!(
-                                    tokio::time::timeout_at(until, s.ready()).await,
-                                    Ok(Ok(()))
-                                )
-                            }
-                            None => false,
-                        };
-                        // Dropping `w` ends the wait (and keeps the sender if not taken).
-                        if freed {
-                            w.sender.take()
-                        } else {
-                            None
-                        }
+                    Taken::Busy(w) => {
+                        w.until_free(deadline.min(tokio::time::Instant::now() + FREE_WAIT))
+                            .await
                     }
                 }
             };

@@ -170,13 +170,25 @@ pub async fn serve(
                 continue;
             }
         };
-        let state = state.clone();
-        links.spawn(async move {
-            if let Err(e) = handle_connection(state, connecting, peer).await {
-                tracing::info!(%peer, error = %format!("{e:#}"), "tunnel connection ended");
-            }
-        });
+        spawn_link(
+            &links,
+            peer,
+            handle_connection(state.clone(), connecting, peer),
+        );
     }
+}
+
+/// Runs a connection's link on `links`, logging how it ended.
+fn spawn_link(
+    links: &tokio::runtime::Handle,
+    peer: SocketAddr,
+    link: impl std::future::Future<Output = Result<()>> + Send + 'static,
+) {
+    links.spawn(async move {
+        if let Err(e) = link.await {
+            tracing::info!(%peer, error = %format!("{e:#}"), "tunnel connection ended");
+        }
+    });
 }
 
 async fn handle_connection(
@@ -204,11 +216,7 @@ pub(crate) async fn handle_tcp(
     let conn = tokio::time::timeout(CONNECT_TIMEOUT, transport::start_tcp(tls, peer, shutdown))
         .await
         .context("HTTP/2 handshake timeout")??;
-    links.spawn(async move {
-        if let Err(e) = identify(state, conn, key_hash, peer).await {
-            tracing::info!(%peer, error = %format!("{e:#}"), "tunnel connection ended");
-        }
-    });
+    spawn_link(links, peer, identify(state, conn, key_hash, peer));
     Ok(())
 }
 

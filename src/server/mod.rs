@@ -63,10 +63,9 @@ impl ServerOptions {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|h| h.trim().parse::<IpAddr>().ok())
-            .collect::<Vec<_>>();
+            .filter_map(|h| h.trim().parse::<IpAddr>().ok());
         let mut addr = peer;
-        for hop in hops.into_iter().rev() {
+        for hop in hops.rev() {
             addr = hop;
             if !trusted(&hop) {
                 break;

@@ -129,7 +129,7 @@ async fn handle(
         if let Some(page) = unknown_device() {
             return page;
         }
-        let client = client_addr(state, peer, req.headers());
+        let client = state.opts.client_of(peer.ip(), req.headers());
         return visit(state, public, &device, &token, client, req).await;
     }
     if req.uri().path().starts_with(CM_PREFIX) {
@@ -151,7 +151,7 @@ async fn handle(
             );
         }
     };
-    let client = client_addr(state, peer, req.headers());
+    let client = state.opts.client_of(peer.ip(), req.headers());
     forward(state, public, &device, grant, client, req).await
 }
 

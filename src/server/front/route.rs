@@ -74,11 +74,3 @@ pub fn visit_url(public_url: &url::Url, device: &str, token: &str, passwordless:
     };
     format!("{scheme}://{device}.{host}{port}/__cm/visit/{token}?login={login}")
 }
-
-pub(super) fn client_addr(
-    state: &ServerState,
-    peer: SocketAddr,
-    headers: &http::HeaderMap,
-) -> IpAddr {
-    state.opts.client_of(peer.ip(), headers)
-}
