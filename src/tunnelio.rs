@@ -33,6 +33,10 @@ impl std::fmt::Display for Transport {
     }
 }
 
+/// Bytes of small slices a vectored write gathers into one write (see
+/// [`SendHalf::poll_write_vectored`]): a portal page's head and a small answer fit.
+const GATHER: usize = 4096;
+
 /// The sending half of a tunnel stream.
 pub enum SendHalf {
     /// On QUIC.
@@ -72,14 +76,32 @@ impl AsyncWrite for SendHalf {
     }
 
     /// hyper queues a message's head and body chunks and hands them over together instead of
-    /// first copying the body into its own buffer (quinn and h2 copy each slice into their
-    /// send buffers either way). Slices are written in order until one is taken only in part
-    /// or the stream has no room; what was taken so far is reported.
+    /// first copying the body into its own buffer. Small slices (a head, a chunk-size line, a
+    /// small body) are gathered into one write of up to [`GATHER`] bytes: quinn and h2 copy
+    /// each write into a buffer of their own, take the connection's lock and wake its driver,
+    /// and on the TCP transport each write is a DATA frame the peer reads on its own. Larger
+    /// slices are written in order until one is taken only in part or the stream has no room;
+    /// what was taken so far is reported.
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        let mut gathered = [0u8; GATHER];
+        let mut len = 0;
+        let mut slices = 0;
+        for buf in bufs.iter().filter(|b| !b.is_empty()) {
+            if len + buf.len() > GATHER {
+                break;
+            }
+            gathered[len..len + buf.len()].copy_from_slice(buf);
+            len += buf.len();
+            slices += 1;
+        }
+        if slices > 1 {
+            // The gathered bytes are a prefix of `bufs`, so taking part of them is a short write.
+            return self.poll_write(cx, &gathered[..len]);
+        }
         let mut written = 0;
         for buf in bufs.iter().filter(|b| !b.is_empty()) {
             match self.as_mut().poll_write(cx, buf) {
@@ -230,5 +252,104 @@ pub async fn keepalive(
             Err(_) => return format!("no answer from the peer for {limit:?}"),
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    /// An h2 stream from a client to a server over an in-memory pipe: its sending half, and
+    /// the DATA frames' payloads as the server receives them.
+    async fn h2_stream() -> (SendHalf, tokio::sync::mpsc::UnboundedReceiver<Bytes>) {
+        let (near, far) = tokio::io::duplex(1 << 20);
+        let (frames_tx, frames) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(far).await.expect("server handshake");
+            let Some(Ok((req, _respond))) = conn.accept().await else {
+                return;
+            };
+            let mut body = req.into_body();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            while let Some(Ok(data)) = body.data().await {
+                let _ = body.flow_control().release_capacity(data.len());
+                let _ = frames_tx.send(data);
+            }
+        });
+        let (client, conn) = h2::client::handshake(near).await.expect("client handshake");
+        tokio::spawn(conn);
+        let mut client = client.ready().await.expect("client ready");
+        let req = http::Request::post("http://tunnel/stream")
+            .body(())
+            .expect("request");
+        let (_answer, send) = client.send_request(req, false).expect("stream");
+        (SendHalf::Tcp(H2Write::new(send)), frames)
+    }
+
+    /// Writes every slice, as hyper does: vectored writes until all are taken.
+    async fn write_all_vectored(half: &mut SendHalf, slices: &[&[u8]]) {
+        let mut slices: Vec<&[u8]> = slices.to_vec();
+        while !slices.is_empty() {
+            let io: Vec<io::IoSlice<'_>> = slices.iter().map(|s| io::IoSlice::new(s)).collect();
+            let mut n = half.write_vectored(&io).await.expect("write");
+            assert!(n > 0, "a write took nothing");
+            while n > 0 {
+                let take = n.min(slices[0].len());
+                slices[0] = &slices[0][take..];
+                n -= take;
+                if slices[0].is_empty() {
+                    slices.remove(0);
+                }
+            }
+        }
+    }
+
+    async fn received(
+        frames: &mut tokio::sync::mpsc::UnboundedReceiver<Bytes>,
+        len: usize,
+    ) -> Vec<Bytes> {
+        let mut got = Vec::new();
+        let mut total = 0;
+        while total < len {
+            let frame = tokio::time::timeout(Duration::from_secs(5), frames.recv())
+                .await
+                .expect("the peer received the bytes in time")
+                .expect("the stream is open");
+            total += frame.len();
+            got.push(frame);
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn a_small_answer_goes_out_as_one_write() {
+        let (mut half, mut frames) = h2_stream().await;
+        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 1387\r\n\r\n".as_slice();
+        let body = vec![b'x'; 1387];
+        write_all_vectored(&mut half, &[head, b"", &body]).await;
+        let got = received(&mut frames, head.len() + body.len()).await;
+        assert_eq!(
+            got.len(),
+            1,
+            "head and body arrived as {} DATA frames",
+            got.len()
+        );
+        assert_eq!(&got[0][..head.len()], head);
+        assert_eq!(&got[0][head.len()..], &body[..]);
+    }
+
+    #[tokio::test]
+    async fn slices_too_large_to_gather_arrive_whole_and_in_order() {
+        let (mut half, mut frames) = h2_stream().await;
+        let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        let chunk: Vec<u8> = (0..GATHER * 3).map(|i| (i % 251) as u8).collect();
+        let slices: [&[u8]; 5] = [&head, b"3000\r\n", &chunk, b"\r\n", b"0\r\n\r\n"];
+        write_all_vectored(&mut half, &slices).await;
+        let want = slices.concat();
+        let got = received(&mut frames, want.len()).await.concat();
+        assert_eq!(got, want);
     }
 }
