@@ -197,6 +197,8 @@ fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<Full<Byte
 fn refuse(code: Reason, message: impl Into<String>) -> Response<Full<Bytes>> {
     let status = match code {
         Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        // Only a busy server sends this one (see `activate`).
+        Reason::ServerUnreachable => StatusCode::SERVICE_UNAVAILABLE,
         Reason::ProtocolMismatch => StatusCode::BAD_REQUEST,
         _ => StatusCode::FORBIDDEN,
     };
@@ -369,11 +371,18 @@ async fn activate(
             let phc = creds
                 .map(|(h, _)| h)
                 .unwrap_or_else(|| crate::password::dummy_hash().to_string());
-            let pw = password.clone();
-            let verified =
-                tokio::task::spawn_blocking(move || crate::password::verify(pw.expose(), &phc))
-                    .await
-                    .unwrap_or(false);
+            // Busy is no failure of the account: the agent retries as if the CM were away.
+            let Ok(verified) = state
+                .passwords
+                .verify(password.expose().to_string(), phc)
+                .await
+            else {
+                return Err(Refusal::new(
+                    Reason::ServerUnreachable,
+                    format!("{}", crate::server::passwords::Busy),
+                )
+                .into());
+            };
             let user = match state.db.user(&email)? {
                 Some(u) if verified && may_activate => u,
                 _ => {

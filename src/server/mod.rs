@@ -13,6 +13,7 @@ pub mod health;
 pub mod hub;
 pub mod keys;
 pub mod mail;
+pub mod passwords;
 pub(crate) mod refusal;
 pub mod transport;
 
@@ -112,6 +113,8 @@ pub struct ServerState {
     pub opts: ServerOptions,
     /// Outgoing mail, with `--smtp-url`.
     pub mailer: Option<mail::Mailer>,
+    /// The bound on password checks and hashes (console sign-in, activation by account).
+    pub passwords: passwords::Passwords,
 }
 
 /// Binds UDP and TCP on the same `addr` (port 0 picks one free for both).
@@ -159,6 +162,7 @@ impl ServerState {
             hub: hub::Hub::default(),
             opts,
             mailer,
+            passwords: passwords::Passwords::default(),
         }))
     }
 }

@@ -248,3 +248,50 @@ async fn a_full_tunnel_answers_503_and_recovers() {
     }
     assert!(ok, "slots come back when visitors go away");
 }
+
+/// Activation by account runs argon2 like the console's sign-in and shares its bound: past
+/// the line an agent is told the CM is busy (503, `server_unreachable`: it retries, where a
+/// lockout's `rate_limited` would stop it) and nothing is counted against the account.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_account_activations_past_the_password_line_is_answered_busy() {
+    use pbx_remote::server::passwords::{RUNNING, WAITING};
+    let server = TestServer::start().await;
+    let c = client(&server);
+    let line = RUNNING + WAITING;
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..3 * line {
+        let (c, server_tunnel) = (c.clone(), server.tunnel);
+        let mut req = request("unused", "83.19.0.110");
+        req.proof = ActivationProof::Email {
+            email: format!("nobody{i}@example.com"),
+            password: Secret::new("Guess-Passw0rd-1"),
+        };
+        flood.spawn(async move {
+            let r = c
+                .post(format!("https://{server_tunnel}{ACTIVATE_PATH}"))
+                .json(&req)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<ErrorBody>().await.unwrap())
+        });
+    }
+    let (mut busy, mut refused) = (0, 0);
+    while let Some(answer) = flood.join_next().await {
+        match answer.unwrap() {
+            (503, e) if e.code == Reason::ServerUnreachable => {
+                assert!(e.message.contains("busy"), "{}", e.message);
+                busy += 1;
+            }
+            (403, e) if e.code == Reason::BadCredentials => refused += 1,
+            (status, e) => panic!("a flooding activation got {status}: {e:?}"),
+        }
+    }
+    assert!(
+        busy > 0,
+        "no activation of {} was told the CM is busy",
+        3 * line
+    );
+    assert!(refused >= line, "only {refused} activations were checked");
+}

@@ -715,3 +715,49 @@ async fn over_https_the_session_cookie_is_host_prefixed_and_secure() {
         .unwrap();
     assert_eq!(r.status(), 303);
 }
+
+/// Each sign-in runs argon2 (19 MiB, tens of milliseconds). A flood of sign-ins with made-up
+/// emails, which no per-account lockout slows, takes the few places and a short line; the rest
+/// are told at once that the server is busy, nothing else fails, and once the flood has passed
+/// a real user signs in.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_sign_ins_past_the_password_line_is_answered_busy() {
+    use pbx_remote::server::passwords::{RUNNING, WAITING};
+    let server = TestServer::start().await;
+    add_user(&server, "ann@example.com", Role::Operator, &[]);
+    let line = RUNNING + WAITING;
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..3 * line {
+        let mut cm = Cm::new(&server);
+        flood.spawn(async move {
+            let email = format!("nobody{i}@example.com");
+            let r = cm
+                .post("/login", &[("email", &email), ("password", "not-it")])
+                .await;
+            (r.status().as_u16(), r.text().await.unwrap())
+        });
+    }
+    let (mut busy, mut refused) = (0, 0);
+    while let Some(answer) = flood.join_next().await {
+        match answer.unwrap() {
+            (503, page) => {
+                assert!(page.contains("The server is busy"), "{page}");
+                busy += 1;
+            }
+            (401, _) => refused += 1,
+            (status, page) => panic!("a flooding sign-in got {status}: {page}"),
+        }
+    }
+    assert!(
+        busy > 0,
+        "no sign-in of {} was told the server is busy",
+        3 * line
+    );
+    assert!(refused >= line, "only {refused} sign-ins were checked");
+    assert_eq!(
+        Cm::new(&server)
+            .sign_in("ann@example.com", CM_PASSWORD)
+            .await,
+        "/devices"
+    );
+}

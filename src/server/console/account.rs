@@ -101,10 +101,9 @@ pub(super) async fn password(
     let Ok(Some((phc, _))) = db.user_credentials(&c.user.email) else {
         return layout::internal("user vanished");
     };
-    let current = f.current.clone();
-    let ok = tokio::task::spawn_blocking(move || crate::password::verify(&current, &phc))
-        .await
-        .unwrap_or(false);
+    let Ok(ok) = app.server.passwords.verify(f.current.clone(), phc).await else {
+        return busy("Password not changed");
+    };
     if !ok {
         app.log(
             &c,
@@ -125,10 +124,10 @@ pub(super) async fn password(
             &format!("{e:#}"),
         );
     }
-    let new = f.new.clone();
-    let hash = match tokio::task::spawn_blocking(move || crate::password::hash(&new)).await {
+    let hash = match app.server.passwords.hash(f.new.clone()).await {
         Ok(Ok(h)) => h,
-        _ => return layout::internal("password hashing failed"),
+        Ok(Err(e)) => return layout::internal(&format!("{e:#}")),
+        Err(_) => return busy("Password not changed"),
     };
     // A new password ends every session of the user; this browser gets a fresh one.
     let changed = db.set_user(
@@ -305,10 +304,9 @@ pub(super) async fn disable_2fa(
     let Ok(Some((phc, _))) = db.user_credentials(&c.user.email) else {
         return layout::internal("user vanished");
     };
-    let pw = f.password.clone();
-    let ok = tokio::task::spawn_blocking(move || crate::password::verify(&pw, &phc))
-        .await
-        .unwrap_or(false);
+    let Ok(ok) = app.server.passwords.verify(f.password.clone(), phc).await else {
+        return busy("Not turned off");
+    };
     if !ok {
         return layout::message(
             StatusCode::FORBIDDEN,
@@ -366,4 +364,13 @@ pub(super) async fn revoke_token(
         Ok(false) => layout::not_found(),
         Err(e) => layout::internal(&format!("{e:#}")),
     }
+}
+
+/// The page for a change that waited in vain for a password-check place.
+fn busy(title: &str) -> Response {
+    layout::message(
+        StatusCode::SERVICE_UNAVAILABLE,
+        title,
+        &format!("{}.", crate::server::passwords::Busy),
+    )
 }

@@ -18,6 +18,8 @@ use std::time::Duration;
 
 /// The one answer to every failed sign-in, whatever failed (unknown email, wrong password or
 /// code, a lock): it tells an attacker nothing.
+/// What the sign-in form says when every password-check place is taken.
+const BUSY: &str = "The server is busy with other sign-ins. Try again in a moment.";
 const SIGN_IN_FAILED: &str = "Sign-in failed. Check your email, password and code, or wait a while if there were many failed attempts.";
 /// Slowdown per recent failure of the same account (from anywhere), up to [`MAX_SLOWDOWN`].
 const SLOWDOWN_STEP: Duration = Duration::from_millis(250);
@@ -361,11 +363,16 @@ async fn try_login(app: &Console, client: IpAddr, f: &LoginForm) -> anyhow::Resu
     let phc = creds
         .map(|(h, _)| h)
         .unwrap_or_else(|| crate::password::dummy_hash().to_string());
-    let pw = f.password.clone();
-    // The hash is checked even when locked or unknown: every failure costs the same.
-    let verified = tokio::task::spawn_blocking(move || crate::password::verify(&pw, &phc))
-        .await
-        .unwrap_or(false);
+    // The hash is checked even when locked or unknown: every failure costs the same. A busy
+    // server is nobody's failure: nothing is counted.
+    let Ok(verified) = app.server.passwords.verify(f.password.clone(), phc).await else {
+        return Ok(login_form(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(BUSY),
+            f.next.as_deref(),
+            &f.email,
+        ));
+    };
     let Some(user) = (verified && known && unlocked)
         .then(|| db.user(&email))
         .transpose()?
