@@ -374,7 +374,7 @@ async fn activate(
             // Busy is no failure of the account: the agent retries as if the CM were away.
             let Ok(verified) = state
                 .passwords
-                .verify(password.expose().to_string(), phc)
+                .verify(ip, password.expose().to_string(), phc)
                 .await
             else {
                 return Err(Refusal::new(

@@ -101,7 +101,12 @@ pub(super) async fn password(
     let Ok(Some((phc, _))) = db.user_credentials(&c.user.email) else {
         return layout::internal("user vanished");
     };
-    let Ok(ok) = app.server.passwords.verify(f.current.clone(), phc).await else {
+    let Ok(ok) = app
+        .server
+        .passwords
+        .verify(c.client, f.current.clone(), phc)
+        .await
+    else {
         return busy("Password not changed");
     };
     if !ok {
@@ -124,7 +129,7 @@ pub(super) async fn password(
             &format!("{e:#}"),
         );
     }
-    let hash = match app.server.passwords.hash(f.new.clone()).await {
+    let hash = match app.server.passwords.hash(c.client, f.new.clone()).await {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => return layout::internal(&format!("{e:#}")),
         Err(_) => return busy("Password not changed"),
@@ -304,7 +309,12 @@ pub(super) async fn disable_2fa(
     let Ok(Some((phc, _))) = db.user_credentials(&c.user.email) else {
         return layout::internal("user vanished");
     };
-    let Ok(ok) = app.server.passwords.verify(f.password.clone(), phc).await else {
+    let Ok(ok) = app
+        .server
+        .passwords
+        .verify(c.client, f.password.clone(), phc)
+        .await
+    else {
         return busy("Not turned off");
     };
     if !ok {

@@ -365,7 +365,12 @@ async fn try_login(app: &Console, client: IpAddr, f: &LoginForm) -> anyhow::Resu
         .unwrap_or_else(|| crate::password::dummy_hash().to_string());
     // The hash is checked even when locked or unknown: every failure costs the same. A busy
     // server is nobody's failure: nothing is counted.
-    let Ok(verified) = app.server.passwords.verify(f.password.clone(), phc).await else {
+    let Ok(verified) = app
+        .server
+        .passwords
+        .verify(client, f.password.clone(), phc)
+        .await
+    else {
         return Ok(login_form(
             StatusCode::SERVICE_UNAVAILABLE,
             Some(BUSY),

@@ -130,7 +130,7 @@ pub(super) async fn add(
     let made = async {
         crate::password::check_strength(&password)?;
         let role = f.role()?;
-        let hash = app.server.passwords.hash(password).await??;
+        let hash = app.server.passwords.hash(c.client, password).await??;
         app.server.db.add_user(&NewUser {
             email: f.one("email").to_string(),
             password_hash: hash,
