@@ -35,6 +35,8 @@ pub const ACCOUNT_LOCK: Duration = Duration::from_secs(15 * 60);
 pub const MAX_GLOBAL_DELAY: Duration = Duration::from_secs(2);
 /// Concurrent API connections.
 const MAX_CONNECTIONS: usize = 256;
+/// Sources, or (email, source) pairs, a limiter keeps before it drops those whose window ended.
+const MAX_TRACKED: usize = 100_000;
 
 /// rustls acceptor for the API (ALPN http/1.1).
 pub fn tls_acceptor(keys: &crate::server::keys::ServerKeys) -> Result<tokio_rustls::TlsAcceptor> {
@@ -74,7 +76,7 @@ impl Limiter {
 
     fn fail(&self, ip: IpAddr) {
         let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() > 100_000 {
+        if map.len() > MAX_TRACKED {
             map.retain(|_, (_, s)| s.elapsed() < WRONG_CODE_WINDOW);
         }
         let e = map.entry(Self::key(ip)).or_insert((0, Instant::now()));
@@ -120,15 +122,25 @@ impl AccountLimiter {
     }
 
     fn fail(&self, email: &str, ip: IpAddr) {
+        self.fail_at(email, ip, Instant::now());
+    }
+
+    /// [`Self::fail`] at `now`. Every made-up email adds an entry, so past
+    /// [`MAX_TRACKED`] entries those whose window has ended are dropped (the password line
+    /// bounds how fast new ones come: a few hundred a second at most).
+    fn fail_at(&self, email: &str, ip: IpAddr, now: Instant) {
         let key = (email.to_string(), Limiter::key(ip));
         let mut map = self.per_key.lock().unwrap_or_else(|p| p.into_inner());
-        let e = map.entry(key).or_insert((0, Instant::now()));
-        if e.1.elapsed() >= ACCOUNT_LOCK {
-            *e = (0, Instant::now());
+        if map.len() >= MAX_TRACKED {
+            map.retain(|_, (_, first)| now.saturating_duration_since(*first) < ACCOUNT_LOCK);
+        }
+        let e = map.entry(key).or_insert((0, now));
+        if now.saturating_duration_since(e.1) >= ACCOUNT_LOCK {
+            *e = (0, now);
         }
         e.0 += 1;
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        recent.push_back(Instant::now());
+        recent.push_back(now);
         if recent.len() > 10_000 {
             recent.pop_front();
         }
@@ -430,5 +442,42 @@ fn log_activation(
     };
     if let Err(e) = state.db.log_op(&op) {
         tracing::warn!(error = %format!("{e:#}"), "operation log write failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn account_failures_for_made_up_emails_are_forgotten_once_their_window_ends() {
+        let limiter = AccountLimiter::default();
+        let ip = IpAddr::from([192, 0, 2, 7]);
+        let start = Instant::now();
+        for i in 0..MAX_TRACKED {
+            limiter.fail_at(&format!("nobody{i}@example.com"), ip, start);
+        }
+        let later = start + ACCOUNT_LOCK + Duration::from_secs(1);
+        limiter.fail_at("one-more@example.com", ip, later);
+        let map = limiter.per_key.lock().unwrap();
+        assert_eq!(map.len(), 1, "only the entry still in its window is kept");
+        assert!(map.contains_key(&("one-more@example.com".to_string(), ip)));
+    }
+
+    #[test]
+    fn failures_still_in_their_window_are_kept_and_still_lock() {
+        let limiter = AccountLimiter::default();
+        let ip = IpAddr::from([192, 0, 2, 7]);
+        let start = Instant::now();
+        for _ in 0..MAX_ACCOUNT_FAILURES {
+            limiter.fail_at("ann@example.com", ip, start);
+        }
+        for i in 0..MAX_TRACKED {
+            limiter.fail_at(&format!("nobody{i}@example.com"), ip, start);
+        }
+        assert!(
+            limiter.admit("ann@example.com", ip).is_err(),
+            "still locked"
+        );
     }
 }
