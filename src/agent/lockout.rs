@@ -46,6 +46,22 @@ struct State {
     per_user: HashMap<String, Vec<u64>>,
 }
 
+impl State {
+    /// Drops what no longer counts at `now`: keys whose window and lock have ended, and
+    /// usernames with no failure left in the window. Every wrong username makes a key and a
+    /// username of its own, so without this the table (and the file rewritten on each failure)
+    /// would grow with every name ever typed.
+    fn forget_before(&mut self, now: u64) {
+        let window = LOCK_FOR.as_secs();
+        self.keys
+            .retain(|_, e| e.locked_until > now || e.first_failure + window > now);
+        self.per_user.retain(|_, times| {
+            times.retain(|t| *t + window > now);
+            !times.is_empty()
+        });
+    }
+}
+
 /// The lockout table.
 pub struct Lockout {
     path: PathBuf,
@@ -80,13 +96,15 @@ impl Lockout {
                 HashMap::new()
             }
         };
+        let mut state = State {
+            keys,
+            ..State::default()
+        };
+        state.forget_before(clock.unix_now());
         Lockout {
             path,
             clock,
-            state: Mutex::new(State {
-                keys,
-                ..State::default()
-            }),
+            state: Mutex::new(state),
         }
     }
 
@@ -147,10 +165,9 @@ impl Lockout {
         let locked = if ok {
             st.keys.remove(key).is_some()
         } else {
+            st.forget_before(now);
             let user = username.to_lowercase();
-            let times = st.per_user.entry(user).or_default();
-            times.retain(|t| *t + LOCK_FOR.as_secs() > now);
-            times.push(now);
+            st.per_user.entry(user).or_default().push(now);
             let e = st.keys.entry(key.to_string()).or_default();
             if e.failures == 0 {
                 e.first_failure = now;
@@ -241,5 +258,51 @@ mod tests {
         }
         assert_eq!(delays[0], Duration::ZERO);
         assert!(delays[4] > delays[3] && *delays.last().unwrap() <= MAX_SLOWDOWN);
+    }
+
+    #[test]
+    fn names_typed_long_ago_are_forgotten_and_the_file_stays_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("lockout.json");
+        let clock = Clock::default();
+        let l = Lockout::load(file.clone(), clock.clone());
+        let fail = |name: &str| {
+            let k = key("alice", "10.0.0.7", name);
+            assert!(matches!(l.reserve(&k, name), Admission::Go { .. }));
+            l.finish(&k, name, false);
+        };
+        for i in 0..200 {
+            fail(&format!("guess{i}"));
+        }
+        let full = std::fs::metadata(&file).unwrap().len();
+        clock.advance(LOCK_FOR + Duration::from_secs(1));
+        fail("one-more");
+        {
+            let st = l.lock();
+            assert_eq!(st.keys.len(), 1, "only the key still in its window");
+            assert_eq!(
+                st.per_user.len(),
+                1,
+                "only the username still in its window"
+            );
+        }
+        let now = std::fs::metadata(&file).unwrap().len();
+        assert!(
+            now * 50 < full,
+            "the file shrank from {full} to {now} bytes"
+        );
+        // A lock still running is kept, and a table read from the file drops what has ended.
+        let k = key("alice", "10.0.0.7", "provider");
+        for _ in 0..MAX_FAILURES {
+            assert!(matches!(l.reserve(&k, "provider"), Admission::Go { .. }));
+            l.finish(&k, "provider", false);
+        }
+        clock.advance(LOCK_FOR / 2);
+        let again = Lockout::load(file, clock.clone());
+        assert!(matches!(
+            again.reserve(&k, "provider"),
+            Admission::Locked { .. }
+        ));
+        assert_eq!(again.lock().keys.len(), 2, "one-more and the locked key");
     }
 }
