@@ -29,6 +29,9 @@ pub const MAX_WRONG_CODES: u32 = 10;
 pub const WRONG_CODE_WINDOW: Duration = Duration::from_secs(600);
 /// Failed account logins per (email, source) before a lock.
 pub const MAX_ACCOUNT_FAILURES: u32 = 5;
+/// Failed account logins from one source, whatever the emails, before that source is locked
+/// for the rest of [`ACCOUNT_LOCK`] (one password tried on many accounts meets each pair once).
+pub const MAX_SOURCE_ACCOUNT_FAILURES: u32 = 30;
 /// How long such a lock lasts.
 pub const ACCOUNT_LOCK: Duration = Duration::from_secs(15 * 60);
 /// Longest global slowdown applied to account activations while failures pile up.
@@ -92,12 +95,22 @@ impl Limiter {
 #[derive(Default)]
 struct AccountLimiter {
     per_key: Mutex<HashMap<(String, IpAddr), (u32, Instant)>>,
+    per_source: Mutex<HashMap<IpAddr, (u32, Instant)>>,
     recent: Mutex<std::collections::VecDeque<Instant>>,
 }
 
+/// Why an account login is refused before its password is checked, and for how long.
+#[derive(Debug, PartialEq)]
+enum Locked {
+    /// This email from this source failed [`MAX_ACCOUNT_FAILURES`] times.
+    Pair(Duration),
+    /// This source failed [`MAX_SOURCE_ACCOUNT_FAILURES`] times, whatever the emails.
+    Source(Duration),
+}
+
 impl AccountLimiter {
-    /// `Err(left)` while locked; otherwise the global delay to apply first.
-    fn admit(&self, email: &str, ip: IpAddr) -> Result<Duration, Duration> {
+    /// `Err` while locked; otherwise the global delay to apply first.
+    fn admit(&self, email: &str, ip: IpAddr) -> Result<Duration, Locked> {
         let key = (email.to_string(), Limiter::key(ip));
         if let Some((n, first)) = self
             .per_key
@@ -107,7 +120,19 @@ impl AccountLimiter {
         {
             if let Some(left) = ACCOUNT_LOCK.checked_sub(first.elapsed()) {
                 if *n >= MAX_ACCOUNT_FAILURES {
-                    return Err(left);
+                    return Err(Locked::Pair(left));
+                }
+            }
+        }
+        if let Some((n, first)) = self
+            .per_source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key.1)
+        {
+            if let Some(left) = ACCOUNT_LOCK.checked_sub(first.elapsed()) {
+                if *n >= MAX_SOURCE_ACCOUNT_FAILURES {
+                    return Err(Locked::Source(left));
                 }
             }
         }
@@ -134,11 +159,23 @@ impl AccountLimiter {
         if map.len() >= MAX_TRACKED {
             map.retain(|_, (_, first)| now.saturating_duration_since(*first) < ACCOUNT_LOCK);
         }
+        let source = key.1;
         let e = map.entry(key).or_insert((0, now));
         if now.saturating_duration_since(e.1) >= ACCOUNT_LOCK {
             *e = (0, now);
         }
         e.0 += 1;
+        drop(map);
+        let mut sources = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
+        if sources.len() >= MAX_TRACKED {
+            sources.retain(|_, (_, first)| now.saturating_duration_since(*first) < ACCOUNT_LOCK);
+        }
+        let e = sources.entry(source).or_insert((0, now));
+        if now.saturating_duration_since(e.1) >= ACCOUNT_LOCK {
+            *e = (0, now);
+        }
+        e.0 += 1;
+        drop(sources);
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         recent.push_back(now);
         if recent.len() > 10_000 {
@@ -361,14 +398,19 @@ async fn activate(
             let email = email.trim().to_lowercase();
             let delay = match limiter.accounts.admit(&email, ip) {
                 Ok(d) => d,
-                Err(left) => {
+                Err(locked) => {
+                    let (whose, left) = match locked {
+                        Locked::Pair(left) => (format!(" for {email}"), left),
+                        Locked::Source(left) => (String::new(), left),
+                    };
                     return Err(Refusal::new(
-                Reason::RateLimited,
-                format!(
-                            "too many failed logins for {email} from this address; try again in {} minutes",
+                        Reason::RateLimited,
+                        format!(
+                            "too many failed logins{whose} from this address; try again in {} minutes",
                             left.as_secs().div_ceil(60)
                         ),
-                    ).into())
+                    )
+                    .into());
                 }
             };
             if !delay.is_zero() {
@@ -465,6 +507,28 @@ mod tests {
     }
 
     #[test]
+    fn one_source_failing_on_many_emails_is_locked_and_others_are_not() {
+        let limiter = AccountLimiter::default();
+        let sprayer = IpAddr::from([192, 0, 2, 7]);
+        let now = Instant::now();
+        for i in 0..MAX_SOURCE_ACCOUNT_FAILURES {
+            assert!(limiter
+                .admit(&format!("user{i}@example.com"), sprayer)
+                .is_ok());
+            limiter.fail_at(&format!("user{i}@example.com"), sprayer, now);
+        }
+        assert!(
+            matches!(
+                limiter.admit("ann@example.com", sprayer),
+                Err(Locked::Source(_))
+            ),
+            "an email it never tried is refused from that source"
+        );
+        let elsewhere = IpAddr::from([198, 51, 100, 20]);
+        assert!(limiter.admit("ann@example.com", elsewhere).is_ok());
+    }
+
+    #[test]
     fn failures_still_in_their_window_are_kept_and_still_lock() {
         let limiter = AccountLimiter::default();
         let ip = IpAddr::from([192, 0, 2, 7]);
@@ -476,7 +540,7 @@ mod tests {
             limiter.fail_at(&format!("nobody{i}@example.com"), ip, start);
         }
         assert!(
-            limiter.admit("ann@example.com", ip).is_err(),
+            matches!(limiter.admit("ann@example.com", ip), Err(Locked::Pair(_))),
             "still locked"
         );
     }

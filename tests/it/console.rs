@@ -771,3 +771,31 @@ async fn a_flood_of_sign_ins_from_one_machine_is_answered_busy_and_others_sign_i
     );
     assert!(ann_signed_in);
 }
+
+/// One password tried on many accounts meets each (email, source) pair once, so the pair lock
+/// never trips; the source's budget does: past it that address signs in nowhere, even with the
+/// right password, while the same user signs in from elsewhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_address_failing_on_many_emails_is_locked_for_every_email() {
+    use pbx_remote::server::db::MAX_SOURCE_FAILURES;
+    let server = TestServer::start().await;
+    add_user(&server, "ann@example.com", Role::Operator, &[]);
+    let sprayer = std::net::IpAddr::from([127, 0, 0, 3]);
+    let mut cm = Cm::from(&server, sprayer);
+    for i in 0..MAX_SOURCE_FAILURES {
+        let email = format!("staff{i}@example.com");
+        let r = cm
+            .post("/login", &[("email", &email), ("password", "Summer-2026!")])
+            .await;
+        assert_eq!(r.status(), 401, "{email}");
+    }
+    let right = [("email", "ann@example.com"), ("password", CM_PASSWORD)];
+    let r = cm.post("/login", &right).await;
+    assert_eq!(r.status(), 401, "the address has spent its budget");
+    assert!(r.text().await.unwrap().contains("Sign-in failed"));
+    let mut ann = Cm::from(&server, std::net::IpAddr::from([127, 0, 0, 4]));
+    assert_eq!(
+        ann.sign_in("ann@example.com", CM_PASSWORD).await,
+        "/devices"
+    );
+}

@@ -5,7 +5,9 @@ use super::layout;
 use super::totp::{recovery_hash, totp_step, unix_now};
 use super::{is_state_change, AppState, Console, Peer, MAX_BODY, REQUIRE_2FA};
 use crate::crypto::ct_eq;
-use crate::server::db::{ConsoleSession, Source, Stage, User, MAX_LOGIN_FAILURES};
+use crate::server::db::{
+    ConsoleSession, Source, Stage, User, MAX_LOGIN_FAILURES, MAX_SOURCE_FAILURES,
+};
 use axum::extract::{FromRequestParts, Query, Request, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::{Extension, Form};
@@ -332,14 +334,15 @@ pub(super) struct LoginForm {
     next: Option<String>,
 }
 
-/// Checks a failure count and applies the account's slowdown; `false` when the pair is locked.
+/// Checks the failure counts and applies the account's slowdown; `false` when the pair is
+/// locked, or the source has spent its budget ([`MAX_SOURCE_FAILURES`]).
 async fn admit_attempt(app: &Console, email: &str, source: &str) -> anyhow::Result<bool> {
     let f = app.server.db.login_failures(email, source)?;
     let delay = (SLOWDOWN_STEP * f.account_recent).min(MAX_SLOWDOWN);
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    Ok(f.pair < MAX_LOGIN_FAILURES)
+    Ok(f.pair < MAX_LOGIN_FAILURES && f.source < MAX_SOURCE_FAILURES)
 }
 
 pub(super) async fn login(

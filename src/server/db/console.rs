@@ -16,6 +16,11 @@ pub const SESSION_ABSOLUTE: Duration = Duration::from_secs(12 * 3600);
 pub const MAX_LOGIN_FAILURES: u32 = 5;
 /// How long such a lock lasts, and how far back failures count.
 pub const LOGIN_LOCK: Duration = Duration::from_secs(15 * 60);
+/// Failed sign-ins from one source, whatever the emails, within [`LOGIN_LOCK`], past which that
+/// source signs in nowhere until they age out. The pair lock stops guessing one account's
+/// password; this stops trying one password on many accounts (spraying), which meets each
+/// pair only once. Generous, so an office behind one address is not locked by its typos.
+pub const MAX_SOURCE_FAILURES: u32 = 30;
 
 /// How far a session has come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +68,8 @@ pub struct Failures {
     pub pair: u32,
     /// For this email from anywhere, within the last minute (the slowdown).
     pub account_recent: u32,
+    /// From this source for any email, within [`LOGIN_LOCK`].
+    pub source: u32,
     /// When the pair's lock ends, if it is locked.
     pub locked_until: Option<i64>,
 }
@@ -180,12 +187,18 @@ impl Db {
                 params![email, t - 60],
                 |r| r.get(0),
             )?;
+            let from_source: u32 = c.query_row(
+                "SELECT COUNT(*) FROM login_failures WHERE source = ?1 AND at >= ?2",
+                params![source, t - LOGIN_LOCK.as_secs() as i64],
+                |r| r.get(0),
+            )?;
             let locked_until = (pair >= MAX_LOGIN_FAILURES)
                 .then(|| first.map(|f| f + LOGIN_LOCK.as_secs() as i64))
                 .flatten();
             Ok(Failures {
                 pair,
                 account_recent,
+                source: from_source,
                 locked_until,
             })
         })

@@ -33,6 +33,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "each node's tunnel transport (quic or tcp) while it is connected",
         apply: v4_node_transport,
     },
+    Migration {
+        name: "failed sign-ins counted per source (an index for the source's budget)",
+        apply: v5_login_failures_by_source,
+    },
 ];
 
 /// The schema version this build writes.
@@ -232,6 +236,11 @@ fn v3_templates_and_switches(tx: &Transaction<'_>) -> rusqlite::Result<()> {
 /// Which transport a node's tunnel uses (NULL until an agent connects after this version).
 fn v4_node_transport(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     tx.execute_batch("ALTER TABLE nodes ADD COLUMN transport TEXT;")
+}
+
+/// Failed sign-ins are counted per source as well as per (email, source): an index for that.
+fn v5_login_failures_by_source(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch("CREATE INDEX login_failures_source ON login_failures(source, at);")
 }
 
 fn has_column(c: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {

@@ -16,7 +16,8 @@ mod visits;
 
 pub use codes::{device_id_for, new_auth_code, normalize_code};
 pub use console::{
-    ConsoleSession, Failures, Stage, LOGIN_LOCK, MAX_LOGIN_FAILURES, SESSION_ABSOLUTE, SESSION_IDLE,
+    ConsoleSession, Failures, Stage, LOGIN_LOCK, MAX_LOGIN_FAILURES, MAX_SOURCE_FAILURES,
+    SESSION_ABSOLUTE, SESSION_IDLE,
 };
 pub use devices::{
     identity_mismatch, AddedDevice, Device, DeviceChanges, DeviceFlags, NewDevice, Node, NodeHello,
