@@ -376,7 +376,7 @@ pub(super) async fn revoke_token(
     }
 }
 
-/// The page for a change that waited in vain for a password-check place.
+/// The page for a change that found no password-check place free (see [`crate::server::passwords`]).
 fn busy(title: &str) -> Response {
     layout::message(
         StatusCode::SERVICE_UNAVAILABLE,

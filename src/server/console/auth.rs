@@ -18,10 +18,10 @@ use serde::Deserialize;
 use std::net::IpAddr;
 use std::time::Duration;
 
+/// What the sign-in form says when no password-check place is free (nothing is counted).
+const BUSY: &str = "The server is busy with other sign-ins. Try again in a moment.";
 /// The one answer to every failed sign-in, whatever failed (unknown email, wrong password or
 /// code, a lock): it tells an attacker nothing.
-/// What the sign-in form says when every password-check place is taken.
-const BUSY: &str = "The server is busy with other sign-ins. Try again in a moment.";
 const SIGN_IN_FAILED: &str = "Sign-in failed. Check your email, password and code, or wait a while if there were many failed attempts.";
 /// Slowdown per recent failure of the same account (from anywhere), up to [`MAX_SLOWDOWN`].
 const SLOWDOWN_STEP: Duration = Duration::from_millis(250);
