@@ -154,28 +154,9 @@ impl AccountLimiter {
     /// [`MAX_TRACKED`] entries those whose window has ended are dropped (the password line
     /// bounds how fast new ones come: a few hundred a second at most).
     fn fail_at(&self, email: &str, ip: IpAddr, now: Instant) {
-        let key = (email.to_string(), Limiter::key(ip));
-        let mut map = self.per_key.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MAX_TRACKED {
-            map.retain(|_, (_, first)| now.saturating_duration_since(*first) < ACCOUNT_LOCK);
-        }
-        let source = key.1;
-        let e = map.entry(key).or_insert((0, now));
-        if now.saturating_duration_since(e.1) >= ACCOUNT_LOCK {
-            *e = (0, now);
-        }
-        e.0 += 1;
-        drop(map);
-        let mut sources = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
-        if sources.len() >= MAX_TRACKED {
-            sources.retain(|_, (_, first)| now.saturating_duration_since(*first) < ACCOUNT_LOCK);
-        }
-        let e = sources.entry(source).or_insert((0, now));
-        if now.saturating_duration_since(e.1) >= ACCOUNT_LOCK {
-            *e = (0, now);
-        }
-        e.0 += 1;
-        drop(sources);
+        let source = Limiter::key(ip);
+        count_failure(&self.per_key, (email.to_string(), source), now);
+        count_failure(&self.per_source, source, now);
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         recent.push_back(now);
         if recent.len() > 10_000 {
@@ -190,6 +171,24 @@ impl AccountLimiter {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&key);
     }
+}
+
+/// Counts one failure for `key` at `now` in a window of [`ACCOUNT_LOCK`] from its first; past
+/// [`MAX_TRACKED`] keys, those whose window has ended are dropped first.
+fn count_failure<K: Eq + std::hash::Hash>(
+    map: &Mutex<HashMap<K, (u32, Instant)>>,
+    key: K,
+    now: Instant,
+) {
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    if map.len() >= MAX_TRACKED {
+        map.retain(|_, (_, first)| now.saturating_duration_since(*first) < ACCOUNT_LOCK);
+    }
+    let e = map.entry(key).or_insert((0, now));
+    if now.saturating_duration_since(e.1) >= ACCOUNT_LOCK {
+        *e = (0, now);
+    }
+    e.0 += 1;
 }
 
 /// Both limiters.
