@@ -9,7 +9,7 @@ use crate::protocol::{
 };
 use crate::server::db::{Op, Role, Source};
 use crate::server::refusal::{EnrolError, Refusal};
-use crate::server::ServerState;
+use crate::server::{source_of, ServerState};
 use anyhow::{Context, Result};
 use base64::Engine;
 use bytes::Bytes;
@@ -52,27 +52,16 @@ pub fn tls_acceptor(keys: &crate::server::keys::ServerKeys) -> Result<tokio_rust
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
-/// Wrong-attempt counters per source address (/64 for IPv6).
+/// Wrong-attempt counters per source ([`source_of`]).
 #[derive(Default)]
 struct Limiter {
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
 }
 
 impl Limiter {
-    fn key(ip: IpAddr) -> IpAddr {
-        match ip {
-            IpAddr::V6(v6) => {
-                let mut o = v6.octets();
-                o[8..].fill(0);
-                IpAddr::from(o)
-            }
-            v4 => v4,
-        }
-    }
-
     fn blocked_for(&self, ip: IpAddr) -> Option<Duration> {
         let map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let (n, start) = map.get(&Self::key(ip))?;
+        let (n, start) = map.get(&source_of(ip))?;
         let left = WRONG_CODE_WINDOW.checked_sub(start.elapsed())?;
         (*n >= MAX_WRONG_CODES).then_some(left)
     }
@@ -82,7 +71,7 @@ impl Limiter {
         if map.len() > MAX_TRACKED {
             map.retain(|_, (_, s)| s.elapsed() < WRONG_CODE_WINDOW);
         }
-        let e = map.entry(Self::key(ip)).or_insert((0, Instant::now()));
+        let e = map.entry(source_of(ip)).or_insert((0, Instant::now()));
         if e.1.elapsed() >= WRONG_CODE_WINDOW {
             *e = (0, Instant::now());
         }
@@ -111,7 +100,7 @@ enum Locked {
 impl AccountLimiter {
     /// `Err` while locked; otherwise the global delay to apply first.
     fn admit(&self, email: &str, ip: IpAddr) -> Result<Duration, Locked> {
-        let key = (email.to_string(), Limiter::key(ip));
+        let key = (email.to_string(), source_of(ip));
         if let Some((n, first)) = self
             .per_key
             .lock()
@@ -154,7 +143,7 @@ impl AccountLimiter {
     /// [`MAX_TRACKED`] entries those whose window has ended are dropped (the password line
     /// bounds how fast new ones come: a few hundred a second at most).
     fn fail_at(&self, email: &str, ip: IpAddr, now: Instant) {
-        let source = Limiter::key(ip);
+        let source = source_of(ip);
         count_failure(&self.per_key, (email.to_string(), source), now);
         count_failure(&self.per_source, source, now);
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
@@ -165,7 +154,7 @@ impl AccountLimiter {
     }
 
     fn succeed(&self, email: &str, ip: IpAddr) {
-        let key = (email.to_string(), Limiter::key(ip));
+        let key = (email.to_string(), source_of(ip));
         self.per_key
             .lock()
             .unwrap_or_else(|p| p.into_inner())

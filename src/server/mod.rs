@@ -76,6 +76,23 @@ impl ServerOptions {
     }
 }
 
+/// The source a request counts against in the lockouts and the password line: its address; an
+/// IPv4 client that a dual-stack listener shows as IPv4-mapped IPv6, as that IPv4 address; an
+/// IPv6 client, as its /64 (one host is often given a whole /64).
+pub fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                IpAddr::V6(o.into())
+            }
+        },
+        v4 => v4,
+    }
+}
+
 /// Sockets `run` serves on; the caller binds them (tests use port 0).
 pub struct Listeners {
     /// UDP for QUIC.
@@ -302,6 +319,15 @@ mod tests {
         assert!(!one.contains(&ip("127.0.0.2")));
         assert!(parse_trusted_proxy("10.0.0.0/33").is_err());
         assert!(parse_trusted_proxy("proxy.example.com").is_err());
+    }
+
+    #[test]
+    fn a_source_is_the_ipv4_address_or_the_ipv6_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(source_of(ip("198.51.100.7")), ip("198.51.100.7"));
+        // As a dual-stack listener shows an IPv4 client: not all of them in one ::ffff:0:0/64.
+        assert_eq!(source_of(ip("::ffff:198.51.100.7")), ip("198.51.100.7"));
+        assert_eq!(source_of(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
     }
 
     #[test]

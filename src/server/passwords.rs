@@ -75,22 +75,6 @@ impl Drop for SourcePlace {
     }
 }
 
-/// The source a request counts against: its address, or the /64 of an IPv6 one (one host is
-/// often given a whole /64).
-fn source_of(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mut o = v6.octets();
-                o[8..].fill(0);
-                IpAddr::V6(o.into())
-            }
-        },
-        v4 => v4,
-    }
-}
-
 impl Passwords {
     /// At most `running` jobs at once, `waiting` more in line, and `per_source` of those
     /// places held by one source.
@@ -131,7 +115,7 @@ impl Passwords {
 
     /// Takes a place for `client`'s source, if it holds fewer than its share.
     fn source_place(&self, client: IpAddr) -> Result<SourcePlace, Busy> {
-        let source = source_of(client);
+        let source = super::source_of(client);
         let mut held = lock(&self.sources);
         let n = held.entry(source).or_insert(0);
         if *n >= self.per_source {

@@ -273,18 +273,11 @@ async fn csrf_of(req: &mut Request) -> Result<Option<String>, Response> {
     Ok(token)
 }
 
-/// The key failed sign-ins are counted under: the address, or its /64 for IPv6.
+/// The key failed sign-ins are counted under: [`crate::server::source_of`], written as the
+/// registry keeps it (an IPv6 source with its `/64`).
 fn source_key(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
-            let mut o = v6.octets();
-            o[8..].fill(0);
-            format!("{}/64", std::net::Ipv6Addr::from(o))
-        }
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(|v4| v4.to_string())
-            .unwrap_or_default(),
+    match crate::server::source_of(ip) {
+        IpAddr::V6(net) => format!("{net}/64"),
         v4 => v4.to_string(),
     }
 }
