@@ -17,6 +17,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,30 +53,60 @@ pub fn tls_acceptor(keys: &crate::server::keys::ServerKeys) -> Result<tokio_rust
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
+/// Failures per key: how many, and when the first of the current window was.
+type Counts<K> = Mutex<HashMap<K, (u32, Instant)>>;
+
+/// How long `key` stays locked, once it has `max` failures in a `window` still running.
+fn locked_for<K: Eq + Hash>(
+    counts: &Counts<K>,
+    key: &K,
+    window: Duration,
+    max: u32,
+) -> Option<Duration> {
+    let map = counts.lock().unwrap_or_else(|p| p.into_inner());
+    let (n, first) = map.get(key)?;
+    let left = window.checked_sub(first.elapsed())?;
+    (*n >= max).then_some(left)
+}
+
+/// Counts one failure for `key` at `now` in a `window` from its first; past [`MAX_TRACKED`]
+/// keys, those whose window has ended are dropped first (every made-up email or address adds
+/// one).
+fn count_failure<K: Eq + Hash>(counts: &Counts<K>, key: K, now: Instant, window: Duration) {
+    let mut map = counts.lock().unwrap_or_else(|p| p.into_inner());
+    if map.len() >= MAX_TRACKED {
+        map.retain(|_, (_, first)| now.saturating_duration_since(*first) < window);
+    }
+    let e = map.entry(key).or_insert((0, now));
+    if now.saturating_duration_since(e.1) >= window {
+        *e = (0, now);
+    }
+    e.0 += 1;
+}
+
 /// Wrong-attempt counters per source ([`source_of`]).
 #[derive(Default)]
 struct Limiter {
-    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    failures: Counts<IpAddr>,
 }
 
 impl Limiter {
     fn blocked_for(&self, ip: IpAddr) -> Option<Duration> {
-        let map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let (n, start) = map.get(&source_of(ip))?;
-        let left = WRONG_CODE_WINDOW.checked_sub(start.elapsed())?;
-        (*n >= MAX_WRONG_CODES).then_some(left)
+        locked_for(
+            &self.failures,
+            &source_of(ip),
+            WRONG_CODE_WINDOW,
+            MAX_WRONG_CODES,
+        )
     }
 
     fn fail(&self, ip: IpAddr) {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() > MAX_TRACKED {
-            map.retain(|_, (_, s)| s.elapsed() < WRONG_CODE_WINDOW);
-        }
-        let e = map.entry(source_of(ip)).or_insert((0, Instant::now()));
-        if e.1.elapsed() >= WRONG_CODE_WINDOW {
-            *e = (0, Instant::now());
-        }
-        e.0 += 1;
+        count_failure(
+            &self.failures,
+            source_of(ip),
+            Instant::now(),
+            WRONG_CODE_WINDOW,
+        );
     }
 }
 
@@ -83,8 +114,8 @@ impl Limiter {
 /// can lock a provider out of every PBX just by knowing the email.
 #[derive(Default)]
 struct AccountLimiter {
-    per_key: Mutex<HashMap<(String, IpAddr), (u32, Instant)>>,
-    per_source: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    per_key: Counts<(String, IpAddr)>,
+    per_source: Counts<IpAddr>,
     recent: Mutex<std::collections::VecDeque<Instant>>,
 }
 
@@ -101,29 +132,12 @@ impl AccountLimiter {
     /// `Err` while locked; otherwise the global delay to apply first.
     fn admit(&self, email: &str, ip: IpAddr) -> Result<Duration, Locked> {
         let key = (email.to_string(), source_of(ip));
-        if let Some((n, first)) = self
-            .per_key
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
-            if let Some(left) = ACCOUNT_LOCK.checked_sub(first.elapsed()) {
-                if *n >= MAX_ACCOUNT_FAILURES {
-                    return Err(Locked::Pair(left));
-                }
-            }
+        if let Some(left) = locked_for(&self.per_key, &key, ACCOUNT_LOCK, MAX_ACCOUNT_FAILURES) {
+            return Err(Locked::Pair(left));
         }
-        if let Some((n, first)) = self
-            .per_source
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key.1)
-        {
-            if let Some(left) = ACCOUNT_LOCK.checked_sub(first.elapsed()) {
-                if *n >= MAX_SOURCE_ACCOUNT_FAILURES {
-                    return Err(Locked::Source(left));
-                }
-            }
+        let source_max = MAX_SOURCE_ACCOUNT_FAILURES;
+        if let Some(left) = locked_for(&self.per_source, &key.1, ACCOUNT_LOCK, source_max) {
+            return Err(Locked::Source(left));
         }
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         while recent
@@ -139,13 +153,17 @@ impl AccountLimiter {
         self.fail_at(email, ip, Instant::now());
     }
 
-    /// [`Self::fail`] at `now`. Every made-up email adds an entry, so past
-    /// [`MAX_TRACKED`] entries those whose window has ended are dropped (the password line
-    /// bounds how fast new ones come: a few hundred a second at most).
+    /// [`Self::fail`] at `now` (the password line bounds how fast made-up emails come: a few
+    /// hundred a second at most).
     fn fail_at(&self, email: &str, ip: IpAddr, now: Instant) {
         let source = source_of(ip);
-        count_failure(&self.per_key, (email.to_string(), source), now);
-        count_failure(&self.per_source, source, now);
+        count_failure(
+            &self.per_key,
+            (email.to_string(), source),
+            now,
+            ACCOUNT_LOCK,
+        );
+        count_failure(&self.per_source, source, now, ACCOUNT_LOCK);
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         recent.push_back(now);
         if recent.len() > 10_000 {
@@ -160,24 +178,6 @@ impl AccountLimiter {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&key);
     }
-}
-
-/// Counts one failure for `key` at `now` in a window of [`ACCOUNT_LOCK`] from its first; past
-/// [`MAX_TRACKED`] keys, those whose window has ended are dropped first.
-fn count_failure<K: Eq + std::hash::Hash>(
-    map: &Mutex<HashMap<K, (u32, Instant)>>,
-    key: K,
-    now: Instant,
-) {
-    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
-    if map.len() >= MAX_TRACKED {
-        map.retain(|_, (_, first)| now.saturating_duration_since(*first) < ACCOUNT_LOCK);
-    }
-    let e = map.entry(key).or_insert((0, now));
-    if now.saturating_duration_since(e.1) >= ACCOUNT_LOCK {
-        *e = (0, now);
-    }
-    e.0 += 1;
 }
 
 /// Both limiters.
